@@ -1,0 +1,1 @@
+"""Benchmark and soak harnesses (``python -m benchmarks.<name>``)."""

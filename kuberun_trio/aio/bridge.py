@@ -1,0 +1,106 @@
+"""The trio/asyncio crossing: the one place that knows how the two meet.
+
+Theory of operation
+-------------------
+kuberun_trio runs under ``trio.run``. asyncio libraries run inside a
+trio-asyncio loop opened with :func:`open_aio_loop`, which installs a
+*log-only* exception handler: trio-asyncio's default handler re-raises errors
+from asyncio callbacks into trio, so one broken asyncssh transport could take
+the whole server down (see ``shared/PITFALLS.md``).
+
+* trio → asyncio: :func:`run_aio` awaits an asyncio coroutine function from a
+  trio task (``trio_asyncio.aio_as_trio``). Cancellation of the trio task
+  cancels the asyncio task.
+* asyncio → trio: :func:`run_trio` awaits a trio function from an asyncio task
+  (``trio_asyncio.trio_as_aio``).
+* :func:`translate_errors` maps aiohttp, kubernetes-asyncio and asyncssh
+  exceptions onto :mod:`kuberun_trio.errors`, chaining the original.
+
+Crossing costs time (PITFALLS: ~0.5 ms per keystroke round trip when every
+chunk crosses), so data paths do not call these per chunk: they use
+callback-level protocols that hand bytes to trio memory channels instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, ParamSpec, TypeVar
+
+import aiohttp
+import trio_asyncio
+
+from ..errors import ExecError, KubernetesError, KuberunError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _log_only_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    exc = context.get("exception")
+    log.warning("asyncio: %s", context.get("message", "unhandled error"), exc_info=exc)
+
+
+@contextlib.asynccontextmanager
+async def open_aio_loop() -> AsyncIterator[asyncio.AbstractEventLoop]:
+    """Open a trio-asyncio loop whose exception handler only logs. Trio-flavoured."""
+    async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(_log_only_handler)
+        yield loop
+
+
+async def run_aio(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Await asyncio-flavoured ``fn(*args, **kwargs)`` from trio, translating errors."""
+    with translate_errors():
+        result: T = await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
+        return result
+
+
+async def run_trio(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Await trio-flavoured ``fn(*args, **kwargs)`` from an asyncio task."""
+    result: T = await trio_asyncio.trio_as_aio(fn)(*args, **kwargs)
+    return result
+
+
+def translate(exc: BaseException) -> KuberunError | None:
+    """The project error for a third-party ``exc``, or None if it is not one we know."""
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    if isinstance(exc, KuberunError):
+        return exc
+    if isinstance(exc, ApiException):
+        status = int(exc.status or 0)
+        reason, message = str(exc.reason or ""), ""
+        try:
+            import json
+
+            body = json.loads(exc.body or "{}")
+            reason = str(body.get("reason") or reason)
+            message = str(body.get("message") or "")
+        except (ValueError, AttributeError):
+            message = str(exc.body or "")
+        cls = NotFoundError if status == 404 else KubernetesError
+        return cls(status, reason, message)
+    if isinstance(exc, aiohttp.WSServerHandshakeError):
+        return ExecError(f"exec handshake refused with HTTP {exc.status}")
+    if isinstance(exc, aiohttp.ClientError):
+        return KubernetesError(0, type(exc).__name__, str(exc))
+    return None
+
+
+@contextlib.contextmanager
+def translate_errors() -> Iterator[None]:
+    """Re-raise known third-party errors as :class:`KuberunError`, chained."""
+    try:
+        yield
+    except KuberunError:
+        raise
+    except Exception as exc:
+        ours = translate(exc)
+        if ours is None:
+            raise
+        raise ours from exc
