@@ -24,7 +24,9 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def _subcommands() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
-    return []
+    from .cluster import cli as cluster_cli
+
+    return [cluster_cli.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ original stays visible in tracebacks.
 
     KuberunError
     ├── ConfigError            bad configuration: names the key path and the problem
+    │   └── ConfigErrors       several at once (``errors`` lists each ConfigError)
     ├── KubernetesError        the API server said no (carries HTTP status and reason)
     │   └── NotFoundError      404
     ├── PodStartError          a connection's pod never became Running+Ready
@@ -17,6 +18,8 @@ original stays visible in tracebacks.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 class KuberunError(Exception):
@@ -33,6 +36,21 @@ class ConfigError(KuberunError):
         self.path = path
         self.problem = problem
         super().__init__(f"{path}: {problem}" if path else problem)
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration problems found in one pass; ``errors`` holds each of them.
+
+    ``path`` and ``problem`` are those of the first, so code that handles a single
+    :class:`ConfigError` still gets something precise; ``str()`` lists them all.
+    """
+
+    def __init__(self, errors: Sequence[ConfigError]) -> None:
+        self.errors = tuple(errors)
+        self.path = self.errors[0].path
+        self.problem = self.errors[0].problem
+        lines = "".join(f"\n  {error}" for error in self.errors)
+        KuberunError.__init__(self, f"{len(self.errors)} configuration errors:{lines}")
 
 
 class KubernetesError(KuberunError):

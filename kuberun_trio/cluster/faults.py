@@ -1,0 +1,156 @@
+"""Fault injection for the embedded cluster.
+
+:class:`Faults` is a plain state holder with two sides. Tests (and the soak
+harness) call the *injection* methods -- ``fail_image``, ``delay_start``,
+``fail_requests``, ``drop_watches``, ``expire_watches``, ``cut_exec``, ``evict``,
+``kill``. The cluster's parts call the *query* methods at the point where the
+fault bites: the kubelet asks :meth:`image_pull_error` and :meth:`start_delay`,
+the HTTP server asks :meth:`take_request_failure` before routing, watches wait
+on :meth:`watch_dropped`, exec streams ask :meth:`take_exec_cut`.
+
+Faults that act on running things (expire, evict, kill) are delegated to the
+store and kubelet, which the assembly in :mod:`kuberun_trio.cluster` binds with
+:meth:`bind`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Awaitable, Callable
+
+import attrs
+import trio
+
+
+@attrs.frozen
+class RequestFailure:
+    """An injected API error for one request."""
+
+    code: int
+    """500 or 429 (or any other status)."""
+    retry_after: int | None = None
+    """Seconds for the ``Retry-After`` header (429)."""
+
+
+@attrs.define
+class _RequestRule:
+    verb: str
+    resource: str
+    remaining: int
+    failure: RequestFailure
+
+
+@attrs.define
+class _ExecCut:
+    pod: str | None
+    after_bytes: int
+
+
+PodAction = Callable[[str, str], Awaitable[None]]
+
+
+class Faults:
+    """The fault API of a running embedded cluster."""
+
+    def __init__(self) -> None:
+        self._image_patterns: list[tuple[str, str | None]] = []
+        self._start_delays: list[tuple[str, float]] = []
+        self._request_rules: list[_RequestRule] = []
+        self._watch_drop = trio.Event()
+        self._exec_cuts: list[_ExecCut] = []
+        self._expire: Callable[[], None] | None = None
+        self._evict: PodAction | None = None
+        self._kill: PodAction | None = None
+
+    def bind(self, *, expire: Callable[[], None], evict: PodAction, kill: PodAction) -> None:
+        """Connect the faults that act on the store and kubelet (done by the assembly)."""
+        self._expire, self._evict, self._kill = expire, evict, kill
+
+    # -- images and start-up ------------------------------------------------
+    def fail_image(self, pattern: str, message: str | None = None) -> None:
+        """Images matching the glob ``pattern`` fail to pull (ErrImagePull ⇄ ImagePullBackOff)."""
+        self._image_patterns.append((pattern, message))
+
+    def image_pull_error(self, image: str) -> str | None:
+        """The pull error message for ``image``, or None if it pulls fine."""
+        for pattern, message in self._image_patterns:
+            if fnmatch.fnmatchcase(image, pattern):
+                return message or (
+                    f'failed to pull and unpack image "{image}": failed to resolve reference '
+                    f'"{image}": not found'
+                )
+        return None
+
+    def delay_start(self, seconds: float, pattern: str = "*") -> None:
+        """Containers whose image matches ``pattern`` take ``seconds`` longer to start."""
+        self._start_delays.append((pattern, seconds))
+
+    def start_delay(self, image: str) -> float:
+        return sum(s for p, s in self._start_delays if fnmatch.fnmatchcase(image, p))
+
+    # -- API requests -------------------------------------------------------
+    def fail_requests(
+        self,
+        verb: str,
+        resource: str,
+        count: int,
+        *,
+        code: int = 500,
+        retry_after: int | None = None,
+    ) -> None:
+        """The next ``count`` requests of ``verb`` on ``resource`` fail with ``code``.
+
+        ``verb`` is a Kubernetes verb (``create``, ``get``, ``list``, ``watch``,
+        ``delete``, ...) or ``*``; ``resource`` is e.g. ``pods``, ``pods/exec`` or ``*``.
+        """
+        self._request_rules.append(
+            _RequestRule(verb, resource, count, RequestFailure(code, retry_after))
+        )
+
+    def take_request_failure(self, verb: str, resource: str) -> RequestFailure | None:
+        """Consume and return the failure for this request, if one is armed."""
+        for rule in self._request_rules:
+            if rule.remaining > 0 and rule.verb in ("*", verb) and rule.resource in ("*", resource):
+                rule.remaining -= 1
+                return rule.failure
+        return None
+
+    # -- watches ------------------------------------------------------------
+    def drop_watches(self) -> None:
+        """End every open watch stream abruptly (clients must resume)."""
+        self._watch_drop.set()
+        self._watch_drop = trio.Event()
+
+    def watch_dropped(self) -> trio.Event:
+        """An event set when the open watches are to be dropped."""
+        return self._watch_drop
+
+    def expire_watches(self) -> None:
+        """Make every resourceVersion so far too old (410 on resume), and drop open watches."""
+        if self._expire is not None:
+            self._expire()
+        self.drop_watches()
+
+    # -- exec streams -------------------------------------------------------
+    def cut_exec(self, pod: str | None = None, after_bytes: int = 0) -> None:
+        """Cut the next exec stream (of ``pod``, or any) after ``after_bytes`` of output."""
+        self._exec_cuts.append(_ExecCut(pod, after_bytes))
+
+    def take_exec_cut(self, pod: str) -> int | None:
+        """Consume a cut armed for ``pod``: the byte count after which to cut, or None."""
+        for cut in self._exec_cuts:
+            if cut.pod in (None, pod):
+                self._exec_cuts.remove(cut)
+                return cut.after_bytes
+        return None
+
+    # -- pods ---------------------------------------------------------------
+    async def evict(self, namespace: str, pod: str) -> None:
+        """Evict a running pod, like node-pressure eviction: phase Failed, reason Evicted."""
+        assert self._evict is not None, "Faults not bound to a cluster"
+        await self._evict(namespace, pod)
+
+    async def kill(self, namespace: str, pod: str) -> None:
+        """SIGKILL every process of the pod's containers (they exit 137)."""
+        assert self._kill is not None, "Faults not bound to a cluster"
+        await self._kill(namespace, pod)
