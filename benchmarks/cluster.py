@@ -58,13 +58,13 @@ async def pod_start_latencies(cluster: EmbeddedCluster, count: int) -> list[floa
                 {"name": "c", "image": "busybox", "command": ["sleep", "3600"]}]}}
             start = time.perf_counter()
             created = await v1.create_namespaced_pod("default", body)
-            w = watch.Watch()
-            async for event in w.stream(v1.list_namespaced_pod, "default",
-                                        field_selector=f"metadata.name={name}",
-                                        resource_version=created.metadata.resource_version,
-                                        timeout_seconds=30):
-                if event["object"].status.phase == "Running":
-                    w.stop()
+            async with watch.Watch() as w:
+                async for event in w.stream(v1.list_namespaced_pod, "default",
+                                            field_selector=f"metadata.name={name}",
+                                            resource_version=created.metadata.resource_version,
+                                            timeout_seconds=30):
+                    if event["object"].status.phase == "Running":
+                        w.stop()
             latencies.append(time.perf_counter() - start)
             await v1.delete_namespaced_pod(name, "default", grace_period_seconds=0)
     return latencies

@@ -47,7 +47,7 @@ async def _standalone(kubeconfig: Path, scheme: str, stderr: BinaryIO) -> None:
         with trio.fail_after(30):
             while b"kubeconfig:" not in out:
                 out += await proc.stdout.receive_some(4096)
-        assert kubeconfig.stat().st_mode & 0o777 == 0o600
+        assert os.stat(kubeconfig).st_mode & 0o777 == 0o600
         kubectl = kubectl_versions()[0]
         marker = f"marker{uuid.uuid4().hex[:10]}"
         base = [kubectl, "--kubeconfig", str(kubeconfig)]

@@ -53,6 +53,16 @@ async def open_aio_loop() -> AsyncIterator[asyncio.AbstractEventLoop]:
         yield loop
 
 
+@contextlib.asynccontextmanager
+async def ensure_aio_loop() -> AsyncIterator[None]:
+    """Use the caller's trio-asyncio loop if one runs, else open one. Trio-flavoured."""
+    if trio_asyncio.current_loop.get() is not None:
+        yield
+    else:
+        async with open_aio_loop():
+            yield
+
+
 async def run_aio(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
     """Await asyncio-flavoured ``fn(*args, **kwargs)`` from trio, translating errors."""
     with translate_errors():

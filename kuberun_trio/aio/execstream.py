@@ -1,0 +1,213 @@
+"""One ``pods/exec`` WebSocket stream, pumped entirely on the asyncio side.
+
+Theory of operation
+-------------------
+Bytes that cross the trio/asyncio boundary one chunk at a time cost a lot
+(``shared/PITFALLS.md``), so an exec stream never does: the trio task that
+owns a session awaits :meth:`ExecStream.run` *once*, and everything inside --
+reading frames, writing them to the SSH channel, flow control -- happens in
+asyncio. Cancelling the trio task cancels ``run``, whose ``finally`` closes the
+WebSocket.
+
+* **Opening** (:func:`open_exec`): kubernetes-asyncio's ``WsApiClient`` with
+  ``_preload_content=False`` and the subprotocol list
+  ``v5.channel.k8s.io,v4.channel.k8s.io``; the server picks v5 when it can
+  (half-close of stdin), else v4. The negotiated protocol is read from the 101
+  response (kubernetes-asyncio passes the list as a raw header, so aiohttp's
+  ``ws.protocol`` stays None).
+* **Pod → client**: the reader demultiplexes channel 1/2 frames into the
+  :class:`OutputSink` and collects the channel-3 status. Before reading the
+  next frame it awaits ``sink.wait_writable()``: when the SSH peer's window is
+  full we stop reading, the TCP window to the API server fills, and the pod's
+  writes block -- backpressure end to end with bounded memory.
+* **Client → pod**: :meth:`ExecStream.send_stdin` is synchronous (called from
+  asyncssh's ``data_received``). Frames are queued; a writer task sends them
+  (aiohttp's ``send_bytes`` drains the transport). Above ``HIGH_WATER``
+  queued bytes the source is told to pause (``pause_reading`` on the SSH
+  channel) and below ``LOW_WATER`` to resume.
+* **EOF**: v5 sends ``[0xFF, 0x00]``. v4 has no way to close stdin alone
+  (kubernetes/kubernetes#89899): stdin stays open and the process sees EOF
+  only when the channel closes. :attr:`ExecStream.can_half_close` tells which.
+* **Status**: ``{"status":"Success"}`` → exit 0; ``NonZeroExitCode`` → the
+  code in ``details.causes``; a stream that ends without a status (cut mid-way,
+  pod gone) → :class:`ExecResult` with ``exit_code=None`` and a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import aiohttp
+import attrs
+
+from ..errors import ExecError
+from .bridge import translate
+
+V5 = "v5.channel.k8s.io"
+V4 = "v4.channel.k8s.io"
+PROTOCOLS = f"{V5},{V4}"
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+class OutputSink(Protocol):
+    """Where pod output goes (an SSH channel). Synchronous writes, async readiness."""
+
+    def write_stdout(self, data: bytes) -> None: ...
+    def write_stderr(self, data: bytes) -> None: ...
+    async def wait_writable(self) -> None: ...
+
+
+@attrs.frozen
+class ExecResult:
+    """How an exec ended."""
+
+    exit_code: int | None
+    """The process's exit code (0-255), or None if the stream ended without a status."""
+    message: str = ""
+    """The status message for failures, or why the stream ended early."""
+    reason: str = ""
+    """The status reason (``NonZeroExitCode``, ``InternalError``, ...)."""
+
+
+def parse_status(raw: bytes) -> ExecResult:
+    """Turn the channel-3 payload into an :class:`ExecResult`."""
+    if not raw:
+        return ExecResult(None, "the exec stream ended without an exit status", "StreamEnded")
+    try:
+        status = json.loads(raw)
+    except ValueError:
+        # channel.k8s.io (v1) writes a plain error string.
+        return ExecResult(None, raw.decode(errors="replace"), "Error")
+    if status.get("status") == "Success":
+        return ExecResult(0)
+    reason, message = str(status.get("reason", "")), str(status.get("message", ""))
+    if reason == "NonZeroExitCode":
+        for cause in status.get("details", {}).get("causes", []):
+            if cause.get("reason") == "ExitCode":
+                with contextlib.suppress(ValueError):
+                    return ExecResult(int(cause["message"]), message, reason)
+    return ExecResult(None, message, reason)
+
+
+class ExecStream:
+    """A running exec: feed stdin, resize, and ``await run(sink)`` for the exit."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, protocol: str | None) -> None:
+        self._ws = ws
+        self.protocol = protocol or V4
+        self._frames: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._wakeup = asyncio.Event()
+        self._closing_stdin = False
+        self._paused = False
+        self.on_pause: Callable[[], None] = lambda: None
+        self.on_resume: Callable[[], None] = lambda: None
+
+    @property
+    def can_half_close(self) -> bool:
+        return self.protocol == V5
+
+    def __repr__(self) -> str:
+        return f"<ExecStream {self.protocol} queued={self._queued} paused={self._paused}>"
+
+    # -- client → pod (synchronous, from SSH callbacks) ---------------------
+    def send_stdin(self, data: bytes) -> None:
+        if self._closing_stdin or not data:
+            return
+        self._enqueue(b"\x00" + data)
+
+    def close_stdin(self) -> None:
+        """Half-close stdin (v5). On v4 there is no such frame: nothing is sent."""
+        if not self._closing_stdin:
+            self._closing_stdin = True
+            if self.can_half_close:
+                self._enqueue(b"\xff\x00")
+
+    def resize(self, width: int, height: int) -> None:
+        self._enqueue(b"\x04" + json.dumps({"Width": width, "Height": height}).encode())
+
+    def _enqueue(self, frame: bytes) -> None:
+        self._frames.append(frame)
+        self._queued += len(frame)
+        self._wakeup.set()
+        if self._queued > HIGH_WATER and not self._paused:
+            self._paused = True
+            self.on_pause()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._frames:
+                frame = self._frames.popleft()
+                self._queued -= len(frame)
+                await self._ws.send_bytes(frame)
+                if self._paused and self._queued < LOW_WATER:
+                    self._paused = False
+                    self.on_resume()
+
+    # -- pod → client -------------------------------------------------------
+    async def run(self, sink: OutputSink) -> ExecResult:
+        """Pump until the exec ends; returns how it ended. Closes the WebSocket."""
+        writer = asyncio.ensure_future(self._writer())
+        status = bytearray()
+        try:
+            async for msg in self._ws:
+                if msg.type is not aiohttp.WSMsgType.BINARY:
+                    break
+                data: bytes = msg.data
+                if len(data) <= 1:
+                    continue  # the ready frame, or an empty write
+                channel = data[0]
+                if channel == 1:
+                    sink.write_stdout(data[1:])
+                    await sink.wait_writable()
+                elif channel == 2:
+                    sink.write_stderr(data[1:])
+                    await sink.wait_writable()
+                elif channel == 3:
+                    status += data[1:]
+            if writer.done() and not writer.cancelled() and writer.exception() is not None:
+                raise ExecError("writing to the exec stream failed") from writer.exception()
+            return parse_status(bytes(status))
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+            await asyncio.shield(self._ws.close())
+
+
+async def open_exec(
+    ws_client: Any,
+    namespace: str,
+    pod: str,
+    container: str,
+    argv: Sequence[str],
+    *,
+    tty: bool,
+    stdin: bool = True,
+) -> ExecStream:
+    """Open an exec WebSocket. Asyncio-flavoured; raises :class:`ExecError` on refusal."""
+    from kubernetes_asyncio.client import CoreV1Api
+
+    v1: Any = CoreV1Api(ws_client)
+    try:
+        cm = await v1.connect_get_namespaced_pod_exec(
+            pod, namespace, container=container, command=list(argv), stdin=stdin,
+            stdout=True, stderr=not tty, tty=tty, _preload_content=False,
+            _headers={"sec-websocket-protocol": PROTOCOLS})
+        ws = await cm.__aenter__()
+    except Exception as exc:
+        ours = translate(exc)
+        if ours is None:
+            raise
+        raise (ours if isinstance(ours, ExecError) else ExecError(str(ours))) from exc
+    response = getattr(ws, "_response", None)
+    protocol = response.headers.get("Sec-WebSocket-Protocol") if response is not None else None
+    return ExecStream(ws, protocol)

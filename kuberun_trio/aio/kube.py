@@ -1,0 +1,698 @@
+"""The gateway's Kubernetes REST client: trio outside, kubernetes-asyncio inside.
+
+Theory of operation
+-------------------
+:func:`open_kube_client` builds a kubernetes-asyncio ``ApiClient`` *inside* the
+trio-asyncio loop (aiohttp needs a running loop) from one of three sources of
+:class:`~kuberun_trio.gateway.config.ConnectionConfig`: an explicit ``host``
+(CA / client certificate / key as PEM text or files, bearer token or token file
+-- re-read whenever the file changes -- or basic auth), a kubeconfig
+(+ context), or the in-cluster service account. The aiohttp session is
+replaced by one with ``trust_env=False``: proxy variables and ``~/.netrc`` are
+ignored, the API server is always dialled directly.
+
+:class:`KubeClient` is trio-flavoured. Each method crosses into asyncio exactly
+once (:func:`kuberun_trio.aio.bridge.run_aio`); retries, rate limiting and whole
+watch loops run on the asyncio side of that one crossing. Cancelling the trio
+caller cancels the asyncio task. Responses are read raw
+(``_preload_content=False``) and returned as plain JSON dicts -- no models, so
+no model validation surprises.
+
+Every request attempt (including each watch (re)connect) first takes a token
+from a :class:`TokenBucket` (``qps``/``burst``) and runs under the per-request
+timeout ``timeouts.http``. Failed attempts are retried per :class:`RetryPolicy`:
+429 always (the request provably did not happen; ``Retry-After`` is honoured),
+5xx, timeouts and broken connections only for idempotent calls (get, list,
+delete, watch); a connection that could not be opened at all is retried for
+create too. Everything else becomes :class:`~kuberun_trio.errors.KubernetesError`
+(:class:`~kuberun_trio.errors.NotFoundError` for 404) carrying the Status reason.
+
+Pod watches (:meth:`KubeClient.wait_for_pod`,
+:meth:`KubeClient.watch_pod_gone_or_failed`) follow one pod with
+``fieldSelector=metadata.name=<pod>``: a stream that ends or breaks is resumed
+from the last resourceVersion seen (BOOKMARKs included); a 410 Expired (an
+``ERROR`` event or HTTP 410) triggers a re-list and a new watch from the list's
+resourceVersion. The judgement of each pod state is a pure function
+(:func:`pod_start_failure`, :func:`pod_ready`, :func:`pod_loss`).
+
+Start failures are final on *first* sight: ``ErrImagePull`` and
+``ImagePullBackOff`` (the kubelet only retries a pull after a back-off of 10 s
+and more, so a user would wait for ``podStart`` for nothing), ``CrashLoopBackOff``,
+``CreateContainerConfigError`` and the other waiting reasons in
+:data:`FATAL_WAITING_REASONS`, phase ``Failed``/``Succeeded``, deletion, and
+``PodScheduled=False`` with reason ``Unschedulable``. The caller bounds the
+whole wait with a trio cancel scope (``timeouts.podStart``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import ssl
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import aiohttp
+import attrs
+import trio
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.stream import WsApiClient
+
+from ..errors import ConfigError, KubernetesError, NotFoundError, PodStartError
+from .bridge import run_aio
+
+if TYPE_CHECKING:
+    from ..gateway.config import ConnectionConfig, KubernetesConfig
+
+log = logging.getLogger(__name__)
+
+Pod = dict[str, Any]
+T = TypeVar("T")
+
+FATAL_WAITING_REASONS = frozenset({
+    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+    "CrashLoopBackOff", "CreateContainerConfigError", "CreateContainerError",
+    "RunContainerError", "PreCreateHookError", "PostStartHookError",
+})  # fmt: skip
+"""Container waiting reasons that end :meth:`KubeClient.wait_for_pod` with PodStartError."""
+
+EXEC_HEARTBEAT = 60.0
+"""Seconds between WebSocket pings on exec streams (aiohttp closes if no pong in half)."""
+
+WATCH_SECONDS = 300
+"""``timeoutSeconds`` of one watch request; the stream is resumed when it ends."""
+
+
+# == values ======================================================================================
+
+
+@attrs.frozen
+class RetryPolicy:
+    """How often and how patiently failed requests are retried."""
+
+    attempts: int = 5
+    """Tries in all (the first one included) before the error is raised."""
+    base_delay: float = 0.2
+    """Back-off before the first retry; doubled for each further one."""
+    max_delay: float = 5.0
+    """Upper bound of one back-off; ``Retry-After`` is honoured up to 12 times this."""
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (0-based)."""
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.max_delay * 12)
+        backoff = min(self.max_delay, self.base_delay * 2.0**attempt)
+        return backoff * random.uniform(0.75, 1.0)
+
+
+REST_RETRY = RetryPolicy()
+"""Default for single REST calls: 5 tries within about 3 s (plus ``Retry-After``)."""
+WATCH_RETRY = RetryPolicy(attempts=8, base_delay=0.25, max_delay=8.0)
+"""Default for watch resumes: consecutive failures without any event in between (~25 s)."""
+
+
+@attrs.frozen
+class PodLoss:
+    """Why a pod that was serving a connection is no longer usable."""
+
+    reason: str
+    """``Deleted``, ``Terminating``, ``ContainerStopped``, or the pod's status reason
+    (``Evicted``, ...) / phase when it failed."""
+    message: str
+    """Human-readable detail."""
+
+
+@attrs.frozen
+class KubeClientStatistics:
+    """Counters of a :class:`KubeClient` since it was opened."""
+
+    requests: int
+    """Request attempts sent (REST calls and watch connects, retries included)."""
+    retries: int
+    """Attempts that were repeated after a retryable failure."""
+    watches_opened: int
+    """Watch streams that answered 200."""
+    watch_resumes: int
+    """Watch streams resumed after they ended or broke."""
+    relists: int
+    """Re-lists after a 410 Expired."""
+    throttled_seconds: float
+    """Total time requests waited for the rate limiter."""
+
+
+# == rate limiting (sans-IO) =====================================================================
+
+
+class TokenBucket:
+    """A client-side token bucket: ``rate`` tokens per second, at most ``burst`` saved up.
+
+    :meth:`reserve` takes a token and says how long to wait before using it. Tokens may
+    go into debt, so concurrent callers are served in call order without a lock.
+    """
+
+    def __init__(self, rate: float, burst: int) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be positive and burst at least 1")
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._last: float | None = None
+
+    def reserve(self, now: float) -> float:
+        """Take one token at time ``now``; return the seconds to wait before sending."""
+        if self._last is not None:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        self._tokens -= 1.0
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+
+# == judging pod states (pure) ===================================================================
+
+
+def _conditions(pod: Pod) -> dict[str, dict[str, Any]]:
+    return {c.get("type", ""): c for c in (pod.get("status") or {}).get("conditions") or []}
+
+
+def _container_statuses(pod: Pod) -> list[dict[str, Any]]:
+    status = pod.get("status") or {}
+    return [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+
+
+def pod_ready(pod: Pod) -> bool:
+    """Phase Running and condition Ready=True."""
+    ready = _conditions(pod).get("Ready", {})
+    return (pod.get("status") or {}).get("phase") == "Running" and ready.get("status") == "True"
+
+
+def pod_start_failure(pod: Pod) -> tuple[str, str] | None:
+    """``(reason, message)`` if ``pod`` will not become Running+Ready, else None."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    if meta.get("deletionTimestamp"):
+        return "PodDeleted", "the pod is being deleted"
+    phase = status.get("phase")
+    if phase in ("Failed", "Succeeded"):
+        return status.get("reason") or phase, status.get("message") or _terminated_detail(pod)
+    scheduled = _conditions(pod).get("PodScheduled", {})
+    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        return "Unschedulable", scheduled.get("message") or "the pod cannot be scheduled"
+    for cs in _container_statuses(pod):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in FATAL_WAITING_REASONS:
+            return waiting["reason"], waiting.get("message") or f"container {cs.get('name')}"
+    return None
+
+
+def _terminated_detail(pod: Pod) -> str:
+    for cs in _container_statuses(pod):
+        term = (cs.get("state") or {}).get("terminated")
+        if term:
+            return (f"container {cs.get('name')} terminated: {term.get('reason') or 'Error'}, "
+                    f"exit code {term.get('exitCode')}"
+                    + (f": {term['message']}" if term.get("message") else ""))  # fmt: skip
+    return f"the pod's phase is {(pod.get('status') or {}).get('phase')}"
+
+
+def pod_loss(pod: Pod | None, container: str | None = None) -> PodLoss | None:
+    """Why a running pod is lost (None: still fine). ``container`` None = any container."""
+    if pod is None:
+        return PodLoss("Deleted", "the pod was deleted")
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    if meta.get("deletionTimestamp"):
+        return PodLoss("Terminating", "the pod is being deleted")
+    phase = status.get("phase")
+    if phase in ("Failed", "Succeeded"):
+        return PodLoss(status.get("reason") or phase,
+                       status.get("message") or _terminated_detail(pod))  # fmt: skip
+    for cs in (status.get("containerStatuses") or []):
+        if container is not None and cs.get("name") != container:
+            continue
+        state = cs.get("state") or {}
+        if "running" not in state:
+            term = state.get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
+            what = (f"{term.get('reason') or 'Error'}, exit code {term.get('exitCode')}" if term
+                    else (state.get("waiting") or {}).get("reason") or "not running")
+            return PodLoss("ContainerStopped", f"container {cs.get('name')} stopped: {what}")
+    return None
+
+
+def last_warning(events: list[dict[str, Any]]) -> str | None:
+    """The message of the newest informative ``Warning`` event in ``events``, if any.
+
+    The kubelet follows a detailed failure event (``Failed to pull image "x": ...``) with a
+    bare echo of the waiting reason (``Error: ErrImagePull``); such echoes are skipped.
+    """
+    warnings = [e for e in events if e.get("type") == "Warning" and e.get("message")
+                and not _REASON_ECHO.fullmatch(str(e["message"]))]  # fmt: skip
+    if not warnings:
+        return None
+    newest = max(warnings, key=lambda e: (e.get("lastTimestamp") or e.get("eventTime") or "",
+                                          int((e.get("metadata") or {}).get("resourceVersion")
+                                              or 0)))  # fmt: skip
+    return str(newest["message"])
+
+
+_REASON_ECHO = re.compile(r"Error: [A-Z][A-Za-z]+")
+
+
+# == configuration (asyncio side, runs once) =====================================================
+
+
+class _TokenFile:
+    """A ``refresh_api_key_hook`` that re-reads a bearer token file whenever it changes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stamp: tuple[int, int, int] | None = None
+
+    def __call__(self, cfg: Any) -> None:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if stamp != self._stamp:
+                cfg.api_key["BearerToken"] = Path(self.path).read_text().strip()
+                self._stamp = stamp
+        except OSError as exc:  # mid-rotation: keep the token we have
+            log.warning("cannot re-read bearer token file %s: %s", self.path, exc)
+
+
+def _base_url(conn: ConnectionConfig) -> str:
+    assert conn.host is not None
+    host = conn.host.rstrip("/")
+    if "://" not in host:
+        host = "https://" + host
+    if not conn.path.endswith("/api"):
+        raise ConfigError("kubernetes.connection.path", "must end in /api (the core group path)")
+    return host + conn.path[: -len("/api")].rstrip("/")
+
+
+def _explicit_configuration(conn: ConnectionConfig) -> tuple[Any, dict[str, str]]:
+    cfg = k8s.Configuration(host=_base_url(conn))
+    cfg.verify_ssl = not conn.insecure
+    cfg.tls_server_name = conn.server_name
+    cfg.ssl_ca_cert = conn.cacert_file
+    cfg.cert_file, cfg.key_file = conn.cert_file, conn.key_file
+    cfg.api_key_prefix["BearerToken"] = "Bearer"
+    headers: dict[str, str] = {}
+    if conn.bearer_token is not None:
+        cfg.api_key["BearerToken"] = conn.bearer_token
+    elif conn.bearer_token_file is not None:
+        hook = _TokenFile(conn.bearer_token_file)
+        hook(cfg)
+        if "BearerToken" not in cfg.api_key:
+            raise ConfigError("kubernetes.connection.bearerTokenFile",
+                              f"cannot read {conn.bearer_token_file}")  # fmt: skip
+        cfg.refresh_api_key_hook = hook
+    if conn.username is not None and conn.password is not None:
+        raw = f"{conn.username}:{conn.password}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
+    return cfg, headers
+
+
+def _ssl_context(cfg: Any, conn: ConnectionConfig | None) -> ssl.SSLContext:
+    """The TLS context for ``cfg``, with ``conn``'s inline PEM text (explicit source)."""
+    cadata = conn.cacert if conn is not None else None
+    try:
+        ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert, cadata=cadata)
+        if conn is not None and conn.cert is not None and conn.key is not None:
+            with tempfile.TemporaryDirectory(prefix="kuberun-tls-") as tmp:
+                cert, key = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+                cert.write_text(conn.cert)
+                key.touch(mode=0o600)
+                key.write_text(conn.key)
+                ctx.load_cert_chain(str(cert), str(key))
+        elif cfg.cert_file:
+            ctx.load_cert_chain(cfg.cert_file, keyfile=cfg.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("kubernetes.connection", f"TLS setup failed: {exc}") from exc
+    if not cfg.verify_ssl:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def _load_configuration(conn: ConnectionConfig) -> tuple[Any, dict[str, str]]:
+    if conn.source == "host":
+        return _explicit_configuration(conn)
+    cfg = k8s.Configuration()
+    try:
+        if conn.source == "inCluster":
+            k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        else:
+            await k8s_config.load_kube_config(config_file=conn.kubeconfig_path(),
+                                              context=conn.context, client_configuration=cfg,
+                                              persist_config=False)  # fmt: skip
+    except (k8s_config.ConfigException, OSError, ValueError) as exc:
+        key = "inCluster" if conn.source == "inCluster" else "kubeconfig"
+        raise ConfigError(f"kubernetes.connection.{key}", str(exc)) from exc
+    return cfg, {}
+
+
+async def _connect(config: KubernetesConfig, rest_retry: RetryPolicy,
+                   watch_retry: RetryPolicy) -> _Transport:
+    """Build the asyncio half of a :class:`KubeClient`. Asyncio-flavoured."""
+    conn = config.connection
+    cfg, headers = await _load_configuration(conn)
+    ctx = _ssl_context(cfg, conn if conn.source == "host" else None)
+    api_client = k8s.ApiClient(cfg)
+    # The exec client: every call is a WebSocket upgrade; pings every minute keep
+    # idle interactive sessions alive through proxies and load balancers.
+    ws_client = WsApiClient(cfg, heartbeat=EXEC_HEARTBEAT)
+    for client_ in (api_client, ws_client):
+        client_.default_headers.update(headers)
+        rest = client_.rest_client
+        await rest.pool_manager.close()  # kubernetes-asyncio's session trusts proxy variables
+        rest.pool_manager = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=cfg.connection_pool_maxsize, ssl=ctx),
+            trust_env=False, read_bufsize=2**21)  # fmt: skip
+    transport = _Transport(api_client, TokenBucket(conn.qps, conn.burst), config.timeouts.http,
+                           rest_retry, watch_retry)  # fmt: skip
+    transport.ws_client = ws_client
+    return transport
+
+
+# == requests (asyncio side) =====================================================================
+
+
+class _Retry(Exception):
+    """A failed attempt worth repeating; ``error`` is raised if no tries are left."""
+
+    def __init__(self, error: KubernetesError, retry_after: float | None = None) -> None:
+        self.error = error
+        self.retry_after = retry_after
+
+
+class _Expired(Exception):
+    """The watch's resourceVersion is too old (410): re-list."""
+
+
+@attrs.define
+class _Counters:
+    requests: int = 0
+    retries: int = 0
+    watches_opened: int = 0
+    watch_resumes: int = 0
+    relists: int = 0
+    throttled_seconds: float = 0.0
+
+
+def _status_error(status: int, body: bytes) -> KubernetesError:
+    reason, message = "", body.decode("utf-8", "replace").strip()
+    with contextlib.suppress(ValueError, AttributeError):
+        parsed = json.loads(body)
+        reason, message = str(parsed.get("reason") or ""), str(parsed.get("message") or message)
+    cls = NotFoundError if status == 404 else KubernetesError
+    return cls(status, reason or f"HTTP{status}", message)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    try:
+        return float(headers["Retry-After"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _transport_error(exc: BaseException) -> KubernetesError:
+    kind = "Timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+    return KubernetesError(0, kind, str(exc) or "no response within the request timeout")
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """The connection could not be opened, so the request did not reach the server."""
+    return isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(
+        exc, aiohttp.ClientSSLError)
+
+
+@attrs.define
+class _Follow(Generic[T]):
+    """State of one pod follow: the judge and where the watch resumes."""
+
+    judge: Callable[[str, Pod | None], T | None]
+    rv: str | None
+    failures: int = 0
+
+
+class _Transport:
+    """The asyncio half: one ApiClient, the rate limiter, retries. Asyncio-flavoured."""
+
+    def __init__(self, api_client: Any, bucket: TokenBucket, http_timeout: float,
+                 rest_retry: RetryPolicy, watch_retry: RetryPolicy) -> None:
+        self.api_client = api_client
+        self.api: Any = k8s.CoreV1Api(api_client)
+        self.bucket = bucket
+        self.http_timeout = http_timeout
+        self.rest_retry = rest_retry
+        self.watch_retry = watch_retry
+        self.counters = _Counters()
+        self.ws_client: Any = None
+
+    async def close(self) -> None:
+        await self.api_client.close()
+        if self.ws_client is not None:
+            await self.ws_client.close()
+
+    async def _throttle(self) -> None:
+        delay = self.bucket.reserve(asyncio.get_running_loop().time())
+        self.counters.requests += 1
+        if delay > 0:
+            self.counters.throttled_seconds += delay
+            await asyncio.sleep(delay)
+
+    async def _attempt(self, call: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
+                       kwargs: dict[str, Any], idempotent: bool) -> Any:
+        await self._throttle()
+        try:
+            resp = await call(*args, _preload_content=False,
+                              _request_timeout=aiohttp.ClientTimeout(total=self.http_timeout),
+                              **kwargs)  # fmt: skip
+            async with resp:
+                body = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if idempotent or _never_sent(exc):
+                raise _Retry(_transport_error(exc)) from exc
+            raise _transport_error(exc) from exc
+        if 200 <= resp.status < 300:
+            return json.loads(body) if body else {}
+        error = _status_error(resp.status, body)
+        if resp.status == 429 or (idempotent and resp.status >= 500 and resp.status != 501):
+            raise _Retry(error, _retry_after(resp.headers))
+        raise error
+
+    async def call(self, call: Callable[..., Awaitable[Any]], *args: Any,
+                   idempotent: bool = True, **kwargs: Any) -> Any:
+        """One REST call with retries; the parsed JSON body."""
+        for attempt in range(self.rest_retry.attempts):
+            try:
+                return await self._attempt(call, args, kwargs, idempotent)
+            except _Retry as retry:
+                if attempt + 1 >= self.rest_retry.attempts:
+                    raise retry.error from retry.__cause__
+                log.info("retrying after %s", retry.error)
+                self.counters.retries += 1
+                await asyncio.sleep(self.rest_retry.delay(attempt, retry.retry_after))
+        raise AssertionError("unreachable")
+
+    # -- following one pod --------------------------------------------------
+    async def follow_pod(self, namespace: str, name: str, follow: _Follow[T]) -> T:
+        """Watch pod ``name`` until ``follow.judge(event_type, pod)`` returns non-None."""
+        while True:
+            if follow.rv is None:
+                verdict = await self._relist(namespace, name, follow)
+                if verdict is not None:
+                    return verdict
+            try:
+                verdict = await self._watch_once(namespace, name, follow)
+            except _Expired:
+                self.counters.relists += 1
+                follow.rv = None
+                continue
+            except _Retry as retry:
+                follow.failures += 1
+                if follow.failures >= self.watch_retry.attempts:
+                    raise retry.error from retry.__cause__
+                log.info("watch of pod %s/%s broke (%s); resuming", namespace, name, retry.error)
+                await asyncio.sleep(self.watch_retry.delay(follow.failures - 1, retry.retry_after))
+            else:
+                if verdict is not None:
+                    return verdict
+            self.counters.watch_resumes += 1
+
+    async def _relist(self, namespace: str, name: str, follow: _Follow[T]) -> T | None:
+        listed = await self.call(self.api.list_namespaced_pod, namespace,
+                                 field_selector=f"metadata.name={name}")  # fmt: skip
+        items = listed.get("items") or []
+        follow.rv = str((listed.get("metadata") or {}).get("resourceVersion") or "") or None
+        return follow.judge("LISTED", items[0] if items else None)
+
+    async def _watch_once(self, namespace: str, name: str, follow: _Follow[T]) -> T | None:
+        """One watch stream: the verdict, or None when the stream ended (resume)."""
+        timeout = aiohttp.ClientTimeout(connect=self.http_timeout, sock_connect=self.http_timeout,
+                                        sock_read=WATCH_SECONDS + self.http_timeout)
+        await self._throttle()
+        try:
+            resp = await self.api.list_namespaced_pod(
+                namespace, field_selector=f"metadata.name={name}", watch=True,
+                resource_version=follow.rv, allow_watch_bookmarks=True,
+                timeout_seconds=WATCH_SECONDS, _preload_content=False, _request_timeout=timeout)
+            async with resp:
+                if resp.status != 200:
+                    self._raise_watch_status(resp.status, await resp.read(), resp.headers)
+                self.counters.watches_opened += 1
+                while line := await resp.content.readline():
+                    if not line.strip():
+                        continue
+                    verdict = self._watch_event(json.loads(line), follow)
+                    if verdict is not None:
+                        return verdict
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise _Retry(_transport_error(exc)) from exc
+        return None
+
+    def _raise_watch_status(self, status: int, body: bytes, headers: Mapping[str, str]) -> None:
+        if status == 410:
+            raise _Expired()
+        error = _status_error(status, body)
+        if status == 429 or (status >= 500 and status != 501):
+            raise _Retry(error, _retry_after(headers))
+        raise error
+
+    def _watch_event(self, event: dict[str, Any], follow: _Follow[T]) -> T | None:
+        etype, obj = event.get("type"), event.get("object") or {}
+        if etype == "ERROR" or (etype is None and "code" in event):
+            status = obj if etype == "ERROR" else event
+            code = int(status.get("code") or 500)
+            self._raise_watch_status(code, json.dumps(status).encode(), {})
+        follow.failures = 0
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        if rv:
+            follow.rv = str(rv)
+        if etype == "BOOKMARK":
+            return None
+        return follow.judge(str(etype), None if etype == "DELETED" else obj)
+
+
+# == the trio-facing client ======================================================================
+
+
+def _start_judge(name: str) -> Callable[[str, Pod | None], Pod | None]:
+    def judge(etype: str, pod: Pod | None) -> Pod | None:
+        if pod is None:
+            raise PodStartError(name, "PodDeleted", "the pod was deleted before it started")
+        failure = pod_start_failure(pod)
+        if failure is not None:
+            raise PodStartError(name, *failure)
+        return pod if pod_ready(pod) else None
+
+    return judge
+
+
+class KubeClient:
+    """Pod operations against one API server. Trio-flavoured; open with :func:`open_kube_client`.
+
+    Each method crosses into asyncio once. Errors: :class:`KubernetesError` (status 0 for
+    transport failures and timeouts), :class:`NotFoundError`, :class:`PodStartError`.
+    """
+
+    def __init__(self, transport: _Transport) -> None:
+        self._t = transport
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return (f"<KubeClient {self._t.api_client.configuration.host} requests={s.requests} "
+                f"retries={s.retries} watches={s.watches_opened}>")
+
+    @property
+    def exec_client(self) -> Any:
+        """The kubernetes-asyncio ``WsApiClient`` for exec streams (asyncio-side object)."""
+        return self._t.ws_client
+
+    def statistics(self) -> KubeClientStatistics:
+        """Counters since the client was opened."""
+        return KubeClientStatistics(**attrs.asdict(self._t.counters))
+
+    async def create_pod(self, namespace: str, body: Pod) -> Pod:
+        """Create a pod; the stored pod (with its resourceVersion) as a dict."""
+        t = self._t
+        pod: Pod = await run_aio(t.call, t.api.create_namespaced_pod, namespace, body,
+                                 idempotent=False)  # fmt: skip
+        return pod
+
+    async def get_pod(self, namespace: str, name: str) -> Pod:
+        """The pod; :class:`NotFoundError` if there is none."""
+        pod: Pod = await run_aio(self._t.call, self._t.api.read_namespaced_pod, name, namespace)
+        return pod
+
+    async def list_pods(self, namespace: str, label_selector: str = "") -> list[Pod]:
+        """Pods in ``namespace`` matching ``label_selector`` (all if empty)."""
+        t = self._t
+        listed = await run_aio(t.call, t.api.list_namespaced_pod, namespace,
+                               label_selector=label_selector or None)  # fmt: skip
+        items: list[Pod] = listed.get("items") or []
+        return items
+
+    async def delete_pod(self, namespace: str, name: str,
+                         grace_period_seconds: int | None = None) -> None:
+        """Delete a pod (graceful unless ``grace_period_seconds`` is 0); gone already is fine."""
+        t = self._t
+        with contextlib.suppress(NotFoundError):
+            await run_aio(t.call, t.api.delete_namespaced_pod, name, namespace,
+                          grace_period_seconds=grace_period_seconds)  # fmt: skip
+
+    async def events_for_pod(self, namespace: str, name: str) -> list[dict[str, Any]]:
+        """Events with ``involvedObject.name`` ``name``, as listed (see :func:`last_warning`)."""
+        t = self._t
+        listed = await run_aio(t.call, t.api.list_namespaced_event, namespace,
+                               field_selector=f"involvedObject.name={name}")  # fmt: skip
+        items: list[dict[str, Any]] = listed.get("items") or []
+        return items
+
+    async def wait_for_pod(self, namespace: str, name: str, *,
+                           resource_version: str | None) -> Pod:
+        """Wait until the pod is Running and Ready and return it.
+
+        Watches from ``resource_version`` (the create's; None = list first). Raises
+        :class:`PodStartError` with the cluster's reason when the pod fails to start (see
+        :func:`pod_start_failure`) or is deleted. No timeout: use a cancel scope.
+        """
+        follow: _Follow[Pod] = _Follow(_start_judge(name), resource_version)
+        pod: Pod = await run_aio(self._t.follow_pod, namespace, name, follow)
+        return pod
+
+    async def watch_pod_gone_or_failed(self, namespace: str, name: str,
+                                       container: str | None = None) -> PodLoss:
+        """Return when the pod is deleted (or being deleted), has failed or been evicted, or
+        ``container`` (None: any container) is no longer running. Call it once the pod is
+        Running. Runs until then: cancel it when the connection ends."""
+        judge = lambda _etype, pod: pod_loss(pod, container)  # noqa: E731
+        follow: _Follow[PodLoss] = _Follow(judge, None)
+        loss: PodLoss = await run_aio(self._t.follow_pod, namespace, name, follow)
+        return loss
+
+
+@contextlib.asynccontextmanager
+async def open_kube_client(
+    config: KubernetesConfig,
+    *,
+    rest_retry: RetryPolicy = REST_RETRY,
+    watch_retry: RetryPolicy = WATCH_RETRY,
+) -> AsyncIterator[KubeClient]:
+    """A :class:`KubeClient` for ``config.connection``. Trio-flavoured.
+
+    Needs a running trio-asyncio loop (:func:`kuberun_trio.aio.bridge.open_aio_loop`).
+    Raises :class:`ConfigError` if the connection source cannot be loaded.
+    """
+    transport = await run_aio(_connect, config, rest_retry, watch_retry)
+    try:
+        yield KubeClient(transport)
+    finally:
+        with trio.move_on_after(5, shield=True):
+            await run_aio(transport.close)

@@ -1,0 +1,153 @@
+"""Where the pod is created, waited for and deleted: the connection's pod lifetime.
+
+Theory of operation
+-------------------
+:meth:`ConnectionHandler.connected` is the structured form: an async context
+manager that creates the connection's pod, waits until it is Running and
+Ready within ``timeouts.podStart``, yields a :class:`ConnectedPod`, and deletes
+the pod on the way out -- in a ``finally:`` under
+``trio.move_on_after(timeouts.podStop, shield=True)``, so the cancellation that
+ends a connection cannot skip the delete and a dead API server cannot hang it.
+Callers keep every exec stream *inside* the block, so all of them are closed
+before the DELETE is sent.
+
+A pod that fails to start is deleted before :class:`PodStartError` reaches the
+caller; the error carries the cluster's reason (waiting reason and message,
+or the newest Warning event). If the create request itself is interrupted
+(the client went away mid-creation) the pod may exist with a server-chosen
+name, so the clean-up then deletes by the connection-id label instead.
+
+No cancel scope or nursery spans the ``yield``, so the unstructured form --
+:meth:`on_handshake_success` / :meth:`on_disconnect`, mirroring ContainerSSH's
+handler -- can drive the same context manager from different tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+import trio
+
+from ..aio.kube import KubeClient, last_warning
+from ..errors import KuberunError, PodStartError
+from .auth import AuthResult
+from .config import KubernetesConfig
+from .podtemplate import LABEL_CONNECTION_ID, build_pod, sanitize_label_value
+
+
+@attrs.frozen
+class ConnectedPod:
+    """The pod serving one SSH connection."""
+
+    namespace: str
+    name: str
+    container: str
+    """The console container: where session channels exec."""
+    pod: dict[str, Any] = attrs.field(repr=False)
+    """The pod as it was when it became Ready."""
+
+
+class ConnectionHandler:
+    """Creates and deletes the pod of one SSH connection (one handler per connection)."""
+
+    def __init__(self, config: KubernetesConfig, connection_id: str, client_address: str,
+                 logger: logging.Logger | logging.LoggerAdapter[logging.Logger], *,
+                 kube: KubeClient, instance: str) -> None:
+        self.config = config
+        self.connection_id = connection_id
+        self.client_address = client_address
+        self.log = logger
+        self.kube = kube
+        self.instance = instance
+        self._stack: contextlib.AsyncExitStack | None = None
+
+    def __repr__(self) -> str:
+        return f"<ConnectionHandler {self.connection_id} from {self.client_address}>"
+
+    @contextlib.asynccontextmanager
+    async def connected(self, username: str,
+                        auth: AuthResult | None = None) -> AsyncIterator[ConnectedPod]:
+        """Create the pod, wait until Ready, yield it, delete it. Trio-flavoured."""
+        auth = auth or AuthResult()
+        body = build_pod(self.config, connection_id=self.connection_id, username=username,
+                         client_address=self.client_address, instance=self.instance,
+                         auth_metadata=auth.metadata, auth_env=auth.environment)
+        namespace = str(body["metadata"].get("namespace") or "default")
+        console = body["spec"]["containers"][self.config.pod.console_container_number]["name"]
+        name: str | None = None
+        started = time.monotonic()
+        try:
+            created = await self.kube.create_pod(namespace, body)
+            name = str(created["metadata"]["name"])
+            self.log.info("pod created", extra={"event": "pod-created", "pod": name})
+            try:
+                with trio.fail_after(self.config.timeouts.pod_start):
+                    ready = await self.kube.wait_for_pod(
+                        namespace, name,
+                        resource_version=created["metadata"].get("resourceVersion"))
+            except trio.TooSlowError as exc:
+                raise PodStartError(
+                    name, "Timeout",
+                    f"not Running and Ready within {self.config.timeouts.pod_start:g}s") from exc
+            except PodStartError as exc:
+                raise await self._explained(namespace, name, exc) from exc
+            self.log.info("pod running", extra={
+                "event": "pod-running", "pod": name,
+                "duration_ms": round(1000 * (time.monotonic() - started))})
+            yield ConnectedPod(namespace, name, console, ready)
+        finally:
+            await self._delete(namespace, name)
+
+    async def _explained(self, namespace: str, name: str, exc: PodStartError) -> PodStartError:
+        """Add the newest Warning event to a start error, if it says more."""
+        with contextlib.suppress(KuberunError), trio.move_on_after(2):
+            warning = last_warning(await self.kube.events_for_pod(namespace, name))
+            if warning and warning not in exc.message:
+                return PodStartError(exc.pod, exc.reason, f"{exc.message} ({warning})")
+        return exc
+
+    async def _delete(self, namespace: str, name: str | None) -> None:
+        started = time.monotonic()
+        with trio.move_on_after(self.config.timeouts.pod_stop, shield=True) as scope:
+            try:
+                if name is not None:
+                    await self.kube.delete_pod(namespace, name)
+                else:  # the create may have happened: find it by its label
+                    selector = (f"{LABEL_CONNECTION_ID}="
+                                f"{sanitize_label_value(self.connection_id)}")
+                    for pod in await self.kube.list_pods(namespace, selector):
+                        name = str(pod["metadata"]["name"])
+                        await self.kube.delete_pod(namespace, name)
+            except KuberunError as exc:
+                self.log.error("pod delete failed: %s", exc,
+                               extra={"event": "pod-delete-failed", "pod": name})
+                return
+        if scope.cancelled_caught:
+            self.log.error("pod delete timed out", extra={"event": "pod-delete-failed",
+                                                          "pod": name})
+        elif name is not None:
+            self.log.info("pod deleted", extra={
+                "event": "pod-deleted", "pod": name,
+                "duration_ms": round(1000 * (time.monotonic() - started))})
+
+    # -- the unstructured form (ContainerSSH's handler API) ----------------
+    async def on_handshake_success(self, username: str,
+                                   auth: AuthResult | None = None) -> ConnectedPod:
+        """Create the pod and wait for it; pair with :meth:`on_disconnect`."""
+        if self._stack is not None:
+            raise KuberunError("on_handshake_success called twice")
+        stack = contextlib.AsyncExitStack()
+        pod = await stack.enter_async_context(self.connected(username, auth))
+        self._stack = stack
+        return pod
+
+    async def on_disconnect(self) -> None:
+        """Delete the pod (idempotent)."""
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
