@@ -57,7 +57,7 @@ def test_defaults() -> None:
     config = KubernetesConfig.default()
     assert config.connection.source == "kubeconfig"
     conn = config.connection
-    assert (conn.path, conn.qps, conn.burst) == ("/api", 5, 10)
+    assert (conn.path, conn.qps, conn.burst) == ("/api", 50, 100)
     pod = config.pod
     assert pod.metadata == {"namespace": "default", "generateName": "kuberun-"}
     assert pod.spec == {

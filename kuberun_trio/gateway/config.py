@@ -453,9 +453,13 @@ class ConnectionConfig:
     """Skip verifying the server certificate. For tests only."""
     server_name: str | None = None
     """Name to verify the server certificate against (SNI), if not the host's."""
-    qps: float = 5.0
-    """Sustained API requests per second the gateway allows itself."""
-    burst: int = 10
+    qps: float = 50.0
+    """Sustained API requests per second the gateway allows itself.
+
+    A connection costs about four requests (create, watch until Ready, watch for
+    loss, delete), so client-go's old default of 5 would cap the gateway at about
+    one new connection a second; 50 is kubectl's current default."""
+    burst: int = 100
     """Requests allowed in a burst above ``qps``."""
     kubeconfig: str | None = None
     """Path of a kubeconfig file; selects the kubeconfig source."""
