@@ -1,17 +1,19 @@
 """Command line: argument parsing and dispatch to subcommands.
 
-Each subcommand lives in its own module and registers an ``add_parser``
-function in :data:`SUBCOMMANDS`; this module only builds the parser, sets up
-logging and maps results and errors to exit codes:
+With no subcommand ``python -m kuberun_trio`` runs the gateway server
+(:mod:`kuberun_trio.server.main`); with no arguments at all that is demo mode, on an
+in-process embedded cluster. Each subcommand lives in its own module and registers an
+``add_parser`` function; this module only builds the parser and maps results and errors
+to exit codes:
 
-* 0 -- success; 1 -- a runtime error (:class:`KuberunError`);
+* 0 -- success (also: the server shut down gracefully after SIGTERM/SIGINT);
+* 1 -- a runtime error (:class:`KuberunError`), or a forced shutdown (second signal);
 * 2 -- bad usage or bad configuration; 130 -- interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -22,14 +24,29 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 Command = Callable[[argparse.Namespace], int]
 
+EPILOG = """\
+demo mode:
+  python -m kuberun_trio        embedded cluster + gateway on 127.0.0.1:2222; prints the
+                                ssh command that connects (keys kept in the state dir)
+
+signals: SIGTERM/SIGINT shut down gracefully (exit 0): stop accepting, tell open sessions,
+wait up to --grace, cut, delete every pod. A second signal cuts at once (exit 1).
+SIGHUP re-reads authorized_keys and password files.
+
+exit codes: 0 ok, 1 runtime error, 2 usage or configuration error
+"""
+
 
 def _subcommands() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
     from .cluster import cli as cluster_cli
+    from .server import commands
 
-    return [cluster_cli.add_parser]
+    return [cluster_cli.add_parser, commands.add_parsers]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .server import commands
+
     parser = argparse.ArgumentParser(
         prog="python -m kuberun_trio",
         description=(
@@ -37,14 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Every session channel (shell, exec, sftp) runs as a pods/exec in that pod; "
             "the pod is deleted when the client disconnects."
         ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"kuberun_trio {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log threshold (default: INFO)",
-    )
+    commands.add_log_level(parser)
+    commands.add_server_options(parser)
+    parser.set_defaults(run=commands.run_server)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in _subcommands():
         add(sub)
@@ -54,13 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    run: Command | None = getattr(args, "run", None)
-    if run is None:
-        parser.print_help()
-        return EXIT_USAGE
+    if args.command is not None:
+        import logging
+
+        logging.basicConfig(level=args.log_level or "INFO",
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run: Command = args.run
     try:
         return run(args)
     except ConfigError as exc:

@@ -22,12 +22,20 @@ WebSocket.
   writes block -- backpressure end to end with bounded memory.
 * **Client → pod**: :meth:`ExecStream.send_stdin` is synchronous (called from
   asyncssh's ``data_received``). Frames are queued; a writer task sends them
-  (aiohttp's ``send_bytes`` drains the transport). Above ``HIGH_WATER``
+  (aiohttp's ``send_bytes`` drains the transport), joining stdin frames that
+  queued up meanwhile into one message of up to ``MAX_FRAME`` bytes (one TCP
+  read carries several 32 KiB SSH packets: fewer, larger WebSocket messages
+  cost less on both ends). Above ``HIGH_WATER``
   queued bytes the source is told to pause (``pause_reading`` on the SSH
   channel) and below ``LOW_WATER`` to resume.
 * **EOF**: v5 sends ``[0xFF, 0x00]``. v4 has no way to close stdin alone
-  (kubernetes/kubernetes#89899): stdin stays open and the process sees EOF
-  only when the channel closes. :attr:`ExecStream.can_half_close` tells which.
+  (kubernetes/kubernetes#89899): the client's EOF is dropped, stdin stays
+  open, and the process sees EOF only when the SSH channel closes -- which
+  ends the session (HUP, then the WebSocket is closed), so output written
+  after that is lost: ``printf abc | ssh gw wc -c`` hangs until the client
+  gives up. :attr:`ExecStream.can_half_close` tells which; the embedded
+  cluster's ``faults.serve_v4_only()`` reproduces a v4-only server
+  (``tests/test_gateway_sessions.py``).
 * **Status**: ``{"status":"Success"}`` → exit 0; ``NonZeroExitCode`` → the
   code in ``details.causes``; a stream that ends without a status (cut mid-way,
   pod gone) → :class:`ExecResult` with ``exit_code=None`` and a reason.
@@ -53,6 +61,8 @@ V4 = "v4.channel.k8s.io"
 PROTOCOLS = f"{V5},{V4}"
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+MAX_FRAME = 256 * 1024
+"""Queued stdin frames are joined into WebSocket messages of up to about this size."""
 
 
 class OutputSink(Protocol):
@@ -145,12 +155,26 @@ class ExecStream:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._frames:
-                frame = self._frames.popleft()
-                self._queued -= len(frame)
+                frame = self._take_frame()
                 await self._ws.send_bytes(frame)
                 if self._paused and self._queued < LOW_WATER:
                     self._paused = False
                     self.on_resume()
+
+    def _take_frame(self) -> bytes:
+        """The next frame; consecutive stdin frames are joined (up to ``MAX_FRAME``)."""
+        frame = self._frames.popleft()
+        self._queued -= len(frame)
+        if frame[0] != 0 or not self._frames or self._frames[0][0] != 0:
+            return frame
+        parts: list[bytes | memoryview] = [frame]
+        size = len(frame)
+        while self._frames and self._frames[0][0] == 0 and size < MAX_FRAME:
+            part = self._frames.popleft()
+            self._queued -= len(part)
+            parts.append(memoryview(part)[1:])
+            size += len(part) - 1
+        return b"".join(parts)
 
     # -- pod → client -------------------------------------------------------
     async def run(self, sink: OutputSink) -> ExecResult:

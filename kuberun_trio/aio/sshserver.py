@@ -20,7 +20,10 @@ never cross the boundary one chunk at a time. Flow control is end to end:
 * pod → client: ``chan.write``; asyncssh calls :meth:`pause_writing` when the
   client's window is full, and :meth:`wait_writable` holds the exec reader;
 * client → pod: ``data_received`` queues frames on the exec stream, which
-  calls ``chan.pause_reading()`` above its high-water mark.
+  calls ``chan.pause_reading()`` above its high-water mark. asyncssh then
+  buffers what the client may still send, but re-opens the full window on
+  every delivery; :class:`GatewayChannel` re-opens it only for delivered data,
+  so a paused channel holds at most one window (2 MiB).
 
 Env requests: asyncssh accepts every ``env`` request and has no callback for
 it, so :class:`GatewayChannel` overrides its request handler to ask the
@@ -38,7 +41,8 @@ from typing import Any, Protocol
 
 import asyncssh
 import attrs
-from asyncssh.packet import SSHPacket
+from asyncssh.constants import MSG_CHANNEL_WINDOW_ADJUST
+from asyncssh.packet import SSHPacket, UInt32
 
 from ..gateway.session import (
     AbortExec,
@@ -92,9 +96,27 @@ class ConnectionPortal(Protocol):
 
 
 class GatewayChannel(asyncssh.SSHServerChannel):  # type: ignore[type-arg]
-    """A server channel that lets the session machine decide ``env`` and ``signal``."""
+    """A server channel that lets the session machine decide ``env`` and ``signal``,
+    and whose receive window never re-opens over data it still buffers."""
 
     _session: GatewaySession
+
+    def _deliver_data(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        # asyncssh re-opens the window to its full size whenever it delivers a
+        # packet, forgetting what still waits in _recv_buf while reading is
+        # paused: every pause/resume cycle then lets the client send another
+        # window's worth, and the buffer grows without bound (seen: 270 MiB
+        # for a 1 GiB upload into a slow pod). Here the window only re-opens
+        # for data actually delivered, so buffered + window <= the initial window.
+        init = self._init_recv_window
+        if self._recv_window < init // 2:
+            buffered = sum(len(item) for item, _ in self._recv_buf)
+            adjust = init - buffered - self._recv_window
+            if adjust >= init // 2:
+                self.send_packet(MSG_CHANNEL_WINDOW_ADJUST, UInt32(adjust))
+                self._recv_window += adjust
+        if self._session is not None:  # binary channel (encoding=None): no decoding
+            self._session.data_received(data, datatype)
 
     def _process_env_request(self, packet: SSHPacket) -> bool:
         key, value = packet.get_string(), packet.get_string()
@@ -251,9 +273,8 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             stream.on_pause, stream.on_resume = chan.pause_reading, chan.resume_reading
         if plan.tty and plan.width and plan.height:
             stream.resize(plan.width, plan.height)
-        pending, self._pending = self._pending, []
-        for data in pending:
-            stream.send_stdin(data)
+        while self._pending:
+            stream.send_stdin(self._pending.pop(0))
         if self._pending_bytes > PENDING_INPUT_LIMIT and chan is not None:
             chan.resume_reading()
         self._pending_bytes = 0
@@ -328,7 +349,10 @@ class GatewaySSHServer(asyncssh.SSHServer):
 
     async def _decide(self, check: Callable[..., Awaitable[Any]], username: str,
                       credential: str) -> bool:
-        result = await run_trio(check, self.connection_id, username, credential)
+        host, port = self.peer
+        remote = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        result = await run_trio(check, self.connection_id, username, credential,
+                                remote_address=remote)
         if result is None:
             return False
         self.auth_result = result

@@ -1,31 +1,29 @@
-"""REST handlers of the embedded cluster: discovery, namespaces, pods, logs, events.
+"""REST handlers of the embedded cluster: routing, namespaces, pods, logs, events.
 
 Theory of operation
 -------------------
 :func:`handle` is the one entry point :mod:`.http` calls for every request
-that is not an exec/attach/port-forward upgrade. It matches the path against a
-small route table, parses the query the way the apiserver's parameter codec
-does (booleans: only absent, ``0`` and ``false`` are false), calls the
-:class:`~.store.Store`, and returns a :class:`~.httptypes.Response` with
-compact JSON, or a :class:`~.httptypes.StreamResponse` for watches (one JSON
-event per line) and ``logs?follow=true``. Errors are raised as
-:class:`~.status.ApiStatusError`, which :mod:`.http` renders.
+that is not an exec/attach/port-forward upgrade. Discovery paths go to
+:mod:`.discovery`; the rest is matched against two path patterns (namespaced
+and cluster-scoped), the query parsed the way the apiserver's parameter codec
+does (:mod:`.params`), the :class:`~.store.Store` called, and a
+:class:`~.httptypes.Response` returned with compact JSON -- or a
+:class:`~.httptypes.StreamResponse` for watches (one JSON event per line) and
+``logs?follow=true``. Errors are raised as :class:`~.status.ApiStatusError`,
+which :mod:`.http` renders.
 
-Discovery serves what kubectl 1.30+ and kubernetes-asyncio probe: ``/version``,
-``/api``, ``/api/v1``, ``/apis`` -- the latter two also as aggregated
-discovery (``APIGroupDiscoveryList``) when the ``Accept`` header asks for it --
-and answers the generic NotFound for ``/openapi/*`` so clients fall back.
-``kubectl get`` asks for ``as=Table``: pods, events and namespaces (lists,
-single objects and watch events) are then served as ``meta.k8s.io`` Tables
-with the real server's columns; column definitions go only into the first
-watch event, as the real server does.
+``kubectl get`` asks for ``as=Table``: lists, single objects and watch events
+of pods, events and namespaces are then rendered by :mod:`.tables`. Pod
+writes are create, delete (DeleteOptions from the body or the query) and a
+merge patch of labels and annotations; ``pods/log`` does the apiserver's
+container checks and leaves the rest (waiting, ``previous``) to the kubelet.
+Anything else under ``/api``, ``/apis`` or ``/openapi`` is the generic
+NotFound, so clients fall back.
 """
 
 from __future__ import annotations
 
-import datetime
 import inspect
-import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -33,20 +31,20 @@ from typing import Any
 import attrs
 
 from . import status
+from .discovery import GIT_VERSION, serve_discovery
 from .faults import Faults
 from .httptypes import Reply, Request, Response, StreamResponse
+from .params import body_json, json_response, param_bool, param_int
 from .podspec import validate_labels
 from .status import encode_json
 from .store import Store, Watch
+from .tables import TableFormat, human_duration, table, table_format
 
 LogsFn = Callable[..., AsyncIterator[bytes] | Awaitable[AsyncIterator[bytes]]]
 """``logs(ns, pod, container, *, follow, [previous])``: the kubelet's log reader.
 
 Either an async generator or a coroutine returning an async iterator (like
 ``Kubelet.logs``); errors it raises when awaited become the HTTP answer."""
-
-GIT_VERSION = "v1.31.0"
-_DISCOVERY_TYPE = "application/json;g=apidiscovery.k8s.io;v={v};as=APIGroupDiscoveryList"
 
 
 @attrs.frozen
@@ -63,411 +61,6 @@ class ApiContext:
     """What ``/version`` reports."""
 
 
-# -- small helpers ------------------------------------------------------------
-
-
-def json_response(
-    obj: Any, status_code: int = 200, content_type: str = "application/json"
-) -> Response:
-    return Response(status_code, encode_json(obj), content_type=content_type)
-
-
-def param_bool(req: Request, name: str) -> bool:
-    """Kubernetes bool parsing: absent, ``0`` and any case of ``false`` are false."""
-    value = req.param(name)
-    return value is not None and value != "0" and value.lower() != "false"
-
-
-def param_int(req: Request, name: str) -> int | None:
-    value = req.param(name)
-    if value is None or value == "":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise status.bad_request(f'strconv.ParseInt: parsing "{value}": invalid syntax') from None
-
-
-def _body_json(req: Request, kind: str) -> Any:
-    try:
-        return json.loads(req.body or b"null")
-    except ValueError as exc:
-        raise status.bad_request(
-            f'{kind} in version "v1" cannot be handled as a {kind}: {exc}'
-        ) from None
-
-
-def _accepts(req: Request) -> list[dict[str, str]]:
-    """The Accept header as a list of ``{"type": ..., param: value}`` in client order."""
-    result = []
-    for part in req.headers.get("accept", "").split(","):
-        pieces = [p.strip() for p in part.split(";") if p.strip()]
-        if not pieces:
-            continue
-        entry = {"type": pieces[0].lower()}
-        for piece in pieces[1:]:
-            key, _, value = piece.partition("=")
-            entry[key.strip().lower()] = value.strip()
-        result.append(entry)
-    return result
-
-
-def _wants(req: Request, as_: str, group: str) -> dict[str, str] | None:
-    """The first Accept entry asking for ``as=<as_>;g=<group>``, if one comes first."""
-    for entry in _accepts(req):
-        if entry.get("as") == as_ and entry.get("g") == group:
-            return entry
-        if entry["type"] in ("application/json", "*/*", "application/*") and "as" not in entry:
-            return None
-    return None
-
-
-# -- discovery ----------------------------------------------------------------
-
-_POD_VERBS = ["create", "delete", "get", "list", "patch", "watch"]
-_RESOURCES: list[dict[str, Any]] = [
-    {
-        "name": "events",
-        "singularName": "event",
-        "namespaced": True,
-        "kind": "Event",
-        "verbs": ["get", "list", "watch"],
-        "shortNames": ["ev"],
-    },
-    {
-        "name": "namespaces",
-        "singularName": "namespace",
-        "namespaced": False,
-        "kind": "Namespace",
-        "verbs": ["create", "get", "list", "watch"],
-        "shortNames": ["ns"],
-    },
-    {
-        "name": "pods",
-        "singularName": "pod",
-        "namespaced": True,
-        "kind": "Pod",
-        "verbs": _POD_VERBS,
-        "shortNames": ["po"],
-        "categories": ["all"],
-    },
-    {
-        "name": "pods/attach",
-        "singularName": "",
-        "namespaced": True,
-        "kind": "PodAttachOptions",
-        "verbs": ["create", "get"],
-    },
-    {
-        "name": "pods/exec",
-        "singularName": "",
-        "namespaced": True,
-        "kind": "PodExecOptions",
-        "verbs": ["create", "get"],
-    },
-    {"name": "pods/log", "singularName": "", "namespaced": True, "kind": "Pod", "verbs": ["get"]},
-    {
-        "name": "pods/portforward",
-        "singularName": "",
-        "namespaced": True,
-        "kind": "PodPortForwardOptions",
-        "verbs": ["create", "get"],
-    },
-    {
-        "name": "pods/status",
-        "singularName": "",
-        "namespaced": True,
-        "kind": "Pod",
-        "verbs": ["get"],
-    },
-]
-
-
-def _version(ctx: ApiContext) -> dict[str, Any]:
-    major, minor = ctx.git_version.lstrip("v").split(".")[:2]
-    return {
-        "major": major,
-        "minor": minor,
-        "gitVersion": ctx.git_version,
-        "gitCommit": "9edcffcde5595e8a5b1a35f88c421764e575afce",
-        "gitTreeState": "clean",
-        "buildDate": "2024-08-13T07:28:49Z",
-        "goVersion": "go1.22.5",
-        "compiler": "gc",
-        "platform": "linux/amd64",
-    }
-
-
-def _api_versions(req: Request) -> dict[str, Any]:
-    host = req.headers.get("host") or "127.0.0.1:6443"
-    return {
-        "kind": "APIVersions",
-        "versions": ["v1"],
-        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": host}],
-    }
-
-
-def _resource_list() -> dict[str, Any]:
-    return {"kind": "APIResourceList", "groupVersion": "v1", "resources": _RESOURCES}
-
-
-def _aggregated(core: bool, version: str) -> dict[str, Any]:
-    items: list[dict[str, Any]] = []
-    if core:
-        resources = []
-        for res in _RESOURCES:
-            if "/" in res["name"]:
-                continue
-            entry: dict[str, Any] = {
-                "resource": res["name"],
-                "responseKind": {"group": "", "version": "", "kind": res["kind"]},
-                "scope": "Namespaced" if res["namespaced"] else "Cluster",
-                "singularResource": res["singularName"],
-                "verbs": res["verbs"],
-            }
-            for key in ("shortNames", "categories"):
-                if key in res:
-                    entry[key] = res[key]
-            subs = [
-                {
-                    "subresource": sub["name"].split("/", 1)[1],
-                    "responseKind": {"group": "", "version": "", "kind": sub["kind"]},
-                    "verbs": sub["verbs"],
-                }
-                for sub in _RESOURCES
-                if sub["name"].startswith(res["name"] + "/")
-            ]
-            if subs:
-                entry["subresources"] = subs
-            resources.append(entry)
-        items.append(
-            {
-                "metadata": {"creationTimestamp": None},
-                "versions": [{"version": "v1", "resources": resources, "freshness": "Current"}],
-            }
-        )
-    return {
-        "kind": "APIGroupDiscoveryList",
-        "apiVersion": f"apidiscovery.k8s.io/{version}",
-        "metadata": {},
-        "items": items,
-    }
-
-
-def _discovery(req: Request, ctx: ApiContext) -> Response | None:
-    path = req.path.rstrip("/") or "/"
-    if path == "/version":
-        return json_response(_version(ctx))
-    if path in ("/healthz", "/livez", "/readyz"):
-        return Response(200, b"ok", content_type="text/plain; charset=utf-8")
-    if path in ("/api", "/apis"):
-        wanted = _wants(req, "APIGroupDiscoveryList", "apidiscovery.k8s.io")
-        if wanted is not None and wanted.get("v") in ("v2", "v2beta1"):
-            version = wanted["v"]
-            return json_response(
-                _aggregated(path == "/api", version), content_type=_DISCOVERY_TYPE.format(v=version)
-            )
-        if path == "/api":
-            return json_response(_api_versions(req))
-        return json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
-    if path == "/api/v1":
-        return json_response(_resource_list())
-    return None
-
-
-# -- tables (kubectl get) -----------------------------------------------------
-
-
-def human_duration(seconds: float) -> str:
-    """apimachinery ``duration.HumanDuration`` (``45s``, ``5m20s``, ``3h``, ``2d5h``)."""
-    s = int(seconds)
-    if s < 0:
-        return "<invalid>"
-    if s < 120:
-        return f"{s}s"
-    m = s // 60
-    if m < 10:
-        return f"{m}m{s % 60}s" if s % 60 else f"{m}m"
-    if m < 180:
-        return f"{m}m"
-    h = m // 60
-    if h < 8:
-        return f"{h}h{m % 60}m" if m % 60 else f"{h}h"
-    if h < 48:
-        return f"{h}h"
-    if h < 24 * 8:
-        return f"{h // 24}d{h % 24}h" if h % 24 else f"{h // 24}d"
-    if h < 24 * 365 * 2:
-        return f"{h // 24}d"
-    if h < 24 * 365 * 8:
-        return f"{h // (24 * 365)}y{(h // 24) % 365}d"
-    return f"{h // (24 * 365)}y"
-
-
-def _age(timestamp: str | None) -> str:
-    if not timestamp:
-        return "<unknown>"
-    created = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ")
-    now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
-    return human_duration((now - created).total_seconds())
-
-
-def _pod_row(pod: dict[str, Any]) -> list[Any]:
-    spec, st = pod.get("spec") or {}, pod.get("status") or {}
-    statuses = st.get("containerStatuses") or []
-    ready = sum(1 for c in statuses if c.get("ready"))
-    restarts = sum(int(c.get("restartCount", 0)) for c in statuses)
-    reason = st.get("reason") or st.get("phase") or "Pending"
-    for c in statuses:
-        state = c.get("state") or {}
-        if state.get("waiting", {}).get("reason"):
-            reason = state["waiting"]["reason"]
-        elif state.get("terminated", {}).get("reason"):
-            reason = state["terminated"]["reason"]
-    if pod["metadata"].get("deletionTimestamp"):
-        reason = "Terminating"
-    return [
-        pod["metadata"]["name"],
-        f"{ready}/{len(spec.get('containers') or [])}",
-        reason,
-        str(restarts),
-        _age(pod["metadata"].get("creationTimestamp")),
-        st.get("podIP") or "<none>",
-        spec.get("nodeName") or "<none>",
-        st.get("nominatedNodeName") or "<none>",
-        "<none>",
-    ]
-
-
-def _event_row(event: dict[str, Any]) -> list[Any]:
-    involved = event.get("involvedObject") or {}
-    source = event.get("source") or {}
-    origin = ", ".join(v for v in (source.get("component"), source.get("host")) if v)
-    return [
-        _age(event.get("lastTimestamp") or event["metadata"].get("creationTimestamp")),
-        event.get("type", ""),
-        event.get("reason", ""),
-        f"{str(involved.get('kind', '')).lower()}/{involved.get('name', '')}",
-        involved.get("fieldPath", ""),
-        origin,
-        event.get("message", ""),
-        _age(event.get("firstTimestamp")),
-        int(event.get("count", 1)),
-        event["metadata"]["name"],
-    ]
-
-
-def _namespace_row(ns: dict[str, Any]) -> list[Any]:
-    return [
-        ns["metadata"]["name"],
-        (ns.get("status") or {}).get("phase", ""),
-        _age(ns["metadata"].get("creationTimestamp")),
-    ]
-
-
-# resource -> (columns as (name, type, format, priority), row function)
-_TABLES: dict[
-    str, tuple[list[tuple[str, str, str, int]], Callable[[dict[str, Any]], list[Any]]]
-] = {
-    "pods": (
-        [
-            ("Name", "string", "name", 0),
-            ("Ready", "string", "", 0),
-            ("Status", "string", "", 0),
-            ("Restarts", "string", "", 0),
-            ("Age", "string", "", 0),
-            ("IP", "string", "", 1),
-            ("Node", "string", "", 1),
-            ("Nominated Node", "string", "", 1),
-            ("Readiness Gates", "string", "", 1),
-        ],
-        _pod_row,
-    ),
-    "events": (
-        [
-            ("Last Seen", "string", "", 0),
-            ("Type", "string", "", 0),
-            ("Reason", "string", "", 0),
-            ("Object", "string", "", 0),
-            ("Subobject", "string", "", 1),
-            ("Source", "string", "", 1),
-            ("Message", "string", "", 0),
-            ("First Seen", "string", "", 1),
-            ("Count", "integer", "", 1),
-            ("Name", "string", "name", 1),
-        ],
-        _event_row,
-    ),
-    "namespaces": (
-        [("Name", "string", "name", 0), ("Status", "string", "", 0), ("Age", "string", "", 0)],
-        _namespace_row,
-    ),
-}
-_KIND = {"pods": "Pod", "events": "Event", "namespaces": "Namespace"}
-
-
-@attrs.frozen
-class _TableFormat:
-    """A negotiated ``as=Table`` response format."""
-
-    version: str
-    include: str
-    """``includeObject``: ``None``, ``Object`` or ``PartialObjectMetadata`` (the default)."""
-
-    @property
-    def content_type(self) -> str:
-        return f"application/json;as=Table;v={self.version};g=meta.k8s.io"
-
-    def table(
-        self, resource: str, items: list[dict[str, Any]], meta: dict[str, Any], columns: bool
-    ) -> dict[str, Any]:
-        specs, row_fn = _TABLES[resource]
-        rows = []
-        for item in items:
-            row: dict[str, Any] = {"cells": row_fn(item)}
-            if self.include == "Object":
-                row["object"] = {"kind": _KIND[resource], "apiVersion": "v1", **item}
-            elif self.include != "None":
-                row["object"] = {
-                    "kind": "PartialObjectMetadata",
-                    "apiVersion": f"meta.k8s.io/{self.version}",
-                    "metadata": item["metadata"],
-                }
-            rows.append(row)
-        definitions = [
-            {"name": n, "type": t, "format": f, "description": "", "priority": p}
-            for n, t, f, p in specs
-        ]
-        return {
-            "kind": "Table",
-            "apiVersion": f"meta.k8s.io/{self.version}",
-            "metadata": meta,
-            "columnDefinitions": definitions if columns else None,
-            "rows": rows,
-        }
-
-
-def _table_format(req: Request, resource: str) -> _TableFormat | None:
-    wanted = _wants(req, "Table", "meta.k8s.io")
-    if wanted is None or resource not in _TABLES:
-        return None
-    include = req.param("includeObject") or "PartialObjectMetadata"
-    return _TableFormat(wanted.get("v") or "v1", include)
-
-
-def _table(req: Request, obj: dict[str, Any], resource: str) -> Response | None:
-    """``obj`` (a list or a single object) as a Table, if the client asked for one."""
-    fmt = _table_format(req, resource)
-    if fmt is None:
-        return None
-    if obj.get("kind", "").endswith("List"):
-        table = fmt.table(resource, obj["items"], dict(obj["metadata"]), True)
-    else:
-        rv = obj["metadata"].get("resourceVersion", "")
-        table = fmt.table(resource, [obj], {"resourceVersion": rv}, True)
-    return json_response(table, content_type=fmt.content_type)
-
-
 # -- list / watch ---------------------------------------------------------------
 
 
@@ -479,7 +72,7 @@ class _WatchChunks:
     store holds watches weakly, so an abandoned one simply goes away.
     """
 
-    def __init__(self, watch: Watch, fmt: _TableFormat | None) -> None:
+    def __init__(self, watch: Watch, fmt: TableFormat | None) -> None:
         self._watch, self._fmt, self._first = watch, fmt, True
 
     def __aiter__(self) -> _WatchChunks:
@@ -501,7 +94,7 @@ class _WatchChunks:
         self._watch.close()
 
 
-def _watch_stream(watch: Watch, fmt: _TableFormat | None) -> StreamResponse:
+def _watch_stream(watch: Watch, fmt: TableFormat | None) -> StreamResponse:
     return StreamResponse(200, lambda: _WatchChunks(watch, fmt))
 
 
@@ -521,7 +114,7 @@ def _list_or_watch(req: Request, ctx: ApiContext, resource: str, ns: str | None)
             stop=ctx.faults.watch_dropped(),
             send_initial_events=param_bool(req, "sendInitialEvents"),
         )
-        return _watch_stream(watch, _table_format(req, resource))
+        return _watch_stream(watch, table_format(req, resource))
     listing = ctx.store.list(
         resource,
         ns,
@@ -530,7 +123,7 @@ def _list_or_watch(req: Request, ctx: ApiContext, resource: str, ns: str | None)
         limit=param_int(req, "limit"),
         continue_token=req.param("continue") or None,
     )
-    return _table(req, listing, resource) or json_response(listing)
+    return table(req, listing, resource) or json_response(listing)
 
 
 # -- pods -------------------------------------------------------------------------
@@ -545,7 +138,7 @@ def _manager(req: Request) -> str:
 
 
 def _create_pod(req: Request, ctx: ApiContext, ns: str) -> Response:
-    body = _body_json(req, "Pod")
+    body = body_json(req, "Pod")
     if isinstance(body, dict):
         kind, version = body.get("kind"), body.get("apiVersion")
         if (kind and kind != "Pod") or (version and version != "v1"):
@@ -562,7 +155,7 @@ def _create_pod(req: Request, ctx: ApiContext, ns: str) -> Response:
 def _delete_pod(req: Request, ctx: ApiContext, ns: str, name: str) -> Response:
     options: dict[str, Any] = {}
     if req.body.strip():
-        body = _body_json(req, "DeleteOptions")
+        body = body_json(req, "DeleteOptions")
         if not isinstance(body, dict):
             raise status.bad_request('DeleteOptions in version "v1" cannot be handled')
         options = body
@@ -596,7 +189,7 @@ def _patch_pod(req: Request, ctx: ApiContext, ns: str, name: str) -> Response:
             f"application/json-patch+json, application/merge-patch+json, "
             f'application/apply-patch+yaml (got "{ctype}")',
         )
-    patch = _body_json(req, "Pod")
+    patch = body_json(req, "Pod")
     if not isinstance(patch, dict):
         raise status.bad_request("patch body must be a JSON object")
     meta_patch = patch.get("metadata") or {}
@@ -732,7 +325,7 @@ async def _namespaced(req: Request, ctx: ApiContext, m: re.Match[str]) -> Reply:
         if sub is None:
             if method == "GET":
                 pod = ctx.store.get_pod(ns, name)
-                return _table(req, pod, "pods") or json_response(pod)
+                return table(req, pod, "pods") or json_response(pod)
             if method == "DELETE":
                 return _delete_pod(req, ctx, ns, name)
             if method == "PATCH":
@@ -766,7 +359,7 @@ async def _cluster(req: Request, ctx: ApiContext, m: re.Match[str]) -> Reply:
             if req.method == "GET":
                 return _list_or_watch(req, ctx, "namespaces", None)
             if req.method == "POST":
-                body = _body_json(req, "Namespace")
+                body = body_json(req, "Namespace")
                 return json_response(ctx.store.create_namespace(body), 201)
             raise _not_allowed()
         if req.method == "GET":
@@ -782,7 +375,7 @@ async def _cluster(req: Request, ctx: ApiContext, m: re.Match[str]) -> Reply:
 async def handle(req: Request, ctx: ApiContext) -> Reply:
     """Serve one REST request (raises :class:`~.status.ApiStatusError` for errors)."""
     if req.method in ("GET", "HEAD"):
-        reply = _discovery(req, ctx)
+        reply = serve_discovery(req, ctx.git_version)
         if reply is not None:
             return reply
     m = _NAMESPACED.match(req.path)
@@ -796,4 +389,13 @@ async def handle(req: Request, ctx: ApiContext) -> Reply:
     return Response(404, b"404 page not found\n", content_type="text/plain; charset=utf-8")
 
 
-__all__ = ["ApiContext", "LogsFn", "handle"]
+__all__ = [
+    "GIT_VERSION",
+    "ApiContext",
+    "LogsFn",
+    "handle",
+    "human_duration",
+    "json_response",
+    "param_bool",
+    "param_int",
+]

@@ -2,11 +2,13 @@
 
 :class:`Faults` is a plain state holder with two sides. Tests (and the soak
 harness) call the *injection* methods -- ``fail_image``, ``delay_start``,
-``fail_requests``, ``drop_watches``, ``expire_watches``, ``cut_exec``, ``evict``,
-``kill``. The cluster's parts call the *query* methods at the point where the
-fault bites: the kubelet asks :meth:`image_pull_error` and :meth:`start_delay`,
-the HTTP server asks :meth:`take_request_failure` before routing, watches wait
-on :meth:`watch_dropped`, exec streams ask :meth:`take_exec_cut`.
+``fail_requests``, ``drop_watches``, ``expire_watches``, ``cut_exec``,
+``serve_v4_only``, ``evict``, ``kill``. The cluster's parts call the *query*
+methods at the point where the fault bites: the kubelet asks
+:meth:`image_pull_error` and :meth:`start_delay`, the HTTP server asks
+:meth:`take_request_failure` before routing, watches wait on
+:meth:`watch_dropped`, exec streams ask :meth:`take_exec_cut` and
+:attr:`v5_refused`.
 
 Faults that act on running things (expire, evict, kill) are delegated to the
 store and kubelet, which the assembly in :mod:`kuberun_trio.cluster` binds with
@@ -58,6 +60,8 @@ class Faults:
         self._request_rules: list[_RequestRule] = []
         self._watch_drop = trio.Event()
         self._exec_cuts: list[_ExecCut] = []
+        self.v5_refused = False
+        """True after :meth:`serve_v4_only`: exec/attach never negotiate ``v5.channel.k8s.io``."""
         self._expire: Callable[[], None] | None = None
         self._evict: PodAction | None = None
         self._kill: PodAction | None = None
@@ -135,6 +139,11 @@ class Faults:
     def cut_exec(self, pod: str | None = None, after_bytes: int = 0) -> None:
         """Cut the next exec stream (of ``pod``, or any) after ``after_bytes`` of output."""
         self._exec_cuts.append(_ExecCut(pod, after_bytes))
+
+    def serve_v4_only(self, enabled: bool = True) -> None:
+        """Refuse ``v5.channel.k8s.io`` from now on, like a cluster before 1.30 (or one with
+        ``TranslateStreamCloseWebsocketRequests`` off): streams take the v4 path."""
+        self.v5_refused = enabled
 
     def take_exec_cut(self, pod: str) -> int | None:
         """Consume a cut armed for ``pod``: the byte count after which to cut, or None."""

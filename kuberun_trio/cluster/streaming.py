@@ -309,7 +309,7 @@ async def handle_exec(req: Request, ctx: StreamingContext, kind: str) -> Reply:
     argv = req.query.get("command", []) if kind == "exec" else []
     cut = functools.partial(ctx.faults.take_exec_cut, name) if kind == "exec" else None
     session = _RemoteCommand(kind, opts, argv, ctx.idle_timeout, cut)
-    if websocket and V5 in offered:  # the API server's stream translator
+    if websocket and V5 in offered and not ctx.faults.v5_refused:  # the stream translator
         protocol = _handshake(req, websocket, [V5], (V5,))
         try:
             session.target = _kubelet_lookup(ctx, ns, name, container, opts)

@@ -42,12 +42,16 @@ class Authenticator(Protocol):
     def methods(self) -> frozenset[str]:
         """The SSH methods offered: a subset of ``{"publickey", "password"}``."""
 
-    async def check_public_key(self, connection_id: str, username: str,
-                               key: str) -> AuthResult | None:
-        """``key`` is the OpenSSH one-line form, e.g. ``ssh-ed25519 AAAA...``."""
+    async def check_public_key(self, connection_id: str, username: str, key: str, *,
+                               remote_address: str = "") -> AuthResult | None:
+        """``key`` is the OpenSSH one-line form, e.g. ``ssh-ed25519 AAAA...``.
 
-    async def check_password(self, connection_id: str, username: str,
-                             password: str) -> AuthResult | None: ...
+        ``remote_address`` is the client's ``IP:port`` (``[v6]:port``), as ContainerSSH's
+        webhook has it.
+        """
+
+    async def check_password(self, connection_id: str, username: str, password: str, *,
+                             remote_address: str = "") -> AuthResult | None: ...
 
 
 def key_identity(line: str) -> str:
@@ -71,10 +75,10 @@ class PublicKeyAuthenticator:
     def methods(self) -> frozenset[str]:
         return frozenset({"publickey"})
 
-    async def check_public_key(self, connection_id: str, username: str,
-                               key: str) -> AuthResult | None:
+    async def check_public_key(self, connection_id: str, username: str, key: str, *,
+                               remote_address: str = "") -> AuthResult | None:
         return AuthResult(method="publickey") if key_identity(key) in self._keys else None
 
-    async def check_password(self, connection_id: str, username: str,
-                             password: str) -> AuthResult | None:
+    async def check_password(self, connection_id: str, username: str, password: str, *,
+                             remote_address: str = "") -> AuthResult | None:
         return None

@@ -1,0 +1,175 @@
+"""Discovery: what kubectl 1.30+ and kubernetes-asyncio probe before any real request.
+
+Theory of operation
+-------------------
+:func:`serve_discovery` answers ``/version``, the health endpoints, ``/api``,
+``/api/v1`` and ``/apis`` (or returns None for every other path). The core
+group's resources (pods with their subresources, namespaces, events) are one
+table, :data:`RESOURCES`, rendered two ways: the legacy ``APIVersions`` /
+``APIResourceList`` documents, and -- when the ``Accept`` header asks for
+``as=APIGroupDiscoveryList;g=apidiscovery.k8s.io`` in ``v2`` or ``v2beta1`` --
+aggregated discovery, in which ``/api`` lists the core group and ``/apis`` an
+empty list (there are no other groups). ``/openapi/*`` is left to the router,
+which answers the generic NotFound so clients fall back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .httptypes import Request, Response
+from .params import json_response, wants
+
+GIT_VERSION = "v1.31.0"
+_DISCOVERY_TYPE = "application/json;g=apidiscovery.k8s.io;v={v};as=APIGroupDiscoveryList"
+
+_POD_VERBS = ["create", "delete", "get", "list", "patch", "watch"]
+RESOURCES: list[dict[str, Any]] = [
+    {
+        "name": "events",
+        "singularName": "event",
+        "namespaced": True,
+        "kind": "Event",
+        "verbs": ["get", "list", "watch"],
+        "shortNames": ["ev"],
+    },
+    {
+        "name": "namespaces",
+        "singularName": "namespace",
+        "namespaced": False,
+        "kind": "Namespace",
+        "verbs": ["create", "get", "list", "watch"],
+        "shortNames": ["ns"],
+    },
+    {
+        "name": "pods",
+        "singularName": "pod",
+        "namespaced": True,
+        "kind": "Pod",
+        "verbs": _POD_VERBS,
+        "shortNames": ["po"],
+        "categories": ["all"],
+    },
+    {
+        "name": "pods/attach",
+        "singularName": "",
+        "namespaced": True,
+        "kind": "PodAttachOptions",
+        "verbs": ["create", "get"],
+    },
+    {
+        "name": "pods/exec",
+        "singularName": "",
+        "namespaced": True,
+        "kind": "PodExecOptions",
+        "verbs": ["create", "get"],
+    },
+    {"name": "pods/log", "singularName": "", "namespaced": True, "kind": "Pod", "verbs": ["get"]},
+    {
+        "name": "pods/portforward",
+        "singularName": "",
+        "namespaced": True,
+        "kind": "PodPortForwardOptions",
+        "verbs": ["create", "get"],
+    },
+    {
+        "name": "pods/status",
+        "singularName": "",
+        "namespaced": True,
+        "kind": "Pod",
+        "verbs": ["get"],
+    },
+]
+
+
+def _version(git_version: str) -> dict[str, Any]:
+    major, minor = git_version.lstrip("v").split(".")[:2]
+    return {
+        "major": major,
+        "minor": minor,
+        "gitVersion": git_version,
+        "gitCommit": "9edcffcde5595e8a5b1a35f88c421764e575afce",
+        "gitTreeState": "clean",
+        "buildDate": "2024-08-13T07:28:49Z",
+        "goVersion": "go1.22.5",
+        "compiler": "gc",
+        "platform": "linux/amd64",
+    }
+
+
+def _api_versions(req: Request) -> dict[str, Any]:
+    host = req.headers.get("host") or "127.0.0.1:6443"
+    return {
+        "kind": "APIVersions",
+        "versions": ["v1"],
+        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": host}],
+    }
+
+
+def _resource_list() -> dict[str, Any]:
+    return {"kind": "APIResourceList", "groupVersion": "v1", "resources": RESOURCES}
+
+
+def _aggregated(core: bool, version: str) -> dict[str, Any]:
+    items: list[dict[str, Any]] = []
+    if core:
+        resources = []
+        for res in RESOURCES:
+            if "/" in res["name"]:
+                continue
+            entry: dict[str, Any] = {
+                "resource": res["name"],
+                "responseKind": {"group": "", "version": "", "kind": res["kind"]},
+                "scope": "Namespaced" if res["namespaced"] else "Cluster",
+                "singularResource": res["singularName"],
+                "verbs": res["verbs"],
+            }
+            for key in ("shortNames", "categories"):
+                if key in res:
+                    entry[key] = res[key]
+            subs = [
+                {
+                    "subresource": sub["name"].split("/", 1)[1],
+                    "responseKind": {"group": "", "version": "", "kind": sub["kind"]},
+                    "verbs": sub["verbs"],
+                }
+                for sub in RESOURCES
+                if sub["name"].startswith(res["name"] + "/")
+            ]
+            if subs:
+                entry["subresources"] = subs
+            resources.append(entry)
+        items.append(
+            {
+                "metadata": {"creationTimestamp": None},
+                "versions": [{"version": "v1", "resources": resources, "freshness": "Current"}],
+            }
+        )
+    return {
+        "kind": "APIGroupDiscoveryList",
+        "apiVersion": f"apidiscovery.k8s.io/{version}",
+        "metadata": {},
+        "items": items,
+    }
+
+
+def serve_discovery(req: Request, git_version: str) -> Response | None:
+    """The discovery document at ``req.path``; None if it is not a discovery path."""
+    path = req.path.rstrip("/") or "/"
+    if path == "/version":
+        return json_response(_version(git_version))
+    if path in ("/healthz", "/livez", "/readyz"):
+        return Response(200, b"ok", content_type="text/plain; charset=utf-8")
+    if path in ("/api", "/apis"):
+        wanted = wants(req, "APIGroupDiscoveryList", "apidiscovery.k8s.io")
+        if wanted is not None and wanted.get("v") in ("v2", "v2beta1"):
+            version = wanted["v"]
+            return json_response(
+                _aggregated(path == "/api", version), content_type=_DISCOVERY_TYPE.format(v=version)
+            )
+        if path == "/api":
+            return json_response(_api_versions(req))
+        return json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+    if path == "/api/v1":
+        return json_response(_resource_list())
+    return None

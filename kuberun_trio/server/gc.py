@@ -1,0 +1,77 @@
+"""Orphan clean-up: delete the pods an earlier run of this gateway instance left behind.
+
+Theory of operation
+-------------------
+Every pod the gateway creates carries ``app.kubernetes.io/managed-by=kuberun-trio`` and
+``kuberun.trio/instance=<instance>`` (:mod:`kuberun_trio.gateway.podtemplate`). A gateway that
+died without cleaning up (SIGKILL, OOM, node loss) leaves such pods running. At start,
+before it accepts connections, the server lists the pods matching
+:func:`~kuberun_trio.gateway.podtemplate.label_selector_for_instance` in its namespace and
+deletes them; ``python -m kuberun_trio gc`` does the same on demand (``--dry-run`` only
+lists). The start-up sweep therefore assumes that one instance name belongs to one running
+gateway at a time -- give replicas distinct ``--instance`` names (the default, the host
+name, is distinct per pod in a Deployment).
+
+Inside a cluster, pods additionally get an ownerReference to the gateway's own pod, so
+Kubernetes' garbage collector removes them even if the gateway never starts again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import trio
+
+from ..aio.kube import KubeClient
+from ..errors import KuberunError
+from ..gateway.podtemplate import label_selector_for_instance
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class Orphan:
+    """A pod of this instance found by the sweep."""
+
+    namespace: str
+    name: str
+    phase: str
+    """``status.phase`` when listed (``Terminating`` if a deletion is already under way)."""
+
+
+async def find_orphans(kube: KubeClient, namespace: str, instance: str) -> list[Orphan]:
+    """The pods of ``instance`` in ``namespace``, oldest first. Trio-flavoured."""
+    pods = await kube.list_pods(namespace, label_selector_for_instance(instance))
+    pods.sort(key=lambda p: str(p["metadata"].get("creationTimestamp") or ""))
+    found = []
+    for pod in pods:
+        meta = pod["metadata"]
+        phase = "Terminating" if meta.get("deletionTimestamp") else str(
+            (pod.get("status") or {}).get("phase") or "Unknown")
+        found.append(Orphan(str(meta.get("namespace") or namespace), str(meta["name"]), phase))
+    return found
+
+
+async def collect_orphans(kube: KubeClient, namespace: str, instance: str, *,
+                          dry_run: bool = False) -> list[Orphan]:
+    """Delete (unless ``dry_run``) every pod of ``instance``; return what was found.
+
+    A pod that cannot be deleted is logged and skipped; the others are still deleted.
+    """
+    orphans = await find_orphans(kube, namespace, instance)
+    for orphan in orphans:
+        extra = {"event": "orphan-found" if dry_run else "orphan-deleted",
+                 "pod": orphan.name, "namespace": orphan.namespace, "instance": instance}
+        if dry_run:
+            log.info("orphan pod %s/%s", orphan.namespace, orphan.name, extra=extra)
+            continue
+        try:
+            await kube.delete_pod(orphan.namespace, orphan.name)
+        except KuberunError as exc:
+            log.error("cannot delete orphan pod %s/%s: %s", orphan.namespace, orphan.name, exc,
+                      extra={**extra, "event": "orphan-delete-failed"})
+        else:
+            log.info("deleted orphan pod %s/%s", orphan.namespace, orphan.name, extra=extra)
+        await trio.lowlevel.checkpoint()
+    return orphans

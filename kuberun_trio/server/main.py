@@ -1,0 +1,288 @@
+"""The default command: run the gateway server until SIGTERM/SIGINT.
+
+Theory of operation
+-------------------
+:func:`run` checks everything it can before an event loop exists (configuration, files,
+host keys), then ``trio.run``\\ s :func:`serve`. One nursery tree::
+
+    serve
+    ├── signal watcher       SIGHUP: authenticator.reload(); SIGTERM/SIGINT: see below
+    └── startup/serve scope
+        ├── embedded cluster (demo mode only)
+        ├── orphan sweep     pods of this instance left by a run that died (gc.py)
+        └── serve_gateway    the library: listener + one task per connection
+
+Shutdown: the first SIGTERM/SIGINT sets ``shutdown``. While still starting, that cancels
+the start. Once serving, the gateway shuts down gracefully -- if the library offers
+``Gateway.shutdown(grace, message)``, it stops accepting, tells every open session, and
+waits up to ``--grace`` seconds; then the serve scope is cancelled, which closes the
+listener, ends every connection and deletes every pod (shielded, bounded by
+``timeouts.podStop``). Exit 0. A second signal cancels at once (skipping the grace
+period; pods are still deleted) and exits 1; a third leaves without any clean-up
+(``os._exit(1)``), the next start's orphan sweep removes what is left. Signals are
+received with ``trio.open_signal_receiver`` -- no handler ever raises or exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import attrs
+import trio
+
+from ..aio.bridge import open_aio_loop
+from ..aio.kube import open_kube_client
+from ..errors import ConfigError, KuberunError
+from ..gateway.auth import Authenticator
+from ..gateway.config import ConnectionConfig, KubernetesConfig
+from ..gateway.serve import Gateway, GatewayOptions, serve_gateway
+from .config import AuthConfig, check_files
+from .demo import connect_host, ssh_command
+from .gc import collect_orphans
+from .keys import fingerprint, load_private_key
+from .settings import Settings
+
+log = logging.getLogger("kuberun_trio.server")
+
+DEFAULT_GRACE = 10.0
+SHUTDOWN_MESSAGE = "kuberun gateway is shutting down"
+EXIT_OK, EXIT_FORCED = 0, 1
+
+
+@attrs.frozen
+class HostKey:
+    """A host key as the server uses it."""
+
+    data: bytes = attrs.field(repr=False)
+    """The private key file's bytes (OpenSSH or PEM)."""
+    source: str
+    """Where it came from (a path)."""
+    fingerprint: str
+    """``SHA256:...``."""
+    generated: bool = False
+    """Made by this run (no host key was configured and the state dir had none)."""
+
+
+def load_host_keys(settings: Settings) -> list[HostKey]:
+    """The configured host keys, or the state dir's ed25519 key (generated if missing)."""
+    paths = settings.config.ssh.host_keys
+    if not paths:
+        key, created = settings.state.ensure_host_key()
+        generated = settings.state.host_key
+        return [HostKey(generated.read_bytes(), str(generated), fingerprint(key), created)]
+    keys = []
+    for path in paths:
+        data = Path(os.path.expanduser(path)).read_bytes()
+        keys.append(HostKey(data, path, fingerprint(load_private_key(data))))
+    return keys
+
+
+def build_authenticator(auth: AuthConfig) -> Authenticator:
+    """The server's authenticator for the ``auth`` section (see :mod:`kuberun_trio.server.auth`)."""
+    from .auth import build_authenticator as build
+
+    authenticator: Authenticator = build(auth, logger=logging.getLogger("kuberun_trio.auth"))
+    return authenticator
+
+
+async def reload_authenticator(authenticator: Authenticator) -> None:
+    """SIGHUP: re-read authorized keys and password files (if the authenticator can)."""
+    reload: Callable[[], Any] | None = getattr(authenticator, "reload", None)
+    if reload is None:
+        log.warning("SIGHUP ignored: the authenticator cannot reload", extra={"event": "reload"})
+        return
+    try:
+        result = reload()
+        if inspect.isawaitable(result):
+            await result
+    except (KuberunError, OSError, ValueError) as exc:
+        log.error("reload failed, keeping the old credentials: %s", exc,
+                  extra={"event": "reload-failed"})
+    else:
+        log.info("authentication reloaded", extra={"event": "reload"})
+
+
+class _Signals:
+    """What the signal watcher has seen; the serve task acts on it."""
+
+    def __init__(self) -> None:
+        self.shutdown = trio.Event()
+        self.forced = False
+        self.serving = False
+        self.start_scope = trio.CancelScope()
+        self.serve_scope = trio.CancelScope()
+
+    async def watch(self, receiver: AsyncIterator[int], authenticator: Authenticator) -> None:
+        async for signum in receiver:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                await reload_authenticator(authenticator)
+            elif not self.shutdown.is_set():
+                log.info("%s: shutting down", name, extra={"event": "shutdown-requested"})
+                self.shutdown.set()
+                if not self.serving:
+                    self.start_scope.cancel()
+            elif not self.forced:
+                log.warning("%s again: forcing shutdown now", name,
+                            extra={"event": "shutdown-forced"})
+                self.forced = True
+                self.start_scope.cancel()
+                self.serve_scope.cancel()
+            else:
+                log.error("%s a third time: exiting without clean-up", name,
+                          extra={"event": "shutdown-abandoned"})
+                os._exit(EXIT_FORCED)
+
+
+def _banner(settings: Settings, gateway: Gateway, host_keys: list[HostKey],
+            out: TextIO) -> None:
+    host, port = gateway.address
+    mode = "embedded cluster" if settings.demo else settings.config.kubernetes.connection.source
+    print(f"kuberun_trio gateway listening on {host}:{port} "
+          f"(instance {settings.config.instance}, {mode})", file=out)
+    for key in host_keys:
+        note = " (generated)" if key.generated else ""
+        print(f"host key {key.fingerprint} {key.source}{note}", file=out)
+    if settings.demo:
+        print("connect with:", file=out)
+        print(f"  {ssh_command(settings.state, connect_host(host), port)}", file=out)
+    out.flush()
+
+
+async def serve(settings: Settings, host_keys: list[HostKey], *, grace: float = DEFAULT_GRACE,
+                out: TextIO | None = None) -> int:
+    """Run the server until a signal ends it. Trio-flavoured; returns the exit code."""
+    out = out or sys.stdout
+    auth = settings.config.auth
+    if settings.demo:
+        settings.state.ensure_client_key()
+        auth = attrs.evolve(auth, authorized_keys=(*auth.authorized_keys,
+                                                   str(settings.state.authorized_keys)))
+    authenticator = build_authenticator(auth)
+    state = _Signals()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as receiver:
+        async with trio.open_nursery() as watchers:
+            watchers.start_soon(state.watch, receiver, authenticator)
+            with state.start_scope:
+                await _serve(settings, host_keys, authenticator, state, grace, out)
+            watchers.cancel_scope.cancel()
+    if state.forced:
+        return EXIT_FORCED
+    return EXIT_OK
+
+
+async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Authenticator,
+                 state: _Signals, grace: float, out: TextIO) -> None:
+    async with open_aio_loop(), contextlib.AsyncExitStack() as stack:
+        kubernetes = settings.config.kubernetes
+        if settings.demo:
+            from ..cluster import open_embedded_cluster
+
+            cluster = await stack.enter_async_context(open_embedded_cluster(
+                https=True, kubeconfig_path=settings.state.kubeconfig))
+            kubernetes = attrs.evolve(kubernetes, connection=ConnectionConfig(
+                kubeconfig=str(cluster.kubeconfig_path)))
+            log.info("embedded cluster serving at %s", cluster.url,
+                     extra={"event": "cluster-started"})
+        await sweep_orphans(kubernetes, settings.config.instance)
+        host, port = settings.config.ssh.address
+        options = GatewayOptions(kubernetes=kubernetes, authenticator=authenticator,
+                                 host_keys=tuple(k.data for k in host_keys), host=host,
+                                 port=port, instance=settings.config.instance)
+        with state.serve_scope:
+            async with trio.open_nursery() as nursery:
+                gateway: Gateway = await nursery.start(serve_gateway, options)
+                state.serving = True
+                if settings.demo:
+                    keys = [load_private_key(k.data) for k in host_keys]
+                    settings.state.write_known_hosts(connect_host(gateway.address[0]),
+                                                     gateway.address[1], keys)
+                _banner(settings, gateway, host_keys, out)
+                log.info("serving", extra={"event": "gateway-started",
+                                           "address": f"{host}:{gateway.address[1]}"})
+                await state.shutdown.wait()
+                await _graceful(gateway, grace)
+                nursery.cancel_scope.cancel()
+        log.info("all connections closed", extra={"event": "shutdown-complete"})
+
+
+async def _graceful(gateway: Gateway, grace: float) -> None:
+    """Give open connections up to ``grace`` seconds to end on their own.
+
+    With the library's ``Gateway.shutdown(grace, message)`` it stops accepting and tells
+    every open session first; without it, the connections are merely waited for.
+    """
+    shutdown: Callable[..., Any] | None = getattr(gateway, "shutdown", None)
+    with trio.move_on_after(grace + 1 if shutdown else grace):
+        if shutdown is not None:
+            result = shutdown(grace, SHUTDOWN_MESSAGE)
+            if inspect.isawaitable(result):
+                await result
+            return
+        while gateway.connections:  # noqa: ASYNC110 -- the library offers no event for this
+            await trio.sleep(0.1)
+
+
+async def sweep_orphans(kubernetes: KubernetesConfig, instance: str, *,
+                        dry_run: bool = False, namespace: str | None = None) -> list[str]:
+    """Delete (or list) the pods of ``instance``; returns their names. Trio-flavoured.
+
+    Needs a trio-asyncio loop (:func:`~kuberun_trio.aio.bridge.open_aio_loop`).
+    """
+    ns = namespace or str(kubernetes.pod.metadata.get("namespace") or "default")
+    async with open_kube_client(kubernetes) as kube:
+        orphans = await collect_orphans(kube, ns, instance, dry_run=dry_run)
+    return [o.name for o in orphans]
+
+
+def run(args: argparse.Namespace) -> int:
+    """``python -m kuberun_trio [options]``: serve until SIGTERM/SIGINT."""
+    from .logs import configure_logging
+    from .settings import load_settings
+
+    settings = load_settings(args)
+    configure_logging(settings.config.log.format, settings.config.log.level)
+    check_files(settings.config)
+    try:
+        host_keys = load_host_keys(settings)
+    except (OSError, ValueError) as exc:
+        raise ConfigError("ssh.hostKeys", f"cannot use the host key: {exc}") from exc
+    grace = float(getattr(args, "grace", None) or DEFAULT_GRACE)
+    return run_trio_main(lambda: serve(settings, host_keys, grace=grace))
+
+
+def run_trio_main(main: Callable[[], Any]) -> int:
+    """``trio.run(main)`` with the errors of its nurseries mapped onto the CLI's exit codes.
+
+    Configuration errors come out as one :class:`ConfigError` (exit 2 in the CLI); other
+    errors of ours as one :class:`KuberunError` (exit 1); a failed bind as exit 1.
+    """
+    try:
+        code: int = trio.run(main)
+    except (KuberunError, OSError, BaseExceptionGroup) as exc:
+        leaves = _leaves(exc)
+        if not all(isinstance(e, KuberunError | OSError) for e in leaves):
+            raise
+        configs = [e for e in leaves if isinstance(e, ConfigError)]
+        if len(leaves) == 1 and (configs or isinstance(leaves[0], KuberunError)):
+            raise leaves[0] from leaves[0].__cause__
+        if configs:
+            raise ConfigError("", "; ".join(str(e) for e in configs)) from exc
+        reasons = [str(e) or type(e).__name__ for e in leaves]
+        raise KuberunError("; ".join(reasons)) from exc
+    return code
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if not isinstance(exc, BaseExceptionGroup):
+        return [exc]
+    return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]

@@ -1,0 +1,108 @@
+"""The documentation's examples work: the embedding program serves a real ``ssh`` client,
+the authenticator snippet authenticates, the YAML examples load, the RBAC covers the API
+calls the gateway makes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kuberun_trio.gateway.auth import AuthResult
+from kuberun_trio.server.config import parse_server_config
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**{k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"},
+       "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
+def blocks(doc: str, language: str) -> list[str]:
+    """The fenced code blocks of ``language`` in ``doc`` (a path below the repository)."""
+    text = (ROOT / doc).read_text()
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.S | re.M)
+
+
+def keygen(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
+                   check=True, env=ENV)
+    return path
+
+
+@pytest.mark.skipif(not Path("/usr/bin/ssh").exists(), reason="needs openssh-client")
+def test_embedding_example_serves_ssh(tmp_path: Path) -> None:
+    program = next(b for b in blocks("docs/embedding.md", "python") if "trio.run(main" in b)
+    (tmp_path / "serve_ssh.py").write_text(program)
+    keygen(tmp_path / "host_ed25519")
+    client = keygen(tmp_path / "client")
+    (tmp_path / "authorized_keys").write_text(
+        "# comment lines are skipped\n" + Path(f"{client}.pub").read_text())
+    out = tmp_path / "out"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, "serve_ssh.py", "0"], cwd=tmp_path,
+                                stdout=sink, stderr=subprocess.STDOUT, env=ENV)
+    try:
+        deadline = time.monotonic() + 30
+        while not (found := re.search(rb"listening on 127\.0\.0\.1:(\d+)", out.read_bytes())):
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.05)
+        result = subprocess.run(
+            ["ssh", "-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
+             "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+             "-o", "IdentitiesOnly=yes", "-i", str(client), "-p", found[1].decode(),
+             "me@127.0.0.1", "hostname"], capture_output=True, env=ENV, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.decode().startswith("kuberun-")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, out.read_text()
+        assert out.read_text().rstrip().endswith("stopped")
+        assert (tmp_path / "kubeconfig").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_authenticator_snippet() -> None:
+    snippet = next(b for b in blocks("docs/embedding.md", "python") if "class TeamKeys" in b)
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, "docs/embedding.md", "exec"), namespace)
+    alice = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl a"
+    stranger = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGJm6VO0xl1r9lFbGWDwOR5ZOHpY0EC81HWHcDsC5zmR"
+    auth = namespace["TeamKeys"]({"blue": [alice]})
+    assert auth.methods() == frozenset({"publickey"})
+    result = await auth.check_public_key("c1", "anyone", alice.rsplit(" ", 1)[0])
+    assert isinstance(result, AuthResult)
+    assert dict(result.metadata) == {"team": "blue"} and dict(result.environment) == {
+        "TEAM": "blue"}
+    assert await auth.check_public_key("c1", "anyone", stranger) is None
+    assert await auth.check_password("c1", "anyone", "secret") is None
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/configuration.md"])
+def test_configuration_examples_load(doc: str) -> None:
+    examples = [e for b in blocks(doc, "yaml") for e in yaml.safe_load_all(b)]
+    configs = [parse_server_config(e) for e in examples if "kubernetes" in e]
+    assert configs
+    for config in configs:
+        assert config.instance == "gateway-1"
+        assert config.ssh.address == ("0.0.0.0", 2222)
+        assert config.kubernetes.pod.metadata["namespace"] == "ssh-sessions"
+        assert config.kubernetes.timeouts.pod_start == 60.0
+
+
+def test_readme_rbac_covers_the_gateway() -> None:
+    (rbac,) = [b for b in blocks("README.md", "yaml") if "kind: Role" in b]
+    role = next(d for d in yaml.safe_load_all(rbac) if d["kind"] == "Role")
+    granted = {(resource, verb) for rule in role["rules"] for resource in rule["resources"]
+               for verb in rule["verbs"]}
+    needed = {("pods", v) for v in ("create", "get", "list", "watch", "delete")}
+    needed |= {("pods/exec", "get"), ("pods/exec", "create"), ("events", "list")}
+    assert needed <= granted
