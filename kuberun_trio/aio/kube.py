@@ -367,12 +367,16 @@ async def _connect(config: KubernetesConfig, rest_retry: RetryPolicy,
     # The exec client: every call is a WebSocket upgrade; pings every minute keep
     # idle interactive sessions alive through proxies and load balancers.
     ws_client = WsApiClient(cfg, heartbeat=EXEC_HEARTBEAT)
-    for client_ in (api_client, ws_client):
+    # Every exec WebSocket, and every connection's pod-loss watch, holds an HTTP
+    # connection for its whole life, so neither pool may be capped: with
+    # kubernetes-asyncio's default cap of 100 the 101st concurrent SSH connection
+    # stalled. (One shared watch per gateway would be lighter on the API server.)
+    for client_, limit in ((api_client, 0), (ws_client, 0)):
         client_.default_headers.update(headers)
         rest = client_.rest_client
         await rest.pool_manager.close()  # kubernetes-asyncio's session trusts proxy variables
         rest.pool_manager = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=cfg.connection_pool_maxsize, ssl=ctx),
+            connector=aiohttp.TCPConnector(limit=limit, ssl=ctx),
             trust_env=False, read_bufsize=2**21)  # fmt: skip
     transport = _Transport(api_client, TokenBucket(conn.qps, conn.burst), config.timeouts.http,
                            rest_retry, watch_retry)  # fmt: skip

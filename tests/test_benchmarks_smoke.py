@@ -1,0 +1,67 @@
+"""CI smoke of both harnesses: ``benchmarks.gateway --quick`` and a short fault-injecting soak.
+
+Each runs as a real subprocess (as a user would run it) and writes JSON; the
+tests check the keys and that the values are sane -- bytes moved at a real
+rate, latencies positive and bounded, the concurrency fleet without errors,
+the soak passed with no leaks. Both finish in well under two minutes together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+
+
+def run_module(args: list[str], out: Path, timeout: float) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", *args, "--json", str(out)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def test_gateway_benchmark_quick(tmp_path: Path) -> None:
+    r = run_module(["benchmarks.gateway", "--quick"], tmp_path / "bench.json", 90)
+    systems = {"gateway", "asyncssh", "kube"} | ({"sshd"} if r["sshd"] else set())
+    assert set(r["datapath"]) == systems
+    for name, dp in r["datapath"].items():
+        assert 1 < dp["download_mib_s"] < 100_000, (name, dp)
+        assert 1 < dp["upload_mib_s"] < 100_000, (name, dp)
+        assert 0 < dp["key_p50_ms"] <= dp["key_p99_ms"] < 1000, (name, dp)
+    assert r["datapath"]["gateway"]["cpu_s_per_gib_gateway"] > 0
+    setup = r["setup"]["gateway"]
+    for part in ("handshake_ms", "pod_start_ms", "exec_start_ms"):
+        assert setup[part]["n"] == r["config"]["setups"], part
+        assert 0 < setup[part]["p50"] < setup["total_ms"]["p50"], (part, setup)
+    parts = sum(setup[p]["p50"] for p in ("handshake_ms", "pod_start_ms", "exec_start_ms"))
+    assert parts == pytest.approx(setup["total_ms"]["p50"], rel=0.5)
+    delete = setup["disconnect_to_delete_ms"]
+    assert delete["n"] == r["config"]["setups"] and 0 < delete["p50"] < 5000
+    idle = r["idle"]["gateway"]
+    assert idle["errors"] == 0 and idle["pss_kib_per_idle_connection"] < 10_000
+    (level,) = r["concurrency"].values()
+    assert level["errors"] == 0 and level["connections"] == 10
+    assert level["first_byte_ms"]["n"] == 10 and level["disconnect_to_delete_ms"]["n"] == 10
+    assert level["cluster_tree"]["processes"] > 10  # every connection had a real pod
+
+
+def test_soak_short(tmp_path: Path) -> None:
+    r = run_module(["benchmarks.soak", "--connections", "16", "--concurrency", "4",
+                    "--duration", "60", "--faults", "0.5", "--settle", "30"],
+                   tmp_path / "soak.json", 110)
+    assert r["passed"] is True
+    assert r["connections"] == 16
+    assert all(v == 0 for v in r["leaks"].values()), r["leaks"]
+    assert {"pods", "pod_processes", "gateway_tasks", "fds"} <= set(r["leaks"])
+    assert sum(row["ok"] for row in r["scenarios"].values()) > 0
+    assert r["rss_mib"]["growth_after_warmup"] <= r["rss_mib"]["bound"]
+    assert r["samples"] and r["latency_ms"]["p50"] > 0
