@@ -22,9 +22,23 @@ asyncio-side SSH callbacks talk to, with synchronous calls only:
   then does ``connected`` delete the pod.
 * ``send_signal(session, plan)`` -- run the signal exec as a sibling task.
 
+* ``closed()`` -- the client is gone: cancel ``run``.
+
+The server ends connections in two more ways: :meth:`ConnectionRuntime.drain`
+(graceful shutdown: a notice on every open session's stderr, no new sessions,
+the connection closes as soon as its last session has ended) and
+:meth:`ConnectionRuntime.abort` (a message and exit status 255 on every
+session, then the SSH connection closes and ``run`` is cancelled).
+
 Each session task is its own error boundary: an exception in one session is
 logged and reported on that channel's stderr, never propagated to siblings,
-the connection or the server.
+the connection or the server. A session or signal task that starts after the
+connection's teardown began does nothing (no exec is opened behind the
+teardown's back, so every exec stream is closed before the pod DELETE).
+
+Log lines (logger ``kuberun_trio.gateway.connection``) carry ``event`` and
+``connection_id``: ``session-start``, ``session-exit`` (``exit_status``),
+``session-error``, ``pod-lost``, ``pod-start-failed``, ``connection-error``.
 """
 
 from __future__ import annotations
@@ -32,7 +46,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -46,6 +60,13 @@ if TYPE_CHECKING:
     from ..aio.sshserver import ExecTarget, GatewaySession
 
 log = logging.getLogger(__name__)
+
+FAILURE_LINGER = 5.0
+"""Seconds a failed connection waits for a session to tell the reason to."""
+CLOSE_LINGER = 0.25
+"""Seconds between telling a late session why and closing the connection: an asyncssh
+client that receives the exec reply, the reason and the disconnect in one batch loses
+the reason (seen in tests/test_gateway_lifecycle.py)."""
 
 
 class ConnectionRuntime:
@@ -67,6 +88,11 @@ class ConnectionRuntime:
         self._pending: list[GatewaySession] = []
         self._sessions: set[GatewaySession] = set()
         self._failure: str | None = None
+        self._draining: str | None = None
+        self._session_ids: dict[SessionMachine, str] = {}
+        self._told = trio.Event()
+        self._ssh_closed = False
+        """Set once a session heard why the connection failed (or the client left)."""
         self._ids = itertools.count()
         self.finished = trio.Event()
 
@@ -81,17 +107,27 @@ class ConnectionRuntime:
 
     # -- ConnectionPortal (synchronous, called from asyncssh callbacks) ----
     def new_session(self, chan_id: int) -> SessionMachine:
-        return SessionMachine(self.session_config,
-                              session_id=f"{self.connection_id}-{next(self._ids)}",
-                              server_env=self.auth.environment)
+        session_id = f"{self.connection_id}-{next(self._ids)}"
+        machine = SessionMachine(self.session_config, session_id=session_id,
+                                 server_env=self.auth.environment)
+        self._session_ids[machine] = session_id
+        return machine
 
     def submit(self, session: GatewaySession) -> None:
-        if self._failure is not None:
-            session.fail(self._failure)
+        reason = self._failure or self._draining
+        if reason is not None:
+            # Not now: we are inside the channel request's callback, and a channel that
+            # closes before its request is answered reads as "request failed" to the
+            # client, without the reason. Run it right after the callback returns.
+            trio.lowlevel.current_trio_token().run_sync_soon(self._refuse, session, reason)
         elif self._nursery is None:
             self._pending.append(session)
         else:
             self._nursery.start_soon(self._run_session, session)
+
+    def _refuse(self, session: GatewaySession, reason: str) -> None:
+        session.fail(reason)
+        self._told.set()
 
     def send_signal(self, session: GatewaySession, plan: SignalPlan) -> None:
         if self._nursery is not None:
@@ -99,11 +135,33 @@ class ConnectionRuntime:
 
     def closed(self) -> None:
         self._scope.cancel()
+        self._told.set()  # nobody left to tell
+
+    # -- the server's ways to end a connection -------------------------------
+    def drain(self, message: str) -> None:
+        """Graceful shutdown: tell open sessions, refuse new ones, close once idle."""
+        self._draining = message
+        for session in [*self._pending, *self._sessions]:
+            _notice(session, message)
+        if not self._sessions:
+            self.abort(message)
+
+    def abort(self, reason: str) -> None:
+        """End now: ``reason`` and exit status 255 on every session, close, cancel ``run``."""
+        if self._failure is None:
+            self._end(reason)
+        self._told.set()  # no lingering for a session to tell (see _fail)
+        self._close()
+        self._scope.cancel()
+
+    def _info(self, message: str, *args: Any, event: str, level: int = logging.INFO,
+              **fields: Any) -> None:
+        log.log(level, message, *args,
+                extra={"event": event, "connection_id": self.connection_id, **fields})
 
     # -- the connection task ------------------------------------------------
     async def run(self) -> None:
         """Serve the connection until the client leaves. Never raises (but Cancelled)."""
-        log_extra = {"connection_id": self.connection_id}
         try:
             with self._scope:
                 async with self.handler.connected(self.username, self.auth) as pod:
@@ -115,50 +173,104 @@ class ConnectionRuntime:
                         self._pending.clear()
                         loss = await self.handler.kube.watch_pod_gone_or_failed(
                             pod.namespace, pod.name, pod.container)
-                        self._end(f"the pod {pod.name} is gone: {loss.reason}: {loss.message}")
+                        reason = f"the pod {pod.name} is gone: {loss.reason}: {loss.message}"
+                        self._info("pod %s lost: %s: %s", pod.name, loss.reason, loss.message,
+                                   event="pod-lost", level=logging.WARNING, pod=pod.name,
+                                   reason=loss.reason)
+                        self._end(reason)
                         nursery.cancel_scope.cancel()
         except PodStartError as exc:
-            self._end(f"{exc.reason}: {exc.message}")
-            log.warning("pod start failed: %s", exc, extra=log_extra)
+            self._info("pod start failed: %s", exc, event="pod-start-failed",
+                       level=logging.WARNING, pod=exc.pod, reason=exc.reason)
+            await self._fail(f"{exc.reason}: {exc.message}")
         except KuberunError as exc:
-            self._end(str(exc))
-            log.error("connection failed: %s", exc, extra=log_extra)
+            self._info("connection failed: %s", exc, event="connection-error",
+                       level=logging.ERROR)
+            await self._fail(str(exc))
         except Exception:
-            self._end("internal error in the gateway")
-            log.exception("connection crashed", extra=log_extra)
+            log.exception("connection crashed", extra={
+                "event": "connection-error", "connection_id": self.connection_id})
+            await self._fail("internal error in the gateway")
         finally:
             self._nursery = None
             self.finished.set()
 
-    def _end(self, reason: str) -> None:
+    def _end(self, reason: str, *, close: bool = True) -> None:
         """Tell every session why the connection ends, then close it."""
         self._failure = reason
         for session in [*self._pending, *self._sessions]:
             session.fail(reason)
+            self._told.set()
         self._pending.clear()
-        self._close_connection()
+        if close:
+            self._close()
+
+    def _close(self) -> None:
+        if not self._ssh_closed:
+            self._ssh_closed = True
+            self._close_connection()
+
+    async def _fail(self, reason: str) -> None:
+        """End a connection whose pod could not be had. If no session has heard why yet,
+        wait (at most :data:`FAILURE_LINGER` s) for the client to open one: clients
+        open their session channel right after authentication, and the reason should
+        reach the user's terminal, not only the log."""
+        self._end(reason, close=False)
+        with trio.move_on_after(FAILURE_LINGER):
+            await self._told.wait()
+        await trio.sleep(CLOSE_LINGER)
+        self._close()
 
     async def _run_session(self, session: GatewaySession) -> None:
         assert self._target is not None
+        await trio.lowlevel.checkpoint_if_cancelled()  # teardown began: open no exec
         self._sessions.add(session)
+        session_id = self._session_ids.pop(session.machine, "?")
+        plan = session.machine.plan
+        kind = plan.kind if plan is not None else "?"
+        command = " ".join(plan.command) if plan is not None else ""
+        self._info("session %s started: %s %s", session_id, kind, command,
+                   event="session-start", session_id=session_id, kind=kind)
+        started = trio.current_time()
+        result = None
         with trio.CancelScope() as scope:
             session.abort = scope.cancel
             try:
-                await run_aio(session.serve_exec, self._target)
+                result = await run_aio(session.serve_exec, self._target)
             except Exception as exc:  # one session's error boundary
-                log.exception("session failed", extra={"connection_id": self.connection_id})
+                log.exception("session %s failed", session_id, extra={
+                    "event": "session-error", "connection_id": self.connection_id,
+                    "session_id": session_id})
                 session.fail(f"internal error: {type(exc).__name__}")
-        self._sessions.discard(session)
+            finally:
+                self._sessions.discard(session)
+                status = result.exit_code if result is not None else None
+                self._info("session %s exited: %s", session_id,
+                           "status " + str(status) if status is not None else "no status",
+                           event="session-exit", session_id=session_id,
+                           exit_status=status,
+                           duration_ms=round(1000 * (trio.current_time() - started)))
+        if self._draining is not None and not self._sessions and not self._pending:
+            self.abort(self._draining)
 
     async def _run_signal(self, plan: SignalPlan) -> None:
         from ..aio.sshserver import run_command
 
         assert self._target is not None
+        await trio.lowlevel.checkpoint_if_cancelled()  # teardown began: open no exec
         try:
             with trio.move_on_after(self.handler.config.timeouts.signal):
                 result = await run_aio(run_command, self._target, plan.argv, plan.container)
                 if result.exit_code != 0:
-                    log.warning("signal %s not delivered: %s", plan.signal, result.message,
-                                extra={"connection_id": self.connection_id})
+                    self._info("signal %s not delivered: %s", plan.signal, result.message,
+                               event="signal-failed", level=logging.WARNING)
         except Exception:
-            log.exception("signal exec failed", extra={"connection_id": self.connection_id})
+            log.exception("signal exec failed", extra={
+                "event": "signal-failed", "connection_id": self.connection_id})
+
+
+def _notice(session: GatewaySession, message: str) -> None:
+    """Write ``message`` on the session's stderr without ending it."""
+    plan = session.machine.plan
+    newline = "\r\n" if plan is not None and plan.tty else "\n"
+    session.write_stderr(f"kuberun: {message}{newline}".encode())

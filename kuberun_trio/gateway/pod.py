@@ -20,12 +20,18 @@ name, so the clean-up then deletes by the connection-id label instead.
 No cancel scope or nursery spans the ``yield``, so the unstructured form --
 :meth:`on_handshake_success` / :meth:`on_disconnect`, mirroring ContainerSSH's
 handler -- can drive the same context manager from different tasks.
+
+Every lifecycle step is one log line on the handler's logger with ``event``
+(``pod-created``, ``pod-running``, ``pod-deleted``, ``pod-delete-failed``),
+``connection_id``, ``pod`` and, where it applies, ``duration_ms``. A
+``LoggerAdapter`` passed in keeps its own ``extra`` fields (merged, not replaced).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -57,14 +63,23 @@ class ConnectionHandler:
 
     def __init__(self, config: KubernetesConfig, connection_id: str, client_address: str,
                  logger: logging.Logger | logging.LoggerAdapter[logging.Logger], *,
-                 kube: KubeClient, instance: str) -> None:
+                 kube: KubeClient, instance: str | None = None) -> None:
         self.config = config
         self.connection_id = connection_id
         self.client_address = client_address
         self.log = logger
         self.kube = kube
-        self.instance = instance
+        self.instance = instance if instance is not None else socket.gethostname()
+        """The gateway instance label (default: the host name)."""
         self._stack: contextlib.AsyncExitStack | None = None
+
+    def _emit(self, level: int, event: str, message: str, *args: Any, **fields: Any) -> None:
+        extra = {"connection_id": self.connection_id, "event": event, **fields}
+        if isinstance(self.log, logging.LoggerAdapter):
+            extra = {**(self.log.extra or {}), **extra}
+            self.log.logger.log(level, message, *args, extra=extra)
+        else:
+            self.log.log(level, message, *args, extra=extra)
 
     def __repr__(self) -> str:
         return f"<ConnectionHandler {self.connection_id} from {self.client_address}>"
@@ -84,7 +99,8 @@ class ConnectionHandler:
         try:
             created = await self.kube.create_pod(namespace, body)
             name = str(created["metadata"]["name"])
-            self.log.info("pod created", extra={"event": "pod-created", "pod": name})
+            self._emit(logging.INFO, "pod-created", "pod %s/%s created", namespace, name,
+                       pod=name, duration_ms=_ms_since(started))
             try:
                 with trio.fail_after(self.config.timeouts.pod_start):
                     ready = await self.kube.wait_for_pod(
@@ -96,9 +112,9 @@ class ConnectionHandler:
                     f"not Running and Ready within {self.config.timeouts.pod_start:g}s") from exc
             except PodStartError as exc:
                 raise await self._explained(namespace, name, exc) from exc
-            self.log.info("pod running", extra={
-                "event": "pod-running", "pod": name,
-                "duration_ms": round(1000 * (time.monotonic() - started))})
+            took = _ms_since(started)
+            self._emit(logging.INFO, "pod-running", "pod %s running and ready after %d ms",
+                       name, took, pod=name, duration_ms=took)
             yield ConnectedPod(namespace, name, console, ready)
         finally:
             await self._delete(namespace, name)
@@ -124,16 +140,17 @@ class ConnectionHandler:
                         name = str(pod["metadata"]["name"])
                         await self.kube.delete_pod(namespace, name)
             except KuberunError as exc:
-                self.log.error("pod delete failed: %s", exc,
-                               extra={"event": "pod-delete-failed", "pod": name})
+                self._emit(logging.ERROR, "pod-delete-failed", "pod %s: delete failed: %s",
+                           name or "(unknown)", exc, pod=name, reason=str(exc))
                 return
         if scope.cancelled_caught:
-            self.log.error("pod delete timed out", extra={"event": "pod-delete-failed",
-                                                          "pod": name})
+            self._emit(logging.ERROR, "pod-delete-failed",
+                       "pod %s: delete timed out after %gs", name or "(unknown)",
+                       self.config.timeouts.pod_stop, pod=name, reason="Timeout")
         elif name is not None:
-            self.log.info("pod deleted", extra={
-                "event": "pod-deleted", "pod": name,
-                "duration_ms": round(1000 * (time.monotonic() - started))})
+            took = _ms_since(started)
+            self._emit(logging.INFO, "pod-deleted", "pod %s deleted in %d ms", name, took,
+                       pod=name, duration_ms=took)
 
     # -- the unstructured form (ContainerSSH's handler API) ----------------
     async def on_handshake_success(self, username: str,
@@ -151,3 +168,7 @@ class ConnectionHandler:
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.aclose()
+
+
+def _ms_since(started: float) -> int:
+    return round(1000 * (time.monotonic() - started))

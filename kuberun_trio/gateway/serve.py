@@ -16,8 +16,16 @@ Inside, one nursery owns everything::
     └── connection task xN              ConnectionRuntime.run (pod + sessions)
 
 On cancellation the listener closes first (no new connections), then every
-connection task is cancelled: its sessions end, its exec streams close, and
-its pod is deleted (shielded, bounded by ``timeouts.podStop``).
+connection is aborted -- each session gets a message and exit status 255, the
+SSH connection closes -- and every connection task is cancelled: its sessions
+end, its exec streams close, and its pod is deleted (shielded, bounded by
+``timeouts.podStop``).
+
+:meth:`Gateway.shutdown` is the graceful form (what SIGTERM should call, in
+hypercorn's manner): stop accepting, write a notice on every open session's
+stderr, refuse new sessions, give the sessions a grace deadline (a connection
+closes as soon as its last session has ended), then abort the rest and wait
+until every pod is deleted; ``serve_gateway`` then returns normally.
 """
 
 from __future__ import annotations
@@ -70,13 +78,30 @@ class GatewayOptions:
     """This gateway's name, written into every pod's labels (orphan clean-up)."""
 
 
-@attrs.define
+SHUTDOWN_MESSAGE = "the gateway is shutting down"
+
+
+@attrs.define(eq=False)
 class Gateway:
-    """A running gateway."""
+    """A running gateway (reported by :func:`serve_gateway`'s ``task_status``)."""
 
     address: tuple[str, int]
+    """The bound SSH address."""
     connections: dict[str, ConnectionRuntime] = attrs.field(factory=dict)
     """Live connections by connection id."""
+    _server: _Server | None = attrs.field(default=None, repr=False, alias="_server")
+
+    async def shutdown(self, grace: float = 30.0, message: str = SHUTDOWN_MESSAGE) -> None:
+        """Shut down gracefully; :func:`serve_gateway` returns once this is done.
+
+        Stop accepting; write ``message`` on the stderr of every open session and
+        refuse new sessions; let sessions finish for ``grace`` seconds (a connection
+        closes as soon as its last session has ended); then end the rest (``message``
+        and exit status 255 on each session) and wait until every pod is deleted.
+        Trio-flavoured; safe to call more than once.
+        """
+        assert self._server is not None, "the gateway is not running"
+        await self._server.shutdown(grace, message)
 
 
 class _Server:
@@ -85,7 +110,14 @@ class _Server:
         self.kube = kube
         self.nursery = nursery
         self.session_config = session_config_for(options.kubernetes)
-        self.gateway = Gateway(("", 0))
+        self.gateway = Gateway(("", 0), _server=self)
+        self.acceptor: Any = None
+        self.closing: str | None = None
+        """Set once shutdown began: the message for new connections."""
+        self.stopped = trio.Event()
+        """Set once a graceful shutdown is complete: serve_gateway returns."""
+        self._changed = trio.Event()
+        self._scopes: set[trio.CancelScope] = set()
 
     def ssh_server(self) -> sshserver.GatewaySSHServer:
         """asyncssh's server factory: one per TCP connection."""
@@ -95,12 +127,19 @@ class _Server:
     def make_portal(self, ssh: sshserver.GatewaySSHServer) -> ConnectionRuntime:
         """Called on handshake success: start the connection's task."""
         cid = ssh.connection_id
+        client = f"{ssh.peer[0]}:{ssh.peer[1]}"
         adapter = logging.LoggerAdapter(log, {"connection_id": cid})
-        handler = ConnectionHandler(self.options.kubernetes, cid, f"{ssh.peer[0]}:{ssh.peer[1]}",
+        handler = ConnectionHandler(self.options.kubernetes, cid, client,
                                     adapter, kube=self.kube, instance=self.options.instance)
         auth: AuthResult = ssh.auth_result or AuthResult()
         runtime = ConnectionRuntime(handler, self.session_config, username=ssh.username,
                                     auth=auth, make_target=self._target, close_connection=ssh.close)
+        if self.closing is not None:  # authenticated while the gateway shuts down
+            runtime.abort(self.closing)
+            return runtime
+        log.info("connection %s: %r from %s authenticated (%s)", cid, ssh.username, client,
+                 auth.method or "?", extra={"event": "connection-start", "connection_id": cid,
+                                            "username": ssh.username, "client": client})
         self.gateway.connections[cid] = runtime
         self.nursery.start_soon(self._run_connection, runtime)
         return runtime
@@ -109,10 +148,55 @@ class _Server:
         return sshserver.ExecTarget(self.kube.exec_client, pod.namespace, pod.name, pod.container)
 
     async def _run_connection(self, runtime: ConnectionRuntime) -> None:
+        started = trio.current_time()
         try:
-            await runtime.run()
+            # Shielded: the server's own cancellation must not reach the sessions before
+            # abort_all() has told them why; abort_all() then cancels this scope.
+            with trio.CancelScope(shield=True) as scope:
+                self._scopes.add(scope)
+                await runtime.run()
         finally:
+            self._scopes.discard(scope)
             self.gateway.connections.pop(runtime.connection_id, None)
+            self._changed.set()
+            took = round(1000 * (trio.current_time() - started))
+            log.info("connection %s ended after %d ms", runtime.connection_id, took, extra={
+                "event": "connection-end", "connection_id": runtime.connection_id,
+                "duration_ms": took})
+
+    async def _wait_connections_gone(self) -> None:
+        while self.gateway.connections:
+            self._changed = trio.Event()
+            await self._changed.wait()
+
+    async def close_listener(self) -> None:
+        acceptor, self.acceptor = self.acceptor, None
+        if acceptor is not None:
+            with trio.move_on_after(5, shield=True):
+                await run_aio(sshserver.close_listener, acceptor)
+
+    def abort_all(self, message: str) -> None:
+        """End every connection now (synchronous: safe in a ``finally``)."""
+        self.closing = self.closing or message
+        for runtime in list(self.gateway.connections.values()):
+            runtime.abort(message)
+        for scope in self._scopes:
+            scope.cancel()
+
+    async def shutdown(self, grace: float, message: str) -> None:
+        if self.closing is None:
+            self.closing = message
+            log.info("shutting down: %d connections, grace %gs", len(self.gateway.connections),
+                     grace, extra={"event": "shutdown"})
+            await self.close_listener()
+            for runtime in list(self.gateway.connections.values()):
+                runtime.drain(message)
+            with trio.move_on_after(grace):
+                await self._wait_connections_gone()
+            self.abort_all(message)
+            await self._wait_connections_gone()
+            self.stopped.set()
+        await self.stopped.wait()
 
 
 async def serve_gateway(
@@ -120,23 +204,30 @@ async def serve_gateway(
     *,
     task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve SSH until cancelled. Trio-flavoured; reports the :class:`Gateway` when ready."""
+    """Serve SSH until cancelled or :meth:`Gateway.shutdown`. Trio-flavoured.
+
+    Reports the :class:`Gateway` through ``task_status`` once it accepts connections.
+    When cancelled, it stops accepting, ends every connection (``the gateway is
+    shutting down`` and exit status 255 on each session) and deletes every pod
+    (each bounded by ``timeouts.podStop``) before it returns.
+    """
     async with ensure_aio_loop(), open_kube_client(options.kubernetes) as kube, \
             trio.open_nursery() as nursery:
         server = _Server(options, kube, nursery)
         keys = [sshserver.load_host_key(k) for k in options.host_keys]
-        acceptor: Any = await run_aio(functools.partial(
+        server.acceptor = await run_aio(functools.partial(
             sshserver.listen, options.host, options.port, host_keys=keys,
             server_factory=server.ssh_server))
         try:
-            sockname = acceptor.sockets[0].getsockname()
+            sockname = server.acceptor.sockets[0].getsockname()
             server.gateway.address = (str(sockname[0]), int(sockname[1]))
-            log.info("gateway listening on %s:%d", *server.gateway.address)
+            log.info("gateway listening on %s:%d", *server.gateway.address,
+                     extra={"event": "listening"})
             task_status.started(server.gateway)
-            await trio.sleep_forever()
+            await server.stopped.wait()
         finally:
-            with trio.move_on_after(5, shield=True):
-                await run_aio(sshserver.close_listener, acceptor)
+            await server.close_listener()
+            server.abort_all(SHUTDOWN_MESSAGE)
             nursery.cancel_scope.cancel()
 
 
