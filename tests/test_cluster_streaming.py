@@ -267,7 +267,8 @@ SUCCESS = b'\x03{"metadata":{},"status":"Success"}'
 
 
 async def wait_closed(h: Harness) -> None:
-    """Until the last stream is logged as closed."""
+    """Until the last stream is logged as closed (the log records the client's Close
+    as it arrives, before the stream's process is cleaned up)."""
     with trio.fail_after(5):
         while h.log.entries[-1].kind != "exec-close":
             await trio.sleep(0.01)
@@ -275,6 +276,14 @@ async def wait_closed(h: Harness) -> None:
 
 def only_init_left(h: Harness) -> bool:
     return set(h.sandbox.remaining_pids()) <= {h.sandbox.pid}
+
+
+async def wait_only_init_left(h: Harness) -> bool:
+    """Whether the stream's processes are gone within a few seconds."""
+    with trio.move_on_after(5):
+        while not only_init_left(h):
+            await trio.sleep(0.01)
+    return only_init_left(h)
 
 
 # -- pre-upgrade errors ----------------------------------------------------------------
@@ -443,7 +452,7 @@ async def test_v5_malformed_close_frame_ends_session_without_status(harness: Har
     msgs = await c.collect()
     assert msgs == [("b", b"\x01")] and c.close_code == 1000
     await wait_closed(h)
-    assert only_init_left(h)  # the cat is gone
+    assert await wait_only_init_left(h)  # the cat is gone
 
 
 async def test_v4_has_no_half_close_and_drops_unknown_channels(harness: Harness) -> None:
@@ -456,7 +465,7 @@ async def test_v4_has_no_half_close_and_drops_unknown_channels(harness: Harness)
         assert await c.next() == ("b", b"\x01ping\n")  # still running: 255 was not EOF
     await c.close()  # v4: the only way to end stdin is to drop the socket
     await wait_closed(h)
-    assert only_init_left(h)
+    assert await wait_only_init_left(h)
 
 
 async def test_ready_frame_channel(harness: Harness) -> None:
@@ -576,7 +585,7 @@ async def test_idle_timeout_ends_the_session(harness: Harness) -> None:
     while chunk := await client.receive_some(65536):
         raw += chunk
     assert raw.startswith(b"HTTP/1.1 101 ") and raw.endswith(b"\x82\x01\x01")  # no status
-    assert only_init_left(h)
+    assert await wait_only_init_left(h)
 
 
 # -- attach -------------------------------------------------------------------------------

@@ -27,3 +27,30 @@ async def test_exec_hello(tmp_path: Path) -> None:
         with trio.fail_after(10):
             while rig.pods():
                 await trio.sleep(0.05)
+
+
+async def test_request_log_shows_execs_closed_before_delete(tmp_path: Path) -> None:
+    """The contract read from the embedded cluster's request log alone."""
+    async with open_rig(tmp_path) as rig:
+        conn = await rig.connect()
+
+        async def start_two() -> list[object]:
+            procs = [await conn.create_process("sleep 30") for _ in range(2)]
+            procs.append(await conn.create_process("cat /dev/zero"))  # output nobody reads
+            return procs
+
+        await trio_asyncio.aio_as_trio(start_two)()
+        pod = rig.pods()[0]["metadata"]["name"]
+        with trio.fail_after(10):
+            while sum(e.kind == "exec-open"
+                      for e in rig.cluster.request_log.for_pod("default", pod)) < 3:
+                await trio.sleep(0.02)
+        conn.close()
+        with trio.fail_after(15):
+            while rig.pods():
+                await trio.sleep(0.05)
+        entries = rig.cluster.request_log.for_pod("default", pod)
+        closes = [e for e in entries if e.kind == "exec-close"]
+        deletes = [e for e in entries if e.kind == "http" and e.method == "DELETE"]
+        assert len(closes) == 3 and len(deletes) == 1
+        assert max(e.time for e in closes) < deletes[0].received

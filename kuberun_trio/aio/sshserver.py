@@ -77,6 +77,16 @@ class ExecTarget:
     namespace: str
     pod: str
     container: str
+    pod_loss: Callable[[float], Awaitable[str | None]] | None = None
+    """Trio-flavoured: waits up to N seconds for the pod-loss watcher and returns why
+    the pod is gone, or None. Asked when a stream ends without a status or with 137
+    (SIGKILL), which is what eviction and a killed pod look like from the exec."""
+
+
+KILLED = 137
+"""128 + SIGKILL: the exit code of every process of an evicted or killed pod."""
+POD_LOSS_WAIT = 1.0
+"""Seconds a session ending like that waits for the pod-loss watcher's verdict."""
 
 
 class ConnectionPortal(Protocol):
@@ -280,6 +290,11 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._pending_bytes = 0
         self._apply(self.machine.started())
         result = await stream.run(self)
+        if result.exit_code in (None, KILLED) and target.pod_loss is not None:
+            reason = await run_trio(target.pod_loss, POD_LOSS_WAIT)
+            if reason is not None:  # the pod is gone: say so, not "killed by a signal"
+                self.fail(reason)
+                return result
         if result.exit_code is None:
             self.fail(f"the command's stream ended: {result.message}")
         else:

@@ -377,6 +377,18 @@ class _StreamLog:
                 await trio.aclose_forcefully(stream)
                 return
             self.log.add("exec-open", req.method, req.path, 101, namespace=self.ns, pod=self.name)
+            logged = False
+
+            def closed() -> None:
+                # Logged when the client's Close (or EOF) arrives, before we answer it,
+                # or when we end the stream ourselves -- whichever comes first.
+                nonlocal logged
+                if not logged:
+                    logged = True
+                    self.log.add("exec-close", req.method, req.path, 101,
+                                 namespace=self.ns, pod=self.name)
+
+            ws.on_peer_gone = closed
             try:
                 await session(ws)
             except Exception:  # one broken stream must not take the server down
@@ -385,8 +397,7 @@ class _StreamLog:
                 if not ws.closed:
                     with trio.CancelScope(shield=True):
                         await ws.abort()
-                self.log.add("exec-close", req.method, req.path, 101,
-                             namespace=self.ns, pod=self.name)
+                closed()
 
         return run
 

@@ -40,7 +40,7 @@ import codecs
 import collections
 import hashlib
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import attrs
@@ -261,6 +261,9 @@ class WebSocket:
         self._part_size = 0
         self._peer_gone = False
         self._closed = False
+        self.on_peer_gone: Callable[[], None] | None = None
+        """Called once when the peer's Close frame (or EOF) arrives: the moment the
+        client closed the stream, which the request log records."""
         self.bytes_sent = 0
         """Payload bytes sent in data messages so far."""
 
@@ -315,7 +318,7 @@ class WebSocket:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:
-                self._peer_gone = True
+                self._mark_peer_gone()
                 return None
             self._conn.receive_data(bytes(data))
             await self._process_events()
@@ -336,12 +339,19 @@ class WebSocket:
             elif isinstance(event, Ping):
                 await self._send_control(event.response())
             elif isinstance(event, CloseConnection):
+                self._mark_peer_gone()
                 if self._conn.state is ConnectionState.REMOTE_CLOSING:
                     await self._send_control(event.response())
                 else:  # a protocol error wsproto reports as a close
                     await self._send_control(CloseConnection(code=event.code))
                 self._peer_gone = True
                 return
+
+    def _mark_peer_gone(self) -> None:
+        if not self._peer_gone:
+            self._peer_gone = True
+            if self.on_peer_gone is not None:
+                self.on_peer_gone()
 
     async def _fail(self, code: int) -> None:
         await self._send_control(CloseConnection(code=code))

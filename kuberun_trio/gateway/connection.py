@@ -48,6 +48,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from ..aio.bridge import run_aio
@@ -95,6 +96,8 @@ class ConnectionRuntime:
         """Set once a session heard why the connection failed (or the client left)."""
         self._ids = itertools.count()
         self.finished = trio.Event()
+        self._lost = trio.Event()
+        self._loss_reason: str | None = None
 
     def __repr__(self) -> str:
         state = ("failed" if self._failure else "ready" if self._target else "starting")
@@ -165,7 +168,8 @@ class ConnectionRuntime:
         try:
             with self._scope:
                 async with self.handler.connected(self.username, self.auth) as pod:
-                    self._target = self._make_target(pod)
+                    self._target = attrs.evolve(self._make_target(pod),
+                                                pod_loss=self.pod_loss_reason)
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
                         for session in self._pending:
@@ -174,6 +178,8 @@ class ConnectionRuntime:
                         loss = await self.handler.kube.watch_pod_gone_or_failed(
                             pod.namespace, pod.name, pod.container)
                         reason = f"the pod {pod.name} is gone: {loss.reason}: {loss.message}"
+                        self._loss_reason = reason
+                        self._lost.set()
                         self._info("pod %s lost: %s: %s", pod.name, loss.reason, loss.message,
                                    event="pod-lost", level=logging.WARNING, pod=pod.name,
                                    reason=loss.reason)
@@ -194,6 +200,12 @@ class ConnectionRuntime:
         finally:
             self._nursery = None
             self.finished.set()
+
+    async def pod_loss_reason(self, wait: float) -> str | None:
+        """Why the pod is gone, waiting at most ``wait`` s for the watcher; None if it is not."""
+        with trio.move_on_after(wait):
+            await self._lost.wait()
+        return self._loss_reason
 
     def _end(self, reason: str, *, close: bool = True) -> None:
         """Tell every session why the connection ends, then close it."""
