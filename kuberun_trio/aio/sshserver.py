@@ -162,6 +162,7 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._writable = asyncio.Event()
         self._writable.set()
         self._finished = False
+        self._noticed: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<GatewaySession {self.machine!r}>"
@@ -302,21 +303,33 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         return result
 
     def fail(self, message: str) -> None:
-        """End the session with ``message`` on stderr (and exit status 255)."""
+        """End the session with ``message`` on stderr (and exit status 255).
+
+        A message this session was already told (:meth:`notice`) is not repeated.
+        """
         if self._finished:
             return
         self._finished = True
         from ..gateway.session import State
 
+        told = message in self._noticed
         if self.machine.state in (State.STARTING,):
             self._apply(self.machine.start_failed(message))
         elif self.machine.state is State.RUNNING:
-            crlf = "\r\n" if self.machine.plan and self.machine.plan.tty else "\n"
-            self._do(SendStderr(f"kuberun: {message}{crlf}"))
+            if not told:
+                crlf = "\r\n" if self.machine.plan and self.machine.plan.tty else "\n"
+                self._do(SendStderr(f"kuberun: {message}{crlf}"))
             self._apply(self.machine.exited(255))
         elif self._chan is not None:
-            self._do(SendStderr(f"kuberun: {message}\n"))
+            if not told:
+                self._do(SendStderr(f"kuberun: {message}\n"))
             self._chan.exit(255)
+
+    def notice(self, message: str) -> None:
+        """Write ``message`` on stderr without ending the session (e.g. shutdown ahead)."""
+        self._noticed.add(message)
+        crlf = "\r\n" if self.machine.plan and self.machine.plan.tty else "\n"
+        self.write_stderr(f"kuberun: {message}{crlf}".encode())
 
 
 class GatewaySSHServer(asyncssh.SSHServer):

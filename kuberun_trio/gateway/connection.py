@@ -145,7 +145,7 @@ class ConnectionRuntime:
         """Graceful shutdown: tell open sessions, refuse new ones, close once idle."""
         self._draining = message
         for session in [*self._pending, *self._sessions]:
-            _notice(session, message)
+            session.notice(message)
         if not self._sessions:
             self.abort(message)
 
@@ -281,8 +281,3 @@ class ConnectionRuntime:
                 "event": "signal-failed", "connection_id": self.connection_id})
 
 
-def _notice(session: GatewaySession, message: str) -> None:
-    """Write ``message`` on the session's stderr without ending it."""
-    plan = session.machine.plan
-    newline = "\r\n" if plan is not None and plan.tty else "\n"
-    session.write_stderr(f"kuberun: {message}{newline}".encode())
