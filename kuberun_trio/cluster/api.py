@@ -34,8 +34,8 @@ from . import status
 from .discovery import GIT_VERSION, serve_discovery
 from .faults import Faults
 from .httptypes import Reply, Request, Response, StreamResponse
+from .namevalidation import validate_labels
 from .params import body_json, json_response, param_bool, param_int
-from .podspec import validate_labels
 from .status import encode_json
 from .store import Store, Watch
 from .tables import TableFormat, human_duration, table, table_format

@@ -1,4 +1,4 @@
-"""Create-time pod defaulting, validation and QoS class.
+"""Create-time pod preparation: shape check, defaulting, validation and QoS class.
 
 Theory of operation
 -------------------
@@ -20,165 +20,36 @@ and :func:`prepare_pod` does the same, in the same order:
    causes carry the real field paths and messages (RFC 1123 names, qualified
    label keys, label values, required fields, supported values).
 
-JSON key order follows the Go structs so responses read like the real ones.
-The name checks (:func:`is_dns1123_label`, :func:`is_qualified_name`, ...) are
-shared with :mod:`.selectors`.
+Steps 1 and 2 live in :mod:`.poddefaults`, the name checks (:func:`is_dns1123_label`,
+:func:`is_qualified_name`, ...) in :mod:`.namevalidation`; this module holds the decode
+shape check (400s), the pod validation (422s), the QoS class and :func:`prepare_pod`,
+and re-exports the public names of the other two.
 """
+
 
 from __future__ import annotations
 
 import copy
-import random
 import re
-from collections.abc import Iterable
 from fractions import Fraction
 from typing import Any
 
 from . import status
+from .namevalidation import is_dns1123_label as is_dns1123_label
+from .namevalidation import is_dns1123_subdomain as is_dns1123_subdomain
+from .namevalidation import is_qualified_name as is_qualified_name
+from .namevalidation import is_valid_label_value as is_valid_label_value
+from .namevalidation import mask_trailing_dash as mask_trailing_dash
+from .namevalidation import validate_labels as validate_labels
+from .namevalidation import validate_object_meta as validate_object_meta
+from .poddefaults import META_ORDER as META_ORDER
+from .poddefaults import NAME_ALPHABET as NAME_ALPHABET
+from .poddefaults import SERVICE_ACCOUNT_MOUNT as SERVICE_ACCOUNT_MOUNT
+from .poddefaults import default_pod as default_pod
+from .poddefaults import ordered as ordered
+from .poddefaults import pull_policy as pull_policy
+from .poddefaults import random_suffix as random_suffix
 from .status import FieldError
-
-# -- name validation (apimachinery pkg/util/validation) --------------------
-
-_DNS1123_LABEL = "[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-_DNS1123_SUBDOMAIN = _DNS1123_LABEL + r"(\." + _DNS1123_LABEL + ")*"
-_QNAME = "([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"
-_LABEL_VALUE = "(" + _QNAME + ")?"
-
-
-def _regex_error(msg: str, fmt: str, *examples: str) -> str:
-    if not examples:
-        return f"{msg} (regex used for validation is '{fmt}')"
-    text = msg + " (e.g. "
-    for i, example in enumerate(examples):
-        if i > 0:
-            text += " or "
-        text += f"'{example}', "
-    return text + f"regex used for validation is '{fmt}')"
-
-
-def _max_len(n: int) -> str:
-    return f"must be no more than {n} characters"
-
-
-_LABEL_MSG = (
-    "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', "
-    "and must start and end with an alphanumeric character"
-)
-_SUBDOMAIN_MSG = (
-    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, "
-    "'-' or '.', and must start and end with an alphanumeric character"
-)
-_QNAME_MSG = (
-    "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with "
-    "an alphanumeric character"
-)
-_LABEL_VALUE_MSG = (
-    "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' "
-    "or '.', and must start and end with an alphanumeric character"
-)
-
-
-def is_dns1123_label(value: str) -> list[str]:
-    """``IsDNS1123Label``: error messages, empty if valid."""
-    errs = []
-    if len(value) > 63:
-        errs.append(_max_len(63))
-    if not re.fullmatch(_DNS1123_LABEL, value):
-        if re.fullmatch(_DNS1123_SUBDOMAIN, value):
-            errs.append("must not contain dots")
-        else:
-            errs.append(_regex_error(_LABEL_MSG, _DNS1123_LABEL, "my-name", "123-abc"))
-    return errs
-
-
-def is_dns1123_subdomain(value: str) -> list[str]:
-    """``IsDNS1123Subdomain``."""
-    errs = []
-    if len(value) > 253:
-        errs.append(_max_len(253))
-    if not re.fullmatch(_DNS1123_SUBDOMAIN, value):
-        errs.append(_regex_error(_SUBDOMAIN_MSG, _DNS1123_SUBDOMAIN, "example.com"))
-    return errs
-
-
-def is_qualified_name(value: str) -> list[str]:
-    """``IsQualifiedName`` (label and annotation keys)."""
-    errs: list[str] = []
-    parts = value.split("/")
-    if len(parts) == 1:
-        name = parts[0]
-    elif len(parts) == 2:
-        prefix, name = parts
-        if not prefix:
-            errs.append("prefix part must be non-empty")
-        else:
-            errs.extend("prefix part " + m for m in is_dns1123_subdomain(prefix))
-    else:
-        return [
-            "a qualified name "
-            + _regex_error(_QNAME_MSG, _QNAME, "MyName", "my.name", "123-abc")
-            + " with an optional DNS subdomain prefix and '/' (e.g. 'example.com/MyName')"
-        ]
-    if not name:
-        errs.append("name part must be non-empty")
-    elif len(name) > 63:
-        errs.append("name part " + _max_len(63))
-    if not re.fullmatch(_QNAME, name):
-        errs.append("name part " + _regex_error(_QNAME_MSG, _QNAME, "MyName", "my.name", "123-abc"))
-    return errs
-
-
-def is_valid_label_value(value: str) -> list[str]:
-    """``IsValidLabelValue``."""
-    errs = []
-    if len(value) > 63:
-        errs.append(_max_len(63))
-    if not re.fullmatch(_LABEL_VALUE, value):
-        errs.append(_regex_error(_LABEL_VALUE_MSG, _LABEL_VALUE, "MyValue", "my_value", "12345"))
-    return errs
-
-
-def mask_trailing_dash(name: str) -> str:
-    """generateName prefixes may end in '-': validate them as if it were a letter."""
-    return name[:-1] + "a" if len(name) > 1 and name.endswith("-") else name
-
-
-def validate_labels(labels: Any, path: str) -> list[FieldError]:
-    """``ValidateLabels``: keys as qualified names, values as label values."""
-    errs: list[FieldError] = []
-    for key in sorted(labels or {}):
-        errs.extend(status.invalid_value(path, key, m) for m in is_qualified_name(key))
-        value = labels[key]
-        errs.extend(status.invalid_value(path, value, m) for m in is_valid_label_value(value))
-    return errs
-
-
-def validate_object_meta(
-    meta: dict[str, Any], *, namespaced: bool, name_check: Any = is_dns1123_subdomain
-) -> list[FieldError]:
-    """``ValidateObjectMeta``: name/generateName, labels, annotation keys."""
-    errs: list[FieldError] = []
-    generate = meta.get("generateName") or ""
-    if generate:
-        errs.extend(
-            status.invalid_value("metadata.generateName", generate, m)
-            for m in name_check(mask_trailing_dash(generate))
-        )
-    name = meta.get("name") or ""
-    if not name:
-        errs.append(status.required("metadata.name", "name or generateName is required"))
-    else:
-        errs.extend(status.invalid_value("metadata.name", name, m) for m in name_check(name))
-    if namespaced and not meta.get("namespace"):
-        errs.append(status.required("metadata.namespace"))
-    errs.extend(validate_labels(meta.get("labels"), "metadata.labels"))
-    for key in sorted(meta.get("annotations") or {}):
-        errs.extend(
-            status.invalid_value("metadata.annotations", key, m)
-            for m in is_qualified_name(key.lower())
-        )
-    return errs
-
 
 # -- shape checks (decode errors are 400s) ---------------------------------
 
@@ -227,246 +98,6 @@ def check_pod_shape(body: Any) -> None:
         "PodSpec.spec.terminationGracePeriodSeconds",
         "int64",
     )
-
-
-# -- defaulting -------------------------------------------------------------
-
-SERVICE_ACCOUNT_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
-NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
-"""``utilrand.String`` alphabet (no vowels, no confusable digits)."""
-
-
-def random_suffix(n: int = 5) -> str:
-    """``utilrand.String(n)``: the generateName / kube-api-access suffix."""
-    return "".join(random.choice(NAME_ALPHABET) for _ in range(n))
-
-
-_SPEC_ORDER = [
-    "volumes",
-    "initContainers",
-    "containers",
-    "ephemeralContainers",
-    "restartPolicy",
-    "terminationGracePeriodSeconds",
-    "activeDeadlineSeconds",
-    "dnsPolicy",
-    "nodeSelector",
-    "serviceAccountName",
-    "serviceAccount",
-    "automountServiceAccountToken",
-    "nodeName",
-    "hostNetwork",
-    "hostPID",
-    "hostIPC",
-    "shareProcessNamespace",
-    "securityContext",
-    "imagePullSecrets",
-    "hostname",
-    "subdomain",
-    "affinity",
-    "schedulerName",
-    "tolerations",
-    "hostAliases",
-    "priorityClassName",
-    "priority",
-    "dnsConfig",
-    "readinessGates",
-    "runtimeClassName",
-    "enableServiceLinks",
-    "preemptionPolicy",
-    "overhead",
-    "topologySpreadConstraints",
-    "setHostnameAsFQDN",
-    "os",
-    "hostUsers",
-    "schedulingGates",
-    "resourceClaims",
-]
-_CONTAINER_ORDER = [
-    "name",
-    "image",
-    "command",
-    "args",
-    "workingDir",
-    "ports",
-    "envFrom",
-    "env",
-    "resources",
-    "resizePolicy",
-    "restartPolicy",
-    "volumeMounts",
-    "volumeDevices",
-    "livenessProbe",
-    "readinessProbe",
-    "startupProbe",
-    "lifecycle",
-    "terminationMessagePath",
-    "terminationMessagePolicy",
-    "imagePullPolicy",
-    "securityContext",
-    "stdin",
-    "stdinOnce",
-    "tty",
-]
-META_ORDER = [
-    "name",
-    "generateName",
-    "namespace",
-    "selfLink",
-    "uid",
-    "resourceVersion",
-    "generation",
-    "creationTimestamp",
-    "deletionTimestamp",
-    "deletionGracePeriodSeconds",
-    "labels",
-    "annotations",
-    "ownerReferences",
-    "finalizers",
-    "managedFields",
-]
-
-
-def ordered(obj: dict[str, Any], order: Iterable[str]) -> dict[str, Any]:
-    """``obj`` with the keys in ``order`` first (Go struct order), the rest after."""
-    result = {k: obj[k] for k in order if k in obj}
-    result.update((k, v) for k, v in obj.items() if k not in result)
-    return result
-
-
-def pull_policy(image: str) -> str:
-    """``Always`` for ``:latest`` or untagged images, else ``IfNotPresent``."""
-    if "@" in image:
-        return "IfNotPresent"
-    last = image.rsplit("/", 1)[-1]
-    tag = last.rsplit(":", 1)[1] if ":" in last else ""
-    return "Always" if tag in ("", "latest") else "IfNotPresent"
-
-
-def _default_probe(probe: dict[str, Any]) -> None:
-    for key, value in (
-        ("timeoutSeconds", 1),
-        ("periodSeconds", 10),
-        ("successThreshold", 1),
-        ("failureThreshold", 3),
-    ):
-        probe.setdefault(key, value)
-    if isinstance(probe.get("httpGet"), dict):
-        probe["httpGet"].setdefault("path", "/")
-        probe["httpGet"].setdefault("scheme", "HTTP")
-
-
-def _default_container(ctr: dict[str, Any]) -> dict[str, Any]:
-    ctr.setdefault("resources", {})
-    resources = ctr["resources"]
-    if isinstance(resources, dict) and resources.get("limits") and not resources.get("requests"):
-        resources["requests"] = dict(resources["limits"])
-    elif isinstance(resources, dict) and resources.get("limits"):
-        for key, value in resources["limits"].items():
-            resources["requests"].setdefault(key, value)
-    for port in ctr.get("ports") or []:
-        if isinstance(port, dict):
-            port.setdefault("protocol", "TCP")
-    for env in ctr.get("env") or []:
-        field_ref = isinstance(env, dict) and (env.get("valueFrom") or {}).get("fieldRef")
-        if isinstance(field_ref, dict):
-            field_ref.setdefault("apiVersion", "v1")
-    for key in ("livenessProbe", "readinessProbe", "startupProbe"):
-        if isinstance(ctr.get(key), dict):
-            _default_probe(ctr[key])
-    ctr.setdefault("terminationMessagePath", "/dev/termination-log")
-    ctr.setdefault("terminationMessagePolicy", "File")
-    ctr.setdefault("imagePullPolicy", pull_policy(str(ctr.get("image") or "")))
-    return ordered(ctr, _CONTAINER_ORDER)
-
-
-def _admit_service_account(spec: dict[str, Any]) -> None:
-    spec["serviceAccountName"] = spec.get("serviceAccountName") or "default"
-    spec["serviceAccount"] = spec["serviceAccountName"]
-    if spec.get("automountServiceAccountToken") is False:
-        return
-    containers = (spec.get("initContainers") or []) + spec.get("containers", [])
-    if any(
-        m.get("mountPath") == SERVICE_ACCOUNT_MOUNT
-        for c in containers
-        for m in c.get("volumeMounts") or []
-    ):
-        return
-    volume_name = f"kube-api-access-{random_suffix()}"
-    spec.setdefault("volumes", []).append(
-        {
-            "name": volume_name,
-            "projected": {
-                "sources": [
-                    {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
-                    {
-                        "configMap": {
-                            "name": "kube-root-ca.crt",
-                            "items": [{"key": "ca.crt", "path": "ca.crt"}],
-                        }
-                    },
-                    {
-                        "downwardAPI": {
-                            "items": [
-                                {
-                                    "path": "namespace",
-                                    "fieldRef": {
-                                        "apiVersion": "v1",
-                                        "fieldPath": "metadata.namespace",
-                                    },
-                                }
-                            ]
-                        }
-                    },
-                ],
-                "defaultMode": 420,
-            },
-        }
-    )
-    for ctr in containers:
-        ctr.setdefault("volumeMounts", []).append(
-            {"name": volume_name, "readOnly": True, "mountPath": SERVICE_ACCOUNT_MOUNT}
-        )
-
-
-def _admit_tolerations(spec: dict[str, Any]) -> None:
-    tolerations = spec.setdefault("tolerations", [])
-    for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"):
-        if any(
-            isinstance(t, dict)
-            and t.get("key") == key
-            and t.get("effect") in (None, "", "NoExecute")
-            for t in tolerations
-        ):
-            continue
-        tolerations.append(
-            {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}
-        )
-
-
-def default_pod(pod: dict[str, Any]) -> None:
-    """Apply API defaults and admission (in place) to a pod whose shape was checked."""
-    spec = pod.setdefault("spec", {})
-    for volume in spec.get("volumes") or []:
-        for kind in ("configMap", "secret", "projected", "downwardAPI"):
-            if isinstance(volume.get(kind), dict):
-                volume[kind].setdefault("defaultMode", 420)
-    for key in ("containers", "initContainers"):
-        if isinstance(spec.get(key), list):
-            spec[key] = [_default_container(c) for c in spec[key]]
-    spec.setdefault("restartPolicy", "Always")
-    spec.setdefault("terminationGracePeriodSeconds", 30)
-    spec.setdefault("dnsPolicy", "ClusterFirst")
-    spec.setdefault("securityContext", {})
-    spec.setdefault("schedulerName", "default-scheduler")
-    spec.setdefault("enableServiceLinks", True)
-    if spec.get("containers"):
-        _admit_service_account(spec)
-    _admit_tolerations(spec)
-    if not spec.get("priorityClassName"):
-        spec.setdefault("priority", 0)
-    spec.setdefault("preemptionPolicy", "PreemptLowerPriority")
-    pod["spec"] = ordered(spec, _SPEC_ORDER)
 
 
 # -- validation -------------------------------------------------------------

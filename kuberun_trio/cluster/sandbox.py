@@ -33,37 +33,34 @@ the working directory *before* spawning, so a missing one is a
 :class:`ContainerStartError` / :class:`ExecStartError` with containerd's wording
 rather than an exit code.
 
-Streams are trio ``FdStream``\\ s over pipes or the pty master: the kernel's
-pipe/pty buffers are the only buffering, so a slow reader blocks a fast writer.
-With a tty, output is merged into ``stdout`` (``stderr`` is None), the pty's
-EIO at the end is reported as EOF, and closing ``stdin`` sends the terminal's
-VEOF character (twice if the last byte sent was not a newline, so a pending
-partial line is flushed first) -- the usual way to say EOF through a terminal.
-:meth:`SandboxProcess.wait` returns the exit code, or ``128 + N`` when the
-process was killed by signal N (containerd's convention); ``.signal`` keeps N.
+The processes themselves (streams, wait, signals) are
+:class:`~.sandboxprocess.SandboxProcess` objects; the ``/proc`` and pre-spawn helpers
+live in :mod:`.proctools`. The errors and process classes are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import fnmatch
 import logging
 import os
 import secrets
 import shutil
 import signal
-import struct
 import subprocess
 import sys
-import termios
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import trio
 
-from ..errors import ClusterError
+from .proctools import check_exec, children, inner_pid, process_group, readlink, scan_proc
+from .sandboxprocess import ContainerProcess as ContainerProcess
+from .sandboxprocess import ContainerStartError as ContainerStartError
+from .sandboxprocess import ExecProcess as ExecProcess
+from .sandboxprocess import ExecStartError as ExecStartError
+from .sandboxprocess import SandboxError as SandboxError
+from .sandboxprocess import SandboxProcess as SandboxProcess
 
 log = logging.getLogger(__name__)
 
@@ -107,28 +104,6 @@ except OSError as e:
 """
 
 
-class SandboxError(ClusterError):
-    """A sandbox could not be created or used."""
-
-
-class ContainerStartError(SandboxError):
-    """A container could not be started; ``reason`` is the kubelet's (e.g. ``StartError``)."""
-
-    def __init__(self, reason: str, message: str, exit_code: int = 128) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
-        self.exit_code = exit_code
-
-
-class ExecStartError(SandboxError):
-    """An exec could not be started; ``message`` is containerd's error text."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
 _ns_support: bool | None = None
 _P = TypeVar("_P", bound="SandboxProcess")
 
@@ -155,164 +130,6 @@ async def namespaces_supported() -> bool:
                 "process groups (no PID/mount/UTS/IPC isolation, the hostname is the host's)"
             )
     return _ns_support
-
-
-class _PtyStdin(trio.abc.SendStream):
-    """Writes to the pty master; ``aclose()`` sends VEOF instead of closing it."""
-
-    def __init__(self, master: trio.lowlevel.FdStream) -> None:
-        self._master = master
-        self._closed = False
-        self._at_line_start = True
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("stdin was closed")
-        await self._master.send_all(data)
-        if len(data):
-            self._at_line_start = bytes(data[-1:]) in (b"\n", b"\r")
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._master.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        if self._closed:
-            await trio.lowlevel.checkpoint()
-            return
-        self._closed = True
-        try:
-            veof = bytes([termios.tcgetattr(self._master.fileno())[6][termios.VEOF][0]])
-            await self._master.send_all(veof if self._at_line_start else veof * 2)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            await trio.lowlevel.checkpoint()
-
-
-class _PtyStdout(trio.abc.ReceiveStream):
-    """Reads the pty master; the EIO after the last slave fd closed is EOF."""
-
-    def __init__(self, master: trio.lowlevel.FdStream) -> None:
-        self._master = master
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        try:
-            return await self._master.receive_some(max_bytes)
-        except trio.BrokenResourceError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, OSError) and cause.errno == errno.EIO:
-                return b""
-            raise
-
-    async def aclose(self) -> None:
-        await self._master.aclose()
-
-
-class SandboxProcess:
-    """A process running in a sandbox (a container's main process or an exec)."""
-
-    def __init__(
-        self,
-        process: trio.Process,
-        pid: int | None,
-        *,
-        master: trio.lowlevel.FdStream | None,
-        sandbox: PodSandbox,
-    ) -> None:
-        self._process = process
-        self._sandbox = sandbox
-        self.pid: int = pid if pid is not None else process.pid
-        """Host PID of the process itself (not of the nsenter in front of it)."""
-        self._pidfd: int | None = None
-        if pid is not None:
-            try:
-                self._pidfd = os.pidfd_open(pid)
-            except OSError:
-                self._pidfd = None
-            if self._pidfd is not None and _parent_pid(pid) not in (process.pid, os.getpid()):
-                os.close(self._pidfd)  # gone and its number reused
-                self._pidfd = None
-        self._master = master
-        self.stdin: trio.abc.SendStream | None
-        self.stdout: trio.abc.ReceiveStream | None
-        self.stderr: trio.abc.ReceiveStream | None
-        if master is not None:
-            self.stdin, self.stdout, self.stderr = _PtyStdin(master), _PtyStdout(master), None
-        else:
-            self.stdin, self.stdout, self.stderr = process.stdin, process.stdout, process.stderr
-        self.tty = master is not None
-        self.exit_code: int | None = None
-        """Set by :meth:`wait`: the exit code, 128+N for signal N."""
-        self.signal: int | None = None
-        """Set by :meth:`wait`: the signal that killed the process, if one did."""
-
-    @property
-    def running(self) -> bool:
-        return self._process.returncode is None
-
-    def resize(self, width: int, height: int) -> None:
-        """Set the pty's window size (the process group gets SIGWINCH); no-op without a tty."""
-        if self._master is None:
-            return
-        try:
-            size = struct.pack("HHHH", height, width, 0, 0)
-            fcntl.ioctl(self._master.fileno(), termios.TIOCSWINSZ, size)
-        except (OSError, ValueError):
-            pass  # already closed
-
-    async def wait(self) -> int:
-        """Wait for the exit; the exit code, or 128+N if killed by signal N."""
-        rc = await self._process.wait()
-        if rc < 0:
-            self.signal, self.exit_code = -rc, 128 - rc
-        else:
-            self.exit_code = rc
-        return self.exit_code
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to the process (idempotent; nothing happens once it is gone)."""
-        if self._pidfd is not None:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self._pidfd, sig)
-
-    def kill_group(self, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to the process and every process still in its process group."""
-        self.kill(sig)
-        if self._pidfd is not None:
-            with contextlib.suppress(OSError):
-                os.killpg(self.pid, sig)
-
-    def close_streams(self) -> None:
-        """Close our ends of the pipes / the pty master."""
-        for stream in (self._process.stdin, self._process.stdout, self._process.stderr):
-            if isinstance(stream, trio.lowlevel.FdStream):
-                stream.close()
-        if self._master is not None:
-            self._master.close()
-
-    async def aclose(self) -> None:
-        """Close the streams, SIGKILL the process group if still running, and reap it."""
-        self.close_streams()
-        if self.running:
-            self.kill_group()
-        with trio.CancelScope(shield=True):
-            await self.wait()
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
-        self._sandbox._forget(self)
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else f"exited {self.exit_code}"
-        return f"<{type(self).__name__} pid={self.pid} {state}{' tty' if self.tty else ''}>"
-
-
-class ContainerProcess(SandboxProcess):
-    """The main process of a container; ``name`` is the container's name."""
-
-    name: str = ""
-
-
-class ExecProcess(SandboxProcess):
-    """A process started by :meth:`PodSandbox.exec`."""
 
 
 class PodSandbox:
@@ -417,7 +234,7 @@ class PodSandbox:
         cwd = spec.get("workingDir") or "/"
         tty = bool(spec.get("tty"))
         full_env = self.process_env(env, tty=tty)
-        problem = _check_exec(argv[0], full_env["PATH"], root, cwd)
+        problem = check_exec(argv[0], full_env["PATH"], root, cwd)
         if problem is not None:
             raise ContainerStartError(
                 "StartError",
@@ -461,7 +278,7 @@ class PodSandbox:
             raise ExecStartError("failed to exec in container: no command specified")
         full_env = self.process_env(env, tty=tty)
         cwd = cwd or "/"
-        problem = _check_exec(argv[0], full_env["PATH"], root, cwd)
+        problem = check_exec(argv[0], full_env["PATH"], root, cwd)
         if problem is not None:
             raise ExecStartError(
                 f'failed to exec in container: failed to start exec "{secrets.token_hex(32)}": '
@@ -524,7 +341,7 @@ class PodSandbox:
         finally:
             if tty:
                 os.close(fds[0])
-        pid = await _inner_pid(process) if self.namespaces else process.pid
+        pid = await inner_pid(process) if self.namespaces else process.pid
         proc = kind(process, pid, master=master, sandbox=self)
         self._procs.add(proc)
         if not self.namespaces:
@@ -540,8 +357,8 @@ class PodSandbox:
     def remaining_pids(self) -> list[int]:
         """Host PIDs of processes that still belong to this pod, read from /proc."""
         if self.pid_namespace is not None:
-            return _scan_proc(lambda pid: _readlink(f"/proc/{pid}/ns/pid") == self.pid_namespace)
-        return _scan_proc(lambda pid: _process_group(pid) in self._groups)
+            return scan_proc(lambda pid: readlink(f"/proc/{pid}/ns/pid") == self.pid_namespace)
+        return scan_proc(lambda pid: process_group(pid) in self._groups)
 
     async def destroy(self) -> None:
         """Kill every process of the pod, reap them and close all fds (idempotent)."""
@@ -675,7 +492,7 @@ async def _start_ns_init(name: str) -> tuple[trio.Process, int, int]:
             while b"\n" not in ready and (chunk := await init.stdout.receive_some(64)):
                 ready += chunk
         if ready == b"ready\n":
-            pid = await _inner_pid(init)
+            pid = await inner_pid(init)
             if pid is not None:
                 ok = True
                 return init, pid, lifeline
@@ -691,91 +508,9 @@ async def _start_ns_init(name: str) -> tuple[trio.Process, int, int]:
             await init.stderr.aclose()
             if not ok:  # failed or cancelled (maybe before the child armed --kill-child):
                 os.close(lifeline)  # the init ends itself on lifeline EOF, if it got that far
-                for child in _children(init.pid):
+                for child in children(init.pid):
                     with contextlib.suppress(OSError):
                         os.kill(child, signal.SIGKILL)
                 init.kill()
                 await init.wait()
 
-
-async def _inner_pid(outer: trio.Process) -> int | None:
-    """The PID of the one child that ``unshare``/``nsenter`` forks (None if it is gone).
-
-    Shielded: it takes a millisecond or so, and giving up half-way would leak the child.
-    """
-    delay = 0.0002
-    with trio.CancelScope(shield=True):
-        while True:
-            children = _children(outer.pid)
-            if children:
-                return children[0]
-            if outer.poll() is not None:
-                return None
-            await trio.sleep(delay)
-            delay = min(delay * 2, 0.01)
-    return None  # not reached: the shielded loop only ends by returning
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
-def _stat_fields(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return []
-    return stat[stat.rfind(")") + 2 :].split()
-
-
-def _parent_pid(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return int(fields[1]) if fields else None
-
-
-def _process_group(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return int(fields[2]) if fields else None
-
-
-def _readlink(path: str) -> str | None:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return None
-
-
-def _scan_proc(match: Any) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and match(int(entry)):
-            pids.append(int(entry))
-    return pids
-
-
-def _check_exec(name: str, path: str, root: str | None, cwd: str) -> str | None:
-    """runc's complaint about running ``name`` in ``cwd`` under ``root``, or None if fine."""
-
-    def host(p: str) -> str:
-        return os.path.join(root, p.lstrip("/")) if root else p
-
-    if not os.path.isdir(host(cwd)):
-        return f'chdir to cwd ("{cwd}") set in config.json failed: no such file or directory'
-
-    def runnable(p: str) -> bool:
-        real = host(p if os.path.isabs(p) else os.path.join(cwd, p))
-        if os.path.islink(real):
-            return True  # may point inside the root: let the helper decide
-        return os.path.isfile(real) and os.access(real, os.X_OK)
-
-    if "/" in name:
-        return None if runnable(name) else f'exec: "{name}": stat {name}: no such file or directory'
-    for directory in path.split(":"):
-        if runnable(os.path.join(directory or ".", name)):
-            return None
-    return f'exec: "{name}": executable file not found in $PATH'

@@ -32,7 +32,7 @@ from typing import Any
 import attrs
 
 from . import status
-from .podspec import is_qualified_name, is_valid_label_value
+from .namevalidation import is_qualified_name, is_valid_label_value
 
 # -- label selectors --------------------------------------------------------
 

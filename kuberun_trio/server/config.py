@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 One file, four sections plus a top-level ``instance`` name. Each section is a frozen attrs
-class structured by the strict converter of :mod:`kuberun_trio.gateway.config` (camelCase
+class structured by the strict converter of :mod:`kuberun_trio.configtools` (camelCase
 keys, unknown keys refused, no coercion); the ``kubernetes`` section *is*
 :func:`kuberun_trio.gateway.config.parse_config`. :func:`parse_server_config` collects the
 problems of all sections before raising, so one run of ``check-config`` lists every error,
@@ -27,19 +27,18 @@ from typing import Any
 
 import attrs
 
-from ..errors import ConfigError, ConfigErrors
-from ..gateway.config import (
+from ..configtools import (
     ConfigProblems,
     InvalidValue,
-    KubernetesConfig,
     check_keys,
     duration,
     key_path,
     make_converter,
-    parse_config,
     read_yaml_mapping,
     structure_section,
 )
+from ..errors import ConfigError, ConfigErrors
+from ..gateway.config import KubernetesConfig, parse_config
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 2222
@@ -114,7 +113,7 @@ _LISTEN = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):(?P<po
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` → (host, port); an empty host means every interface (``0.0.0.0``).
 
-    Raises :class:`~kuberun_trio.gateway.config.InvalidValue` (a ``ValueError``).
+    Raises :class:`~kuberun_trio.configtools.InvalidValue` (a ``ValueError``).
     """
     match = _LISTEN.fullmatch(text)
     if match is None:

@@ -42,7 +42,8 @@ from typing import Any, Literal
 
 import attrs
 
-from ..gateway.config import DEFAULT_IDLE_COMMAND, default_spec, read_yaml_mapping
+from ..configtools import read_yaml_mapping
+from ..gateway.config import DEFAULT_IDLE_COMMAND, default_spec
 from .config import ServerConfig, parse_server_config
 from .demo import StateDir, default_state_dir
 
