@@ -173,6 +173,16 @@ def snapshot() -> Snapshot:
         aio = 0
     me = psutil.Process()
     tasks = [f"{t.name}#{id(t)}" for t in _trio_tasks()]
+    # The gateway's shared pod watch (gateway/podwatch.py) lives as long as the gateway;
+    # on the cluster's side its stream re-spawns helper tasks at every event or bookmark.
+    # Count those by name (a leaked per-connection watch still shows as one more).
+    churn = "kuberun_trio.cluster.watch.Watch._next_event."
+    seen: dict[str, int] = {}
+    for i, task in enumerate(tasks):
+        if task.startswith(churn):
+            name = task.split("#", 1)[0]
+            seen[name] = seen.get(name, 0) + 1
+            tasks[i] = f"{name}#{seen[name]}"
     handler = "trio._highlevel_serve_listeners._run_handler#"
     io = "trio_asyncio.BaseTrioEventLoop._io_task#"
     proxy = "lifecyclekit."

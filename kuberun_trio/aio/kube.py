@@ -584,6 +584,80 @@ class _Transport:
         return follow.judge(str(etype), None if etype == "DELETED" else obj)
 
 
+# == watching many pods (asyncio side) ===========================================================
+
+
+PodSink = Callable[[str, list[Pod]], None]
+"""Receives ``("SYNC", all pods)`` after each (re-)list and ``(event type, [pod])`` after
+each ADDED/MODIFIED/DELETED event. Synchronous; called on the asyncio side."""
+
+
+async def _watch_pods(t: _Transport, namespace: str, label_selector: str,
+                      sink: PodSink) -> None:
+    """Follow every pod matching ``label_selector`` forever (see :meth:`KubeClient.watch_pods`)."""
+    rv: str | None = None
+    failures = 0
+    while True:
+        try:
+            if rv is None:
+                listed = await t.call(t.api.list_namespaced_pod, namespace,
+                                      label_selector=label_selector or None)  # fmt: skip
+                rv = str((listed.get("metadata") or {}).get("resourceVersion") or "") or None
+                sink("SYNC", list(listed.get("items") or []))
+            rv = await _watch_pods_once(t, namespace, label_selector, rv, sink)
+            failures = 0
+        except _Expired:
+            t.counters.relists += 1
+            rv = None
+            continue
+        except (_Retry, KubernetesError) as exc:
+            error = exc.error if isinstance(exc, _Retry) else exc
+            retry_after = exc.retry_after if isinstance(exc, _Retry) else None
+            if isinstance(exc, KubernetesError):
+                rv = None  # a list failed or the watch was refused: start over
+            failures += 1
+            level = logging.INFO if failures < t.watch_retry.attempts else logging.WARNING
+            log.log(level, "pod watch %s/%s broke (%s); resuming", namespace, label_selector,
+                    error)
+            await asyncio.sleep(t.watch_retry.delay(min(failures, t.watch_retry.attempts) - 1,
+                                                    retry_after))
+        t.counters.watch_resumes += 1
+
+
+async def _watch_pods_once(t: _Transport, namespace: str, label_selector: str, rv: str | None,
+                           sink: PodSink) -> str | None:
+    """One watch stream from ``rv``; returns the resourceVersion to resume from."""
+    timeout = aiohttp.ClientTimeout(connect=t.http_timeout, sock_connect=t.http_timeout,
+                                    sock_read=WATCH_SECONDS + t.http_timeout)
+    await t._throttle()
+    try:
+        resp = await t.api.list_namespaced_pod(
+            namespace, label_selector=label_selector or None, watch=True,
+            resource_version=rv, allow_watch_bookmarks=True, timeout_seconds=WATCH_SECONDS,
+            _preload_content=False, _request_timeout=timeout)
+        async with resp:
+            if resp.status != 200:
+                t._raise_watch_status(resp.status, await resp.read(), resp.headers)
+            t.counters.watches_opened += 1
+            while line := await resp.content.readline():
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                etype, obj = event.get("type"), event.get("object") or {}
+                if etype == "ERROR" or (etype is None and "code" in event):
+                    status = obj if etype == "ERROR" else event
+                    t._raise_watch_status(int(status.get("code") or 500),
+                                          json.dumps(status).encode(), {})
+                new_rv = (obj.get("metadata") or {}).get("resourceVersion")
+                if new_rv:
+                    rv = str(new_rv)
+                if etype in ("ADDED", "MODIFIED", "DELETED"):
+                    sink(str(etype), [obj])
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise _Retry(_transport_error(exc)) from exc
+    return rv
+
+
 # == the trio-facing client ======================================================================
 
 
@@ -680,6 +754,19 @@ class KubeClient:
         follow: _Follow[PodLoss] = _Follow(judge, None)
         loss: PodLoss = await run_aio(self._t.follow_pod, namespace, name, follow)
         return loss
+
+
+    async def watch_pods(self, namespace: str, label_selector: str, sink: PodSink) -> None:
+        """Follow every pod in ``namespace`` matching ``label_selector``; never returns.
+
+        One crossing for the whole life of the watch: ``sink`` is called synchronously on
+        the asyncio side with ``("SYNC", pods)`` after every (re-)list -- the first one and
+        each after a 410 Expired -- and ``(type, [pod])`` for each ADDED/MODIFIED/DELETED
+        event. Streams that end or break are resumed from the last resourceVersion seen
+        (BOOKMARKs included); failures are retried forever with :attr:`watch_retry`
+        back-off. Cancel it to stop.
+        """
+        await run_aio(_watch_pods, self._t, namespace, label_selector, sink)
 
 
 @contextlib.asynccontextmanager

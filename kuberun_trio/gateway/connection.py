@@ -175,8 +175,7 @@ class ConnectionRuntime:
                         for session in self._pending:
                             nursery.start_soon(self._run_session, session)
                         self._pending.clear()
-                        loss = await self.handler.kube.watch_pod_gone_or_failed(
-                            pod.namespace, pod.name, pod.container)
+                        loss = await self.handler.wait_lost(pod)
                         reason = f"the pod {pod.name} is gone: {loss.reason}: {loss.message}"
                         self._loss_reason = reason
                         self._lost.set()

@@ -17,6 +17,10 @@ or the newest Warning event). If the create request itself is interrupted
 (the client went away mid-creation) the pod may exist with a server-chosen
 name, so the clean-up then deletes by the connection-id label instead.
 
+Given a :class:`~kuberun_trio.gateway.podwatch.PodWatchHub` (as the server
+does), the handler waits on the gateway's one shared pod watch; without one
+(library use) it follows its pod with watches of its own.
+
 No cancel scope or nursery spans the ``yield``, so the unstructured form --
 :meth:`on_handshake_success` / :meth:`on_disconnect`, mirroring ContainerSSH's
 handler -- can drive the same context manager from different tasks.
@@ -39,11 +43,12 @@ from typing import Any
 import attrs
 import trio
 
-from ..aio.kube import KubeClient, last_warning
+from ..aio.kube import KubeClient, PodLoss, last_warning
 from ..errors import KuberunError, PodStartError
 from .auth import AuthResult
 from .config import KubernetesConfig
 from .podtemplate import LABEL_CONNECTION_ID, build_pod, sanitize_label_value
+from .podwatch import PodWatchHub
 
 
 @attrs.frozen
@@ -63,7 +68,8 @@ class ConnectionHandler:
 
     def __init__(self, config: KubernetesConfig, connection_id: str, client_address: str,
                  logger: logging.Logger | logging.LoggerAdapter[logging.Logger], *,
-                 kube: KubeClient, instance: str | None = None) -> None:
+                 kube: KubeClient, instance: str | None = None,
+                 hub: PodWatchHub | None = None) -> None:
         self.config = config
         self.connection_id = connection_id
         self.client_address = client_address
@@ -71,6 +77,8 @@ class ConnectionHandler:
         self.kube = kube
         self.instance = instance if instance is not None else socket.gethostname()
         """The gateway instance label (default: the host name)."""
+        self.hub = hub
+        """The gateway's shared pod watch; None: this handler watches its pod itself."""
         self._stack: contextlib.AsyncExitStack | None = None
 
     def _emit(self, level: int, event: str, message: str, *args: Any, **fields: Any) -> None:
@@ -103,9 +111,12 @@ class ConnectionHandler:
                        pod=name, duration_ms=_ms_since(started))
             try:
                 with trio.fail_after(self.config.timeouts.pod_start):
-                    ready = await self.kube.wait_for_pod(
-                        namespace, name,
-                        resource_version=created["metadata"].get("resourceVersion"))
+                    if self.hub is not None:
+                        ready = await self.hub.wait_ready(namespace, name)
+                    else:
+                        ready = await self.kube.wait_for_pod(
+                            namespace, name,
+                            resource_version=created["metadata"].get("resourceVersion"))
             except trio.TooSlowError as exc:
                 raise PodStartError(
                     name, "Timeout",
@@ -118,6 +129,12 @@ class ConnectionHandler:
             yield ConnectedPod(namespace, name, console, ready)
         finally:
             await self._delete(namespace, name)
+
+    async def wait_lost(self, pod: ConnectedPod) -> PodLoss:
+        """Return when ``pod`` is gone, failed, or its console container stopped."""
+        if self.hub is not None:
+            return await self.hub.wait_lost(pod.namespace, pod.name, pod.container)
+        return await self.kube.watch_pod_gone_or_failed(pod.namespace, pod.name, pod.container)
 
     async def _explained(self, namespace: str, name: str, exc: PodStartError) -> PodStartError:
         """Add the newest Warning event to a start error, if it says more."""

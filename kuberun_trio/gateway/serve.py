@@ -12,6 +12,7 @@ Inside, one nursery owns everything::
     serve_gateway
     ├── (trio-asyncio loop, opened here unless the caller already runs one)
     ├── KubeClient                      REST + exec clients of kubernetes-asyncio
+    ├── PodWatchHub                     one shared pod watch per namespace (all connections)
     ├── SSH listener                    asyncssh; each handshake → make_portal()
     └── connection task xN              ConnectionRuntime.run (pod + sessions)
 
@@ -48,6 +49,8 @@ from .auth import Authenticator, AuthResult
 from .config import KubernetesConfig
 from .connection import ConnectionRuntime
 from .pod import ConnectedPod, ConnectionHandler
+from .podtemplate import label_selector_for_instance
+from .podwatch import PodWatchHub
 from .session import SessionConfig
 
 log = logging.getLogger(__name__)
@@ -105,9 +108,11 @@ class Gateway:
 
 
 class _Server:
-    def __init__(self, options: GatewayOptions, kube: KubeClient, nursery: trio.Nursery) -> None:
+    def __init__(self, options: GatewayOptions, kube: KubeClient, nursery: trio.Nursery,
+                 hub: PodWatchHub | None = None) -> None:
         self.options = options
         self.kube = kube
+        self.hub = hub
         self.nursery = nursery
         self.session_config = session_config_for(options.kubernetes)
         self.gateway = Gateway(("", 0), _server=self)
@@ -130,7 +135,8 @@ class _Server:
         client = f"{ssh.peer[0]}:{ssh.peer[1]}"
         adapter = logging.LoggerAdapter(log, {"connection_id": cid})
         handler = ConnectionHandler(self.options.kubernetes, cid, client,
-                                    adapter, kube=self.kube, instance=self.options.instance)
+                                    adapter, kube=self.kube, instance=self.options.instance,
+                                    hub=self.hub)
         auth: AuthResult = ssh.auth_result or AuthResult()
         runtime = ConnectionRuntime(handler, self.session_config, username=ssh.username,
                                     auth=auth, make_target=self._target, close_connection=ssh.close)
@@ -213,7 +219,9 @@ async def serve_gateway(
     """
     async with ensure_aio_loop(), open_kube_client(options.kubernetes) as kube, \
             trio.open_nursery() as nursery:
-        server = _Server(options, kube, nursery)
+        hub = await nursery.start(PodWatchHub(
+            kube, label_selector_for_instance(options.instance)).run)
+        server = _Server(options, kube, nursery, hub)
         keys = [sshserver.load_host_key(k) for k in options.host_keys]
         server.acceptor = await run_aio(functools.partial(
             sshserver.listen, options.host, options.port, host_keys=keys,
