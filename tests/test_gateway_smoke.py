@@ -35,8 +35,11 @@ async def test_request_log_shows_execs_closed_before_delete(tmp_path: Path) -> N
         conn = await rig.connect()
 
         async def start_two() -> list[object]:
+            # Two idle streams and one pushing output nobody reads: the gateway completes
+            # each WebSocket close handshake before it deletes the pod, so the cluster has
+            # logged every exec-close by the time the DELETE arrives.
             procs = [await conn.create_process("sleep 30") for _ in range(2)]
-            procs.append(await conn.create_process("cat /dev/zero"))  # output nobody reads
+            procs.append(await conn.create_process("cat /dev/zero"))
             return procs
 
         await trio_asyncio.aio_as_trio(start_two)()
@@ -53,4 +56,6 @@ async def test_request_log_shows_execs_closed_before_delete(tmp_path: Path) -> N
         closes = [e for e in entries if e.kind == "exec-close"]
         deletes = [e for e in entries if e.kind == "http" and e.method == "DELETE"]
         assert len(closes) == 3 and len(deletes) == 1
-        assert max(e.time for e in closes) < deletes[0].received
+        text = "\n".join(f"{e.seq} {e.kind} {e.method} {e.path.rsplit('/', 1)[-1][:40]} "
+                         f"received={e.received:.4f} time={e.time:.4f}" for e in entries)
+        assert max(e.time for e in closes) < deletes[0].received, text

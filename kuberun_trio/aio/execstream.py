@@ -59,6 +59,8 @@ from .bridge import translate
 V5 = "v5.channel.k8s.io"
 V4 = "v4.channel.k8s.io"
 PROTOCOLS = f"{V5},{V4}"
+CLOSE_TIMEOUT = 2.0
+"""Seconds the WebSocket close handshake may take before the connection is dropped."""
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 MAX_FRAME = 256 * 1024
@@ -178,25 +180,21 @@ class ExecStream:
 
     # -- pod → client -------------------------------------------------------
     async def run(self, sink: OutputSink) -> ExecResult:
-        """Pump until the exec ends; returns how it ended. Closes the WebSocket."""
+        """Pump until the exec ends; returns how it ended. Closes the WebSocket.
+
+        The frames are read in a child task, so that a cancellation (the session or
+        connection is ending) never lands inside aiohttp's ``receive()``: there it
+        would mark the socket abnormally closed and ``close()`` would drop TCP without
+        the close handshake. Instead the reader is stopped cleanly (``close()`` breaks
+        a pending ``receive()``; a reader held by flow control is cancelled there) and
+        the Close handshake completes -- so the API server has seen the stream closed
+        before the caller goes on to delete the pod.
+        """
         writer = asyncio.ensure_future(self._writer())
         status = bytearray()
+        reader = asyncio.ensure_future(self._read(sink, status))
         try:
-            async for msg in self._ws:
-                if msg.type is not aiohttp.WSMsgType.BINARY:
-                    break
-                data: bytes = msg.data
-                if len(data) <= 1:
-                    continue  # the ready frame, or an empty write
-                channel = data[0]
-                if channel == 1:
-                    sink.write_stdout(data[1:])
-                    await sink.wait_writable()
-                elif channel == 2:
-                    sink.write_stderr(data[1:])
-                    await sink.wait_writable()
-                elif channel == 3:
-                    status += data[1:]
+            await asyncio.shield(reader)
             if writer.done() and not writer.cancelled() and writer.exception() is not None:
                 raise ExecError("writing to the exec stream failed") from writer.exception()
             return parse_status(bytes(status))
@@ -204,7 +202,36 @@ class ExecStream:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await writer
-            await asyncio.shield(self._ws.close())
+            await asyncio.shield(self._close(reader))
+
+    async def _read(self, sink: OutputSink, status: bytearray) -> None:
+        async for msg in self._ws:
+            if msg.type is not aiohttp.WSMsgType.BINARY:
+                return
+            data: bytes = msg.data
+            if len(data) <= 1:
+                continue  # the ready frame, or an empty write
+            channel = data[0]
+            if channel == 1:
+                sink.write_stdout(data[1:])
+                await sink.wait_writable()
+            elif channel == 2:
+                sink.write_stderr(data[1:])
+                await sink.wait_writable()
+            elif channel == 3:
+                status += data[1:]
+
+    async def _close(self, reader: asyncio.Future[None]) -> None:
+        if not reader.done() and not self._ws._waiting:  # held by flow control, not receiving
+            reader.cancel()
+        with contextlib.suppress(asyncio.TimeoutError, Exception):
+            # close() breaks a pending receive() in the reader, sends Close, and drains
+            # until the server's Close (bounded: a server busy writing may take a while).
+            await asyncio.wait_for(self._ws.close(), CLOSE_TIMEOUT)
+        if not reader.done():
+            reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader
 
 
 async def open_exec(

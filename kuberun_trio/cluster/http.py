@@ -26,6 +26,7 @@ and the time its outcome was known. Only HTTP/1.1 is spoken (ALPN offers
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -178,6 +179,8 @@ class ApiServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError,
                 ssl.SSLError) as exc:
             log.debug("connection ended: %r", exc)
+        except Exception:  # one connection's bug must not take the API server down
+            log.exception("API connection failed")
         finally:
             with trio.move_on_after(1, shield=True):
                 await stream.aclose()
@@ -244,25 +247,31 @@ class ApiServer:
         await stream.send_all(conn.send(head) or b"")
 
         async def watch_for_hangup(cancel: trio.CancelScope) -> None:
-            # The client sends nothing more on this connection; EOF means it left.
-            while await stream.receive_some(_READ):
-                pass
+            # The client sends nothing more on this connection; EOF (or a reset) means
+            # it left.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while await stream.receive_some(_READ):
+                    pass
             cancel.cancel()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_for_hangup, nursery.cancel_scope)
-            chunks = reply.chunks()
-            try:
-                async for chunk in chunks:
-                    if chunk:
-                        await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
-            finally:
-                aclose = getattr(chunks, "aclose", None)
-                if aclose is not None:
-                    with trio.CancelScope(shield=True):
-                        await aclose()
-            await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_for_hangup, nursery.cancel_scope)
+                chunks = reply.chunks()
+                try:
+                    async for chunk in chunks:
+                        if chunk:
+                            await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
+                finally:
+                    aclose = getattr(chunks, "aclose", None)
+                    if aclose is not None:
+                        with trio.CancelScope(shield=True):
+                            await aclose()
+                await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+                nursery.cancel_scope.cancel()
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as group:
+            # One client that went away mid-stream must not take the server down.
+            raise trio.BrokenResourceError("the client went away") from group
 
 
 def classify_streaming(path: str) -> str | None:
