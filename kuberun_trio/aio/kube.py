@@ -661,16 +661,21 @@ async def _watch_pods_once(t: _Transport, namespace: str, label_selector: str, r
 # == the trio-facing client ======================================================================
 
 
-def _start_judge(name: str) -> Callable[[str, Pod | None], Pod | None]:
-    def judge(etype: str, pod: Pod | None) -> Pod | None:
-        if pod is None:
-            raise PodStartError(name, "PodDeleted", "the pod was deleted before it started")
-        failure = pod_start_failure(pod)
-        if failure is not None:
-            raise PodStartError(name, *failure)
-        return pod if pod_ready(pod) else None
+def judge_start(name: str, pod: Pod | None) -> Pod | None:
+    """The pod once Running+Ready, None while it is still starting (``pod`` None = gone).
 
-    return judge
+    Raises :class:`PodStartError` when it will not start.
+    """
+    if pod is None:
+        raise PodStartError(name, "PodDeleted", "the pod was deleted before it started")
+    failure = pod_start_failure(pod)
+    if failure is not None:
+        raise PodStartError(name, *failure)
+    return pod if pod_ready(pod) else None
+
+
+def _start_judge(name: str) -> Callable[[str, Pod | None], Pod | None]:
+    return lambda etype, pod: judge_start(name, pod)
 
 
 class KubeClient:

@@ -35,6 +35,7 @@ the hub has seen the pod meanwhile.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -43,8 +44,8 @@ from typing import Any, Generic, TypeVar
 import attrs
 import trio
 
-from ..aio.kube import KubeClient, Pod, PodLoss, pod_loss, pod_ready, pod_start_failure
-from ..errors import KuberunError, NotFoundError, PodStartError
+from ..aio.kube import KubeClient, Pod, PodLoss, judge_start, pod_loss
+from ..errors import KuberunError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +87,6 @@ class _Namespace:
     synced: trio.Event = attrs.field(factory=trio.Event)
 
 
-def _start_judge(name: str) -> Callable[[Pod | None], Pod | None]:
-    def judge(pod: Pod | None) -> Pod | None:
-        if pod is None:
-            raise PodStartError(name, "PodDeleted", "the pod was deleted before it started")
-        failure = pod_start_failure(pod)
-        if failure is not None:
-            raise PodStartError(name, *failure)
-        return pod if pod_ready(pod) else None
-
-    return judge
-
-
 class PodWatchHub:
     """Shared pod watches of one gateway instance. Trio-flavoured; run with :meth:`run`."""
 
@@ -131,7 +120,7 @@ class PodWatchHub:
         """Wait until pod ``name`` is Running and Ready and return it; :class:`PodStartError`
         (the reasons of :meth:`KubeClient.wait_for_pod`) if it fails to start or is deleted.
         No timeout: use a cancel scope."""
-        pod: Pod = await self._wait(namespace, name, _start_judge(name))
+        pod: Pod = await self._wait(namespace, name, functools.partial(judge_start, name))
         return pod
 
     async def wait_lost(self, namespace: str, name: str,
