@@ -255,7 +255,7 @@ async def kube(p: dict[str, Any]) -> dict[str, Any]:
             t_ready = time.monotonic()
             async with await exec_ws(name, ["hostname"]) as ws:
                 async for msg in ws:
-                    if msg.data[0] == 1:
+                    if msg.data[0] == 1 and len(msg.data) > 1:  # not the empty ready frame
                         break
                 t_first = time.monotonic()
             return name, {"pod_start_ms": 1000 * (t_ready - t0),

@@ -48,7 +48,8 @@ async def main(kubeconfig: Path) -> None:
                 print(json.dumps(entries), flush=True)
             elif command == "pods":
                 stats = cluster.kubelet.statistics()
-                print(json.dumps({"pods": len(cluster.pods()), "sandboxes": stats["pods"]}),
+                print(json.dumps({"pods": cluster.store.count("pods", "default"),
+                                  "sandboxes": stats["pods"]}),
                       flush=True)
             else:
                 print(json.dumps({"error": f"unknown command {command!r}"}), flush=True)

@@ -36,7 +36,7 @@ async def sandbox(request: pytest.FixtureRequest) -> AsyncIterator[PodSandbox]:
         yield box
     finally:
         await box.destroy()
-    assert box.remaining_pids() == []
+    assert box.remaining_pids(exhaustive=True) == []
 
 
 async def read_all(stream: trio.abc.ReceiveStream | None) -> bytes:
@@ -278,11 +278,14 @@ async def test_destroy_kills_everything_and_is_idempotent(sandbox: PodSandbox) -
     await eventually(lambda: len(sandbox.remaining_pids()) >= 6)  # init+sleep, sh+2 sleeps, tty
     pids = sandbox.remaining_pids()
     assert sandbox.pid in pids and proc.pid in pids and tty_proc.pid in pids
+    # The tree walk finds what a scan of every process in /proc finds (the orphaned
+    # "(sleep 1000 &)" included: it was re-parented to the pod's init).
+    await eventually(lambda: sandbox.remaining_pids() == sandbox.remaining_pids(exhaustive=True))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sandbox.destroy)
         nursery.start_soon(sandbox.destroy)
     await sandbox.destroy()
-    assert sandbox.remaining_pids() == []
+    assert sandbox.remaining_pids(exhaustive=True) == []
     for pid in pids:  # none of them exists any more (not even as a zombie)
         assert not _alive(pid)
     assert proc.exit_code == 137 and tty_proc.exit_code == 137
@@ -301,7 +304,7 @@ async def test_escaping_session_still_dies_with_namespaces() -> None:
         await eventually(lambda: len(box.remaining_pids()) >= 3)  # init+sleep, escaped sleep
     finally:
         await box.destroy()
-    assert box.remaining_pids() == []
+    assert box.remaining_pids(exhaustive=True) == []
 
 
 async def test_container_view_kills_its_execs(sandbox: PodSandbox) -> None:
@@ -457,3 +460,22 @@ def _inits_named(name: str) -> list[int]:
         if name.encode() in cmdline and _alive(int(entry)):
             pids.append(int(entry))
     return pids
+
+
+@pytest.mark.parametrize("ignored", [False, True], ids=["sigint-default", "sigint-ignored"])
+async def test_pod_processes_get_default_signal_dispositions(
+        sandbox: PodSandbox, ignored: bool) -> None:
+    # A background job of a non-interactive shell starts with SIGINT ignored, and an
+    # ignored signal stays ignored across exec: the sandbox must still hand its processes
+    # the default (else Ctrl-C and `kill -INT` do nothing in a pod). SIGPIPE too.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignored else None
+    try:
+        proc = await sandbox.exec(["sh", "-c", "grep SigIgn /proc/self/status"], env={},
+                                  cwd=None, tty=False, stdin=False, stdout=True, stderr=False)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    out = await read_all(proc.stdout)
+    assert await proc.wait() == 0
+    mask = int(out.split()[1], 16)
+    assert not mask & (1 << (signal.SIGINT - 1)) and not mask & (1 << (signal.SIGPIPE - 1)), out

@@ -175,6 +175,23 @@ def test_pod_loss() -> None:
     assert pod_loss(stopped, container="other") is None
 
 
+def test_pod_loss_ignores_a_stale_state_from_before_the_start() -> None:
+    # A shared watch lagging under load can deliver the pod's ContainerCreating state
+    # after the pod was seen Ready through a GET: that is not a loss (seen at 1000
+    # concurrent connections: sessions ended with "container shell stopped: ContainerCreating").
+    creating = status("Pending")
+    creating["status"]["containerStatuses"][0]["state"] = {
+        "waiting": {"reason": "ContainerCreating"}}
+    creating["status"]["containerStatuses"][0]["restartCount"] = 0
+    assert pod_loss(creating) is None
+    crashed = status("Running")
+    crashed["status"]["containerStatuses"][0].update(
+        state={"waiting": {"reason": "CrashLoopBackOff"}}, restartCount=1,
+        lastState={"terminated": {"exitCode": 1, "reason": "Error"}})
+    assert pod_loss(crashed) == PodLoss("ContainerStopped",
+                                        "container c stopped: Error, exit code 1")
+
+
 def test_last_warning_picks_newest_warning() -> None:
     events = [{"type": "Warning", "message": "old", "lastTimestamp": "2024-01-01T00:00:01Z"},
               {"type": "Normal", "message": "pulling", "lastTimestamp": "2024-01-01T00:00:09Z"},

@@ -239,6 +239,10 @@ def pod_loss(pod: Pod | None, container: str | None = None) -> PodLoss | None:
         state = cs.get("state") or {}
         if "running" not in state:
             term = state.get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
+            if not term and not cs.get("restartCount") and "waiting" in state:
+                # Never ran yet (ContainerCreating, ...): a stale pre-start state that a
+                # lagging watch can deliver after the pod was seen Ready. Not a loss.
+                continue
             what = (f"{term.get('reason') or 'Error'}, exit code {term.get('exitCode')}" if term
                     else (state.get("waiting") or {}).get("reason") or "not running")
             return PodLoss("ContainerStopped", f"container {cs.get('name')} stopped: {what}")

@@ -16,13 +16,12 @@ kubelet removes it for good once its containers are down.
 
 from __future__ import annotations
 
-import copy
 import datetime
 from collections.abc import Mapping
 from typing import Any
 
 from . import podspec, status
-from .objects import Obj, parse_time, rfc3339
+from .objects import Obj, clone, parse_time, rfc3339
 
 _TERMINAL_PHASES = ("Succeeded", "Failed")
 _POLICIES = (None, "", "Orphan", "Background", "Foreground")
@@ -86,7 +85,7 @@ def marked(pod: Obj, grace: int) -> Obj:
 
     A shortened deletion keeps its start: the new timestamp is start + ``grace``.
     """
-    new = copy.deepcopy(pod)
+    new = clone(pod)
     meta = new["metadata"]
     current = meta.get("deletionGracePeriodSeconds")
     if meta.get("deletionTimestamp") and current is not None:

@@ -14,10 +14,10 @@ store does the writes and caps how many Events it keeps.
 
 from __future__ import annotations
 
-import copy
 import time
+from typing import Any
 
-from .objects import Obj, new_meta
+from .objects import Obj, clone, new_meta
 
 
 def involved_object(ns: str, pod: Obj, field_path: str | None) -> Obj:
@@ -44,23 +44,24 @@ def source(component: str, host: str | None) -> Obj:
     return out
 
 
-def is_repeat(
-    existing: Obj, ns: str, involved: Obj, src: Obj, type_: str, reason: str, message: str
-) -> bool:
-    """Whether a new Event with these fields is ``existing`` happening again."""
-    same = existing["involvedObject"]
-    return bool(
-        existing["metadata"]["namespace"] == ns
-        and same.get("uid") == involved["uid"]
-        and same.get("fieldPath") == involved.get("fieldPath")
-        and (existing["reason"], existing["message"], existing["type"]) == (reason, message, type_)
-        and existing["source"] == src
-    )
+def repeat_key(
+    ns: str, involved: Obj, src: Obj, type_: str, reason: str, message: str
+) -> tuple[Any, ...]:
+    """What makes two Events "the same one happening again" (the store indexes by it)."""
+    return (ns, involved.get("uid"), involved.get("fieldPath"), reason, message, type_,
+            tuple(sorted(src.items())))
+
+
+def repeat_key_of(event: Obj) -> tuple[Any, ...]:
+    """:func:`repeat_key` of a stored Event."""
+    return repeat_key(event["metadata"].get("namespace", ""), event.get("involvedObject") or {},
+                      event.get("source") or {}, event.get("type", ""), event.get("reason", ""),
+                      event.get("message", ""))
 
 
 def repeated(existing: Obj, now: str) -> Obj:
     """A copy of ``existing`` counted once more, last seen ``now``."""
-    new = copy.deepcopy(existing)
+    new = clone(existing)
     new["count"] = int(new.get("count", 1)) + 1
     new["lastTimestamp"] = now
     return new

@@ -11,13 +11,16 @@ the registry sets on create (uid, generation, creationTimestamp, one
 ``managedFields`` entry) and :func:`touch_managed` updates a subresource's
 ``managedFields`` entry. Timestamps are ``metav1.Time`` (seconds, UTC).
 All are pure functions returning new dicts, except :func:`touch_managed`,
-which edits the (already copied) object it is given.
+which edits the (already copied) object it is given. :func:`clone` is the deep
+copy every read and write makes (pickle round trip: about 5x faster than
+``copy.deepcopy`` on a pod, which matters with a thousand pods).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import pickle
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -88,6 +91,12 @@ KINDS = {
     "events": Kind("events", "Event", True, event_fields, EVENT_FIELDS),
     "namespaces": Kind("namespaces", "Namespace", False, namespace_fields, NAMESPACE_FIELDS),
 }
+
+
+def clone(obj: Obj) -> Obj:
+    """A deep copy of a stored object (JSON-like data: dicts, lists, scalars)."""
+    copied: Obj = pickle.loads(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
+    return copied
 
 
 def with_kind(resource: str, obj: Obj) -> Obj:

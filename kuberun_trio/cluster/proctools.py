@@ -2,9 +2,12 @@
 
 Theory of operation
 -------------------
-Small helpers with no state. The ``/proc`` readers (:func:`children`,
+Small helpers with no state. The ``/proc`` readers (:func:`children`, :func:`descendants`,
 :func:`parent_pid`, :func:`process_group`, :func:`readlink`, :func:`scan_proc`) return
 an empty/None answer for a process that is gone, since every caller races with exits.
+:func:`descendants` walks the process tree from a few roots: its cost grows with the
+size of that subtree, where :func:`scan_proc` reads every process of the host (with a
+thousand pods, tens of thousands of ``/proc`` reads per call).
 :func:`inner_pid` finds the one child that ``unshare``/``nsenter`` forks (the process
 that really runs), polling ``/proc/PID/task/PID/children`` with a short backoff.
 :func:`check_exec` resolves the executable and working directory *before* spawning, so
@@ -46,6 +49,31 @@ def children(pid: int) -> list[int]:
             return [int(p) for p in f.read().split()]
     except OSError:
         return []
+
+
+def descendants(roots: list[int]) -> list[int]:
+    """``roots`` (those still alive) and every process below them, via each task's
+    ``children`` file (a child forked by any thread is listed under that thread)."""
+    found: list[int] = []
+    seen: set[int] = set()
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # gone
+        seen.add(pid)
+        found.append(pid)
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    todo.extend(int(p) for p in f.read().split())
+            except OSError:
+                pass
+    return found
 
 
 def stat_fields(pid: int) -> list[str]:

@@ -37,7 +37,6 @@ every write is atomic with respect to every read and watch registration.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import weakref
@@ -48,7 +47,17 @@ from typing import Any
 import trio
 
 from . import deletion, events, podspec, status
-from .objects import KINDS, Obj, fields_v1, new_meta, rfc3339, touch_managed, with_kind, with_rv
+from .objects import (
+    KINDS,
+    Obj,
+    clone,
+    fields_v1,
+    new_meta,
+    rfc3339,
+    touch_managed,
+    with_kind,
+    with_rv,
+)
 from .paging import decode_continue, encode_continue
 from .selectors import parse_field_selector, parse_label_selector
 from .watch import Change, Filter, Watch, event_for
@@ -77,6 +86,10 @@ class Store:
         self._compacted = 0
         self._history: deque[Change] = deque()
         self._objects: dict[str, dict[tuple[str, str], Obj]] = {k: {} for k in KINDS}
+        self._event_keys: dict[tuple[Any, ...], tuple[str, str]] = {}
+        """Repeat key (:func:`events.repeat_key`) -> the Event that has it."""
+        self._event_order: dict[tuple[str, str], None] = {}
+        """Events by last write, oldest first (= by resourceVersion: each write is the newest)."""
         self._watchers: weakref.WeakSet[Watch] = weakref.WeakSet()
         self._subscribers: list[trio.MemorySendChannel[tuple[str, Obj]]] = []
         for name in SYSTEM_NAMESPACES:
@@ -98,6 +111,8 @@ class Store:
             self._objects[resource].pop(key, None)
         else:
             self._objects[resource][key] = obj
+        if resource == "events":
+            self._index_event(type_, key, obj, prev)
         change = Change(self._rv, resource, type_, obj, prev)
         self._history.append(change)
         while len(self._history) > self.history_size:
@@ -108,10 +123,18 @@ class Store:
         if resource == "pods":
             for sub in list(self._subscribers):
                 try:
-                    sub.send_nowait((type_, with_kind("pods", copy.deepcopy(obj))))
+                    sub.send_nowait((type_, with_kind("pods", clone(obj))))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self._subscribers.remove(sub)
         return obj
+
+    def _index_event(self, type_: str, key: tuple[str, str], obj: Obj, prev: Obj | None) -> None:
+        if prev is not None:
+            self._event_keys.pop(events.repeat_key_of(prev), None)
+        self._event_order.pop(key, None)
+        if type_ != "DELETED":
+            self._event_keys[events.repeat_key_of(obj)] = key
+            self._event_order[key] = None
 
     def expire_history(self) -> None:
         """Make every resourceVersion so far too old to resume a watch from (fault)."""
@@ -160,10 +183,10 @@ class Store:
             "spec": {"finalizers": ["kubernetes"]},
             "status": {"phase": "Active"},
         }
-        return with_kind("namespaces", copy.deepcopy(self._write("namespaces", "ADDED", obj, None)))
+        return with_kind("namespaces", clone(self._write("namespaces", "ADDED", obj, None)))
 
     def get_namespace(self, name: str) -> Obj:
-        return with_kind("namespaces", copy.deepcopy(self._get("namespaces", "", name)))
+        return with_kind("namespaces", clone(self._get("namespaces", "", name)))
 
     def list_namespaces(self, label_selector: str = "", field_selector: str = "", **kw: Any) -> Obj:
         return self.list("namespaces", None, label_selector, field_selector, **kw)
@@ -201,11 +224,11 @@ class Store:
             "spec": pod["spec"],
             "status": {"phase": "Pending", "qosClass": podspec.qos_class(pod)},
         }
-        return with_kind("pods", copy.deepcopy(self._write("pods", "ADDED", obj, None)))
+        return with_kind("pods", clone(self._write("pods", "ADDED", obj, None)))
 
     def get_pod(self, ns: str, name: str) -> Obj:
         """The pod (404 if absent)."""
-        return with_kind("pods", copy.deepcopy(self._get("pods", ns, name)))
+        return with_kind("pods", clone(self._get("pods", ns, name)))
 
     def list_pods(
         self, ns: str | None, label_selector: str = "", field_selector: str = "", **kw: Any
@@ -229,19 +252,19 @@ class Store:
         removed (DELETED), as the real registry does.
         """
         old = self._get("pods", ns, name)
-        new = copy.deepcopy(old)
+        new = clone(old)
         mutate(new)
         for key in ("name", "namespace", "uid", "creationTimestamp", "resourceVersion"):
             new["metadata"][key] = old["metadata"][key]
         if new == old:
-            return with_kind("pods", copy.deepcopy(old))
+            return with_kind("pods", clone(old))
         if subresource == "status" and new.get("status") != old.get("status"):
             touch_managed(new, manager, subresource, {"status": new.get("status") or {}})
         meta = new["metadata"]
         finished = meta.get("deletionTimestamp") and meta.get("deletionGracePeriodSeconds") == 0
         if finished and not meta.get("finalizers"):
-            return with_kind("pods", copy.deepcopy(self._write("pods", "DELETED", new, old)))
-        return with_kind("pods", copy.deepcopy(self._write("pods", "MODIFIED", new, old)))
+            return with_kind("pods", clone(self._write("pods", "DELETED", new, old)))
+        return with_kind("pods", clone(self._write("pods", "MODIFIED", new, old)))
 
     def delete_pod(
         self,
@@ -257,7 +280,7 @@ class Store:
         deletion.check_options(pod, preconditions or {}, propagation_policy)
         grace = deletion.grace_for(pod, grace_period_seconds)
         if grace is None:
-            return with_kind("pods", copy.deepcopy(pod))
+            return with_kind("pods", clone(pod))
         return self.mark_deleting(ns, name, grace)
 
     def mark_deleting(self, ns: str, name: str, grace: int) -> Obj:
@@ -267,12 +290,12 @@ class Store:
         """
         old = self._get("pods", ns, name)
         if not deletion.shortens(old, grace):
-            return with_kind("pods", copy.deepcopy(old))
+            return with_kind("pods", clone(old))
         if grace == 0 and not old["metadata"].get("finalizers"):
             self._write("pods", "DELETED", old, old)
-            return with_kind("pods", copy.deepcopy(old))
+            return with_kind("pods", clone(old))
         new = deletion.marked(old, grace)
-        return with_kind("pods", copy.deepcopy(self._write("pods", "MODIFIED", new, old)))
+        return with_kind("pods", clone(self._write("pods", "MODIFIED", new, old)))
 
     def remove_pod(self, ns: str, name: str) -> Obj:
         """Final removal once the containers are down (DELETED); finalizers keep the pod."""
@@ -280,7 +303,7 @@ class Store:
         if old["metadata"].get("finalizers"):
             return self.mark_deleting(ns, name, 0)
         self._write("pods", "DELETED", old, old)
-        return with_kind("pods", copy.deepcopy(old))
+        return with_kind("pods", clone(old))
 
     # -- events ---------------------------------------------------------------
     def record_event(
@@ -299,21 +322,22 @@ class Store:
         involved = events.involved_object(ns, pod, field_path)
         src = events.source(component, host)
         now = rfc3339()
-        for existing in self._objects["events"].values():
-            if events.is_repeat(existing, ns, involved, src, type_, reason, message):
-                new = events.repeated(existing, now)
-                return with_kind(
-                    "events", copy.deepcopy(self._write("events", "MODIFIED", new, existing))
-                )
+        kept = self._objects["events"]
+        same = self._event_keys.get(events.repeat_key(ns, involved, src, type_, reason, message))
+        if same is not None and same in kept:
+            existing = kept[same]
+            new = events.repeated(existing, now)
+            return with_kind(
+                "events", clone(self._write("events", "MODIFIED", new, existing))
+            )
         event = events.new_event(
             ns, involved, src, type_, reason, message, component=component, host=host, now=now
         )
         stored = self._write("events", "ADDED", event, None)
-        kept = self._objects["events"]
         while len(kept) > self.max_events:
-            oldest = min(kept.values(), key=lambda e: int(e["metadata"]["resourceVersion"]))
+            oldest = kept[next(iter(self._event_order))]
             self._write("events", "DELETED", oldest, oldest)
-        return with_kind("events", copy.deepcopy(stored))
+        return with_kind("events", clone(stored))
 
     def list_events(
         self, ns: str | None, label_selector: str = "", field_selector: str = "", **kw: Any
@@ -367,7 +391,7 @@ class Store:
             "kind": f"{KINDS[resource].kind}List",
             "apiVersion": "v1",
             "metadata": meta,
-            "items": [copy.deepcopy(o) for _, o in items],
+            "items": [clone(o) for _, o in items],
         }
 
     def watch(
@@ -452,6 +476,10 @@ class Store:
         for watch in list(self._watchers):
             watch.end()
         self._watchers.clear()
+
+    def count(self, resource: str, ns: str | None = None) -> int:
+        """How many objects of ``resource`` (in ``ns``; None: all) are stored -- no copies."""
+        return sum(1 for key in self._objects[resource] if ns is None or key[0] == ns)
 
     def statistics(self) -> Obj:
         return {
