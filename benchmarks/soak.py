@@ -419,17 +419,23 @@ def print_report(results: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--connections", type=int, default=200)
-    parser.add_argument("--concurrency", type=int, default=10)
-    parser.add_argument("--duration", type=float, default=300, help="seconds (max)")
-    parser.add_argument("--faults", type=float, default=0.0, help="faults per second")
-    parser.add_argument("--rss-bound", type=float, default=64.0, help="MiB")
+    parser.add_argument("--connections", type=int, default=200,
+                        help="SSH connections to run in all (default 200)")
+    parser.add_argument("--concurrency", type=int, default=10,
+                        help="connections open at once (default 10)")
+    parser.add_argument("--duration", type=float, default=300,
+                        help="stop starting connections after this many seconds (default 300)")
+    parser.add_argument("--faults", type=float, default=0.0,
+                        help="cluster faults injected per second (default 0: none)")
+    parser.add_argument("--rss-bound", type=float, default=64.0,
+                        help="allowed gateway RSS growth in MiB (default 64)")
     parser.add_argument("--settle", type=float, default=60.0, help="seconds to wait at the end")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1,
+                        help="random seed of the session mix and the faults (default 1)")
     parser.add_argument("--scenarios", type=lambda v: v.split(","), default=list(SCENARIOS),
                         help=f"comma-separated subset of {','.join(SCENARIOS)}")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--json", type=Path, help="write the report here")
+    parser.add_argument("--plot", type=Path, help="write a PNG plot over time here")
     args = parser.parse_args()
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
     results = trio.run(soak_main, args)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import ssl
 
 import pytest
 import trio
 import trio.lowlevel
 
 from kuberun_trio.aio.bridge import open_aio_loop, run_aio, run_trio, translate
+from kuberun_trio.cluster import EmbeddedCluster
 from kuberun_trio.errors import ExecError, KubernetesError, NotFoundError
 
 
@@ -85,3 +88,35 @@ async def test_run_aio_chains_translated_error() -> None:
             await run_aio(fails)
     assert isinstance(info.value.__cause__, ApiException)
     assert info.value.status == 409
+
+
+async def test_idle_tls_connections_do_not_pin_their_read_buffers(
+        cluster: EmbeddedCluster) -> None:
+    # asyncio's SSLProtocol zero-fills a 256 KiB read buffer per TLS connection; the
+    # gateway holds one TLS connection (its exec WebSocket) per SSH connection, so on a
+    # plain loop every idle SSH connection pinned > 256 KiB. A loop from open_aio_loop
+    # pages the buffer in lazily: an idle connection costs a few KiB.
+    assert cluster.ca_file is not None
+    host, port = cluster.url.removeprefix("https://").rsplit(":", 1)
+    ctx = ssl.create_default_context(cafile=str(cluster.ca_file))
+    count = 40
+
+    def rss_kib() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+
+    async def connect_all() -> tuple[int, list[asyncio.StreamWriter]]:
+        writers = []
+        before = rss_kib()
+        for _ in range(count):
+            reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
+            writer.write(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+            await reader.readuntil(b"\r\n\r\n")  # a small read, as an idle session makes
+            writers.append(writer)
+        return (rss_kib() - before) // count, writers
+
+    async with open_aio_loop():
+        per_connection, writers = await run_aio(connect_all)
+        for writer in writers:
+            writer.close()
+    assert per_connection < 128, f"{per_connection} KiB resident per idle TLS connection"

@@ -19,6 +19,15 @@ the whole server down (see ``shared/PITFALLS.md``).
 Crossing costs time (PITFALLS: ~0.5 ms per keystroke round trip when every
 chunk crosses), so data paths do not call these per chunk: they use
 callback-level protocols that hand bytes to trio memory channels instead.
+
+Memory: asyncio gives every TLS connection a 256 KiB read buffer, a
+``bytearray`` whose zero-fill makes all of it resident at once -- with one exec
+WebSocket per SSH connection that was most of the gateway's memory per idle
+connection. A loop opened here swaps that buffer for an anonymous ``mmap`` of
+the same size (:func:`_lazy_tls_read_buffers`): reads still take up to 256 KiB
+at a time, but a page costs memory only once data has been read into it. This
+leans on asyncio internals (``SSLProtocol._ssl_buffer``), so it checks for them
+and otherwise leaves the loop as it is.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
@@ -50,7 +60,26 @@ async def open_aio_loop() -> AsyncIterator[asyncio.AbstractEventLoop]:
     """Open a trio-asyncio loop whose exception handler only logs. Trio-flavoured."""
     async with trio_asyncio.open_loop() as loop:
         loop.set_exception_handler(_log_only_handler)
+        _lazy_tls_read_buffers(loop)
         yield loop
+
+
+def _lazy_tls_read_buffers(loop: asyncio.AbstractEventLoop) -> None:
+    """Back each new TLS connection's read buffer with a lazily paged ``mmap``."""
+    make = getattr(loop, "_make_ssl_transport", None)
+    if make is None:
+        return
+
+    def make_ssl_transport(*args: Any, **kwargs: Any) -> Any:
+        transport = make(*args, **kwargs)
+        proto = getattr(transport, "_ssl_protocol", None)
+        buffer = getattr(proto, "_ssl_buffer", None)
+        if isinstance(buffer, bytearray) and hasattr(proto, "_ssl_buffer_view"):
+            lazy = mmap.mmap(-1, len(buffer))
+            proto._ssl_buffer, proto._ssl_buffer_view = lazy, memoryview(lazy)  # type: ignore[union-attr]
+        return transport
+
+    loop._make_ssl_transport = make_ssl_transport  # type: ignore[attr-defined]
 
 
 @contextlib.asynccontextmanager

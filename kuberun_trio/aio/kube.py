@@ -367,15 +367,18 @@ async def _connect(config: KubernetesConfig, rest_retry: RetryPolicy,
     conn = config.connection
     cfg, headers = await _load_configuration(conn)
     ctx = _ssl_context(cfg, conn if conn.source == "host" else None)
-    api_client = k8s.ApiClient(cfg)
+    api_client, watch_client = k8s.ApiClient(cfg), k8s.ApiClient(cfg)
     # The exec client: every call is a WebSocket upgrade; pings every minute keep
     # idle interactive sessions alive through proxies and load balancers.
     ws_client = WsApiClient(cfg, heartbeat=EXEC_HEARTBEAT)
-    # Every exec WebSocket, and every connection's pod-loss watch, holds an HTTP
-    # connection for its whole life, so neither pool may be capped: with
-    # kubernetes-asyncio's default cap of 100 the 101st concurrent SSH connection
-    # stalled. (One shared watch per gateway would be lighter on the API server.)
-    for client_, limit in ((api_client, 0), (ws_client, 0)):
+    # Every exec WebSocket and every watch holds an HTTP connection for its whole
+    # life, so those pools are not capped (with kubernetes-asyncio's default cap of
+    # 100 the 101st concurrent SSH connection stalled). Plain REST calls are short:
+    # their pool is capped, so a burst (a thousand clients leaving at once: a
+    # thousand DELETEs) queues for REST_CONNECTIONS kept-alive connections instead
+    # of opening a thousand new TLS connections, whose handshakes the API server
+    # would have to do first (seen: DELETEs arriving 3 s late).
+    for client_, limit in ((api_client, REST_CONNECTIONS), (watch_client, 0), (ws_client, 0)):
         client_.default_headers.update(headers)
         rest = client_.rest_client
         await rest.pool_manager.close()  # kubernetes-asyncio's session trusts proxy variables
@@ -385,7 +388,13 @@ async def _connect(config: KubernetesConfig, rest_retry: RetryPolicy,
     transport = _Transport(api_client, TokenBucket(conn.qps, conn.burst), config.timeouts.http,
                            rest_retry, watch_retry)  # fmt: skip
     transport.ws_client = ws_client
+    transport.watch_client = watch_client
+    transport.watch_api = k8s.CoreV1Api(watch_client)
     return transport
+
+
+REST_CONNECTIONS = 32
+"""Most HTTP connections plain REST calls keep open at once (watches and execs are apart)."""
 
 
 # == requests (asyncio side) =====================================================================
@@ -462,11 +471,15 @@ class _Transport:
         self.watch_retry = watch_retry
         self.counters = _Counters()
         self.ws_client: Any = None
+        self.watch_client: Any = None
+        self.watch_api: Any = self.api
+        """Watches use their own pool (see ``_connect``)."""
 
     async def close(self) -> None:
         await self.api_client.close()
-        if self.ws_client is not None:
-            await self.ws_client.close()
+        for client_ in (self.watch_client, self.ws_client):
+            if client_ is not None:
+                await client_.close()
 
     async def _throttle(self) -> None:
         delay = self.bucket.reserve(asyncio.get_running_loop().time())
@@ -547,7 +560,7 @@ class _Transport:
                                         sock_read=WATCH_SECONDS + self.http_timeout)
         await self._throttle()
         try:
-            resp = await self.api.list_namespaced_pod(
+            resp = await self.watch_api.list_namespaced_pod(
                 namespace, field_selector=f"metadata.name={name}", watch=True,
                 resource_version=follow.rv, allow_watch_bookmarks=True,
                 timeout_seconds=WATCH_SECONDS, _preload_content=False, _request_timeout=timeout)
@@ -635,7 +648,7 @@ async def _watch_pods_once(t: _Transport, namespace: str, label_selector: str, r
                                     sock_read=WATCH_SECONDS + t.http_timeout)
     await t._throttle()
     try:
-        resp = await t.api.list_namespaced_pod(
+        resp = await t.watch_api.list_namespaced_pod(
             namespace, label_selector=label_selector or None, watch=True,
             resource_version=rv, allow_watch_bookmarks=True, timeout_seconds=WATCH_SECONDS,
             _preload_content=False, _request_timeout=timeout)
