@@ -56,8 +56,8 @@ def test_gateway_benchmark_quick(tmp_path: Path) -> None:
 
 def test_soak_short(tmp_path: Path) -> None:
     r = run_module(["benchmarks.soak", "--connections", "16", "--concurrency", "4",
-                    "--duration", "60", "--faults", "0.5", "--settle", "30"],
-                   tmp_path / "soak.json", 110)
+                    "--duration", "60", "--faults", "0.5", "--settle", "40"],
+                   tmp_path / "soak.json", 120)
     assert r["passed"] is True
     assert r["connections"] == 16
     assert all(v == 0 for v in r["leaks"].values()), r["leaks"]
