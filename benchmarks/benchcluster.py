@@ -44,7 +44,7 @@ async def main(kubeconfig: Path) -> None:
                 offset = trio.current_time() - time.monotonic()
                 entries = [{**attrs.asdict(e), "time": e.time - offset,
                             "received": e.received - offset}
-                           for e in cluster.request_log.entries[since:]]
+                           for e in cluster.request_log.since(since)]
                 print(json.dumps(entries), flush=True)
             elif command == "pods":
                 stats = cluster.kubelet.statistics()

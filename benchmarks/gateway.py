@@ -212,7 +212,9 @@ def log_since(cluster: Party, seq: int) -> list[dict[str, Any]]:
 
 
 def log_length(cluster: Party) -> int:
-    return len(log_since(cluster, 0))
+    """The ``seq`` the next request-log entry will get."""
+    entries = log_since(cluster, 0)
+    return int(entries[-1]["seq"]) + 1 if entries else 0
 
 
 def pod_events(entries: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

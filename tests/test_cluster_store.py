@@ -726,3 +726,16 @@ async def test_subscribe_sees_every_pod_change() -> None:
     assert seen[0][1]["kind"] == "Pod"
     with pytest.raises(trio.WouldBlock):
         changes.receive_nowait()
+
+
+async def test_request_log_keeps_the_newest_entries_and_reads_by_seq() -> None:
+    from kuberun_trio.cluster.requestlog import RequestLog
+
+    log = RequestLog(max_entries=100)
+    for i in range(1000):
+        log.add("http", "GET", f"/p/{i}", 200)
+    assert 100 <= len(log.entries) <= 110  # trimmed in batches
+    assert log.entries[-1].seq == 999 and log.entries[0].seq == log.dropped
+    assert [e.seq for e in log.since(995)] == [995, 996, 997, 998, 999]
+    assert log.since(0) == log.entries  # what was trimmed is gone, the rest is there
+    assert log.since(1000) == []

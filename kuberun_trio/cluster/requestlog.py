@@ -6,6 +6,10 @@ the upgrade and an ``exec-close`` entry once the stream is fully closed. Tests
 use it to check ordering, e.g. "every exec stream of this pod closed before its
 DELETE was received". Times are ``trio.current_time()``; the ``seq`` number
 orders entries that share a timestamp.
+
+The log keeps the newest ``max_entries`` (100 000 by default, some 30 MB): a
+demo server that runs for months must not grow without bound. ``seq`` keeps
+counting across trims; :meth:`RequestLog.since` reads by ``seq``.
 """
 
 from __future__ import annotations
@@ -40,8 +44,12 @@ class LogEntry:
 class RequestLog:
     """Append-only list of :class:`LogEntry`."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_entries: int = 100_000) -> None:
         self.entries: list[LogEntry] = []
+        """The newest entries, oldest first (``entries[i].seq == dropped + i``)."""
+        self.max_entries = max_entries
+        self.dropped = 0
+        """How many of the oldest entries were trimmed away."""
         self._seq = itertools.count()
 
     def add(
@@ -68,7 +76,15 @@ class RequestLog:
             received=now if received is None else received,
         )
         self.entries.append(entry)
+        excess = len(self.entries) - self.max_entries
+        if excess > self.max_entries // 10:  # trim in batches: amortised O(1) per entry
+            del self.entries[:excess]
+            self.dropped += excess
         return entry
+
+    def since(self, seq: int) -> list[LogEntry]:
+        """Entries with ``seq`` >= ``seq`` that are still kept."""
+        return self.entries[max(0, seq - self.dropped):]
 
     def for_pod(self, namespace: str, name: str) -> list[LogEntry]:
         """Entries about one pod, in order."""
