@@ -32,15 +32,8 @@ Pod watches (:meth:`KubeClient.wait_for_pod`,
 ``fieldSelector=metadata.name=<pod>``: a stream that ends or breaks is resumed
 from the last resourceVersion seen (BOOKMARKs included); a 410 Expired (an
 ``ERROR`` event or HTTP 410) triggers a re-list and a new watch from the list's
-resourceVersion. The judgement of each pod state is a pure function
-(:func:`pod_start_failure`, :func:`pod_ready`, :func:`pod_loss`).
-
-Start failures are final on *first* sight: ``ErrImagePull`` and
-``ImagePullBackOff`` (the kubelet only retries a pull after a back-off of 10 s
-and more, so a user would wait for ``podStart`` for nothing), ``CrashLoopBackOff``,
-``CreateContainerConfigError`` and the other waiting reasons in
-:data:`FATAL_WAITING_REASONS`, phase ``Failed``/``Succeeded``, deletion, and
-``PodScheduled=False`` with reason ``Unschedulable``. The caller bounds the
+resourceVersion. The judgement of each pod state is a pure function of
+:mod:`kuberun_trio.gateway.podstate`. The caller bounds the
 whole wait with a trio cancel scope (``timeouts.podStart``).
 """
 
@@ -53,7 +46,6 @@ import json
 import logging
 import os
 import random
-import re
 import ssl
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -67,7 +59,8 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.stream import WsApiClient
 
-from ..errors import ConfigError, KubernetesError, NotFoundError, PodStartError
+from ..errors import ConfigError, KubernetesError, NotFoundError
+from ..gateway.podstate import Pod, PodLoss, judge_start, pod_loss
 from .bridge import run_aio
 
 if TYPE_CHECKING:
@@ -75,15 +68,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Pod = dict[str, Any]
 T = TypeVar("T")
-
-FATAL_WAITING_REASONS = frozenset({
-    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
-    "CrashLoopBackOff", "CreateContainerConfigError", "CreateContainerError",
-    "RunContainerError", "PreCreateHookError", "PostStartHookError",
-})  # fmt: skip
-"""Container waiting reasons that end :meth:`KubeClient.wait_for_pod` with PodStartError."""
 
 EXEC_HEARTBEAT = 60.0
 """Seconds between WebSocket pings on exec streams (aiohttp closes if no pong in half)."""
@@ -118,17 +103,6 @@ REST_RETRY = RetryPolicy()
 """Default for single REST calls: 5 tries within about 3 s (plus ``Retry-After``)."""
 WATCH_RETRY = RetryPolicy(attempts=8, base_delay=0.25, max_delay=8.0)
 """Default for watch resumes: consecutive failures without any event in between (~25 s)."""
-
-
-@attrs.frozen
-class PodLoss:
-    """Why a pod that was serving a connection is no longer usable."""
-
-    reason: str
-    """``Deleted``, ``Terminating``, ``ContainerStopped``, or the pod's status reason
-    (``Evicted``, ...) / phase when it failed."""
-    message: str
-    """Human-readable detail."""
 
 
 @attrs.frozen
@@ -174,98 +148,6 @@ class TokenBucket:
         self._last = now
         self._tokens -= 1.0
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
-
-
-# == judging pod states (pure) ===================================================================
-
-
-def _conditions(pod: Pod) -> dict[str, dict[str, Any]]:
-    return {c.get("type", ""): c for c in (pod.get("status") or {}).get("conditions") or []}
-
-
-def _container_statuses(pod: Pod) -> list[dict[str, Any]]:
-    status = pod.get("status") or {}
-    return [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
-
-
-def pod_ready(pod: Pod) -> bool:
-    """Phase Running and condition Ready=True."""
-    ready = _conditions(pod).get("Ready", {})
-    return (pod.get("status") or {}).get("phase") == "Running" and ready.get("status") == "True"
-
-
-def pod_start_failure(pod: Pod) -> tuple[str, str] | None:
-    """``(reason, message)`` if ``pod`` will not become Running+Ready, else None."""
-    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-    if meta.get("deletionTimestamp"):
-        return "PodDeleted", "the pod is being deleted"
-    phase = status.get("phase")
-    if phase in ("Failed", "Succeeded"):
-        return status.get("reason") or phase, status.get("message") or _terminated_detail(pod)
-    scheduled = _conditions(pod).get("PodScheduled", {})
-    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
-        return "Unschedulable", scheduled.get("message") or "the pod cannot be scheduled"
-    for cs in _container_statuses(pod):
-        waiting = (cs.get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") in FATAL_WAITING_REASONS:
-            return waiting["reason"], waiting.get("message") or f"container {cs.get('name')}"
-    return None
-
-
-def _terminated_detail(pod: Pod) -> str:
-    for cs in _container_statuses(pod):
-        term = (cs.get("state") or {}).get("terminated")
-        if term:
-            return (f"container {cs.get('name')} terminated: {term.get('reason') or 'Error'}, "
-                    f"exit code {term.get('exitCode')}"
-                    + (f": {term['message']}" if term.get("message") else ""))  # fmt: skip
-    return f"the pod's phase is {(pod.get('status') or {}).get('phase')}"
-
-
-def pod_loss(pod: Pod | None, container: str | None = None) -> PodLoss | None:
-    """Why a running pod is lost (None: still fine). ``container`` None = any container."""
-    if pod is None:
-        return PodLoss("Deleted", "the pod was deleted")
-    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-    if meta.get("deletionTimestamp"):
-        return PodLoss("Terminating", "the pod is being deleted")
-    phase = status.get("phase")
-    if phase in ("Failed", "Succeeded"):
-        return PodLoss(status.get("reason") or phase,
-                       status.get("message") or _terminated_detail(pod))  # fmt: skip
-    for cs in (status.get("containerStatuses") or []):
-        if container is not None and cs.get("name") != container:
-            continue
-        state = cs.get("state") or {}
-        if "running" not in state:
-            term = state.get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
-            if not term and not cs.get("restartCount") and "waiting" in state:
-                # Never ran yet (ContainerCreating, ...): a stale pre-start state that a
-                # lagging watch can deliver after the pod was seen Ready. Not a loss.
-                continue
-            what = (f"{term.get('reason') or 'Error'}, exit code {term.get('exitCode')}" if term
-                    else (state.get("waiting") or {}).get("reason") or "not running")
-            return PodLoss("ContainerStopped", f"container {cs.get('name')} stopped: {what}")
-    return None
-
-
-def last_warning(events: list[dict[str, Any]]) -> str | None:
-    """The message of the newest informative ``Warning`` event in ``events``, if any.
-
-    The kubelet follows a detailed failure event (``Failed to pull image "x": ...``) with a
-    bare echo of the waiting reason (``Error: ErrImagePull``); such echoes are skipped.
-    """
-    warnings = [e for e in events if e.get("type") == "Warning" and e.get("message")
-                and not _REASON_ECHO.fullmatch(str(e["message"]))]  # fmt: skip
-    if not warnings:
-        return None
-    newest = max(warnings, key=lambda e: (e.get("lastTimestamp") or e.get("eventTime") or "",
-                                          int((e.get("metadata") or {}).get("resourceVersion")
-                                              or 0)))  # fmt: skip
-    return str(newest["message"])
-
-
-_REASON_ECHO = re.compile(r"Error: [A-Z][A-Za-z]+")
 
 
 # == configuration (asyncio side, runs once) =====================================================
@@ -676,19 +558,6 @@ async def _watch_pods_once(t: _Transport, namespace: str, label_selector: str, r
 
 
 # == the trio-facing client ======================================================================
-
-
-def judge_start(name: str, pod: Pod | None) -> Pod | None:
-    """The pod once Running+Ready, None while it is still starting (``pod`` None = gone).
-
-    Raises :class:`PodStartError` when it will not start.
-    """
-    if pod is None:
-        raise PodStartError(name, "PodDeleted", "the pod was deleted before it started")
-    failure = pod_start_failure(pod)
-    if failure is not None:
-        raise PodStartError(name, *failure)
-    return pod if pod_ready(pod) else None
 
 
 def _start_judge(name: str) -> Callable[[str, Pod | None], Pod | None]:

@@ -43,10 +43,11 @@ from typing import Any
 import attrs
 import trio
 
-from ..aio.kube import KubeClient, PodLoss, last_warning
+from ..aio.kube import KubeClient
 from ..errors import KuberunError, PodStartError
 from .auth import AuthResult
 from .config import KubernetesConfig
+from .podstate import PodLoss, last_warning
 from .podtemplate import LABEL_CONNECTION_ID, build_pod, sanitize_label_value
 from .podwatch import PodWatchHub
 

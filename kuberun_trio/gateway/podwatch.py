@@ -44,8 +44,9 @@ from typing import Any, Generic, TypeVar
 import attrs
 import trio
 
-from ..aio.kube import KubeClient, Pod, PodLoss, judge_start, pod_loss
+from ..aio.kube import KubeClient
 from ..errors import KuberunError, NotFoundError
+from .podstate import Pod, PodLoss, judge_start, pod_loss
 
 log = logging.getLogger(__name__)
 
