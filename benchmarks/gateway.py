@@ -323,12 +323,16 @@ def measure_fleet(port: int, user: str, count: int, ctx: dict[str, Any],
     if cluster is not None:
         out["pods_gone_s"] = wait_for_no_pods(cluster, 300)
         events = pod_events(log_since(cluster, seq))
-        lat = [1000 * (events[r["host"]]["delete"] - t) for r, t in zip(ready, closes, strict=True)
-               if t is not None and not r["error"] and "delete" in events.get(r["host"], {})]
-        out["disconnect_to_delete_ms"] = stats(lat)
-        out["disconnect_to_exec_close_ms"] = stats([
-            1000 * (events[r["host"]]["exec_close"] - t) for r, t in zip(ready, closes, strict=True)
-            if t is not None and not r["error"] and "exec_close" in events.get(r["host"], {})])
+
+        def after_close(event: str) -> dict[str, float]:
+            """Client close -> ``event`` at the API server, per connection that got there."""
+            return stats([1000 * (events[r["host"]][event] - t)
+                          for r, t in zip(ready, closes, strict=True)
+                          if t is not None and not r["error"]
+                          and event in events.get(r["host"], {})])
+
+        out["disconnect_to_delete_ms"] = after_close("delete")
+        out["disconnect_to_exec_close_ms"] = after_close("exec_close")
         out["timeline"] = [  # per connection, for digging into the percentiles
             {**r, "t_close": t, **events.get(r.get("host", ""), {})}
             for r, t in zip(ready, closes, strict=True)]

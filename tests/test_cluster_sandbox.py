@@ -470,12 +470,10 @@ async def test_pod_processes_get_default_signal_dispositions(
     # the default (else Ctrl-C and `kill -INT` do nothing in a pod). SIGPIPE too.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignored else None
     try:
-        proc = await sandbox.exec(["sh", "-c", "grep SigIgn /proc/self/status"], env={},
-                                  cwd=None, tty=False, stdin=False, stdout=True, stderr=False)
+        code, out, _ = await run(sandbox, ["sh", "-c", "grep SigIgn /proc/self/status"])
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    out = await read_all(proc.stdout)
-    assert await proc.wait() == 0
+    assert code == 0
     mask = int(out.split()[1], 16)
     assert not mask & (1 << (signal.SIGINT - 1)) and not mask & (1 << (signal.SIGPIPE - 1)), out

@@ -583,6 +583,15 @@ def test_event_count_is_bounded() -> None:
     assert [e["message"] for e in store.list_events(None)["items"]] == ["m3", "m4", "m5"]
 
 
+def test_event_eviction_drops_the_least_recently_written() -> None:
+    store = Store(max_events=3)
+    pod = store.create_pod("default", _pod())
+    for message in ("m0", "m1", "m2", "m0", "m3"):  # m0 happens again: it is newer than m1
+        store.record_event("default", pod, "Normal", "R", message)
+    kept = {e["message"]: e["count"] for e in store.list_events(None)["items"]}
+    assert kept == {"m0": 2, "m2": 1, "m3": 1}
+
+
 # -- store: watch -----------------------------------------------------------------
 
 

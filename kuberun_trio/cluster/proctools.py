@@ -9,7 +9,7 @@ an empty/None answer for a process that is gone, since every caller races with e
 size of that subtree, where :func:`scan_proc` reads every process of the host (with a
 thousand pods, tens of thousands of ``/proc`` reads per call).
 :func:`inner_pid` finds the one child that ``unshare``/``nsenter`` forks (the process
-that really runs), polling ``/proc/PID/task/PID/children`` with a short backoff.
+that really runs), polling :func:`children` with a short backoff.
 :func:`check_exec` resolves the executable and working directory *before* spawning, so
 a missing one gets runc's wording (as a real runtime reports it) rather than an exit
 code from the helper.
@@ -43,36 +43,34 @@ async def inner_pid(outer: trio.Process) -> int | None:
 
 
 def children(pid: int) -> list[int]:
-    """PIDs of the children of ``pid`` ([] if it is gone)."""
+    """PIDs of the children of ``pid`` ([] if it is gone), from every thread's ``children``
+    file (a child forked by any thread is listed under that thread)."""
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return []
+    kids: list[int] = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.extend(int(p) for p in f.read().split())
+        except OSError:
+            pass
+    return kids
 
 
 def descendants(roots: list[int]) -> list[int]:
-    """``roots`` (those still alive) and every process below them, via each task's
-    ``children`` file (a child forked by any thread is listed under that thread)."""
+    """``roots`` (those still alive) and every process below them."""
     found: list[int] = []
     seen: set[int] = set()
     todo = list(roots)
     while todo:
         pid = todo.pop()
-        if pid in seen:
+        if pid in seen or not os.path.exists(f"/proc/{pid}"):
             continue
-        try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue  # gone
         seen.add(pid)
         found.append(pid)
-        for tid in tasks:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children") as f:
-                    todo.extend(int(p) for p in f.read().split())
-            except OSError:
-                pass
+        todo.extend(children(pid))
     return found
 
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import logging
 import os
 import secrets
@@ -122,12 +123,18 @@ _ns_support: bool | None = None
 _P = TypeVar("_P", bound="SandboxProcess")
 
 
+@functools.cache
+def _tool(name: str) -> str | None:
+    """Where the util-linux program ``name`` is (looked up once per process)."""
+    return shutil.which(name)
+
+
 async def namespaces_supported() -> bool:
     """Whether ``unshare``/``nsenter`` namespaces work here (tried once, then cached)."""
     global _ns_support
     if _ns_support is None:
-        unshare = shutil.which("unshare")
-        if unshare is None or shutil.which("nsenter") is None:
+        unshare = _tool("unshare")
+        if unshare is None or _tool("nsenter") is None:
             _ns_support = False
         else:
             result = await trio.run_process(
@@ -172,8 +179,8 @@ class PodSandbox:
         self._groups: set[int] = {pid}
         self._destroyed = False
         self._destroy_done = trio.Event()
-        self._nsenter = shutil.which("nsenter") or "nsenter"
-        self._setsid = shutil.which("setsid")
+        self._enter = [_tool("nsenter") or "nsenter", f"--target={pid}", *_NSENTER_FLAGS]
+        """The argv prefix that runs a command in the pod's namespaces."""
 
     @classmethod
     async def create(
@@ -366,14 +373,14 @@ class PodSandbox:
     def _command(self, argv: Sequence[str], *, cwd: str, root: str | None,
                  tty: bool) -> list[str]:
         """The host argv that starts ``argv`` in this sandbox (see the module docstring)."""
-        if self.namespaces and root is None and self._setsid is not None and \
+        setsid = _tool("setsid")
+        if self.namespaces and root is None and setsid is not None and \
                 signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             ctty = ["--ctty"] if tty else []
-            return [self._nsenter, f"--target={self.pid}", *_NSENTER_FLAGS, f"--wd={cwd}", "--",
-                    self._setsid, *ctty, "--", *argv]
+            return [*self._enter, f"--wd={cwd}", "--", setsid, *ctty, "--", *argv]
         helper = [sys.executable, "-I", "-S", "-c", _HELPER, "1" if tty else "0", root or "", cwd]
         if self.namespaces:
-            return [self._nsenter, f"--target={self.pid}", *_NSENTER_FLAGS, "--", *helper, *argv]
+            return [*self._enter, "--", *helper, *argv]
         return [*helper, *argv]
 
     def _forget(self, proc: SandboxProcess) -> None:
@@ -509,7 +516,7 @@ class ContainerSandbox:
 async def _start_ns_init(name: str) -> tuple[trio.Process, int, int]:
     """Start unshare + init; returns (unshare process, init PID, lifeline write fd)."""
     hostname = name[:63].rstrip("-.") or "pod"
-    unshare = shutil.which("unshare") or "unshare"
+    unshare = _tool("unshare") or "unshare"
     lifeline_read, lifeline = os.pipe()  # both non-inheritable; stdin gets a dup
     try:
         init = await trio.lowlevel.open_process(

@@ -86,10 +86,9 @@ class Store:
         self._compacted = 0
         self._history: deque[Change] = deque()
         self._objects: dict[str, dict[tuple[str, str], Obj]] = {k: {} for k in KINDS}
+        """Per resource, the objects in the order of their last write (= by resourceVersion)."""
         self._event_keys: dict[tuple[Any, ...], tuple[str, str]] = {}
         """Repeat key (:func:`events.repeat_key`) -> the Event that has it."""
-        self._event_order: dict[tuple[str, str], None] = {}
-        """Events by last write, oldest first (= by resourceVersion: each write is the newest)."""
         self._watchers: weakref.WeakSet[Watch] = weakref.WeakSet()
         self._subscribers: list[trio.MemorySendChannel[tuple[str, Obj]]] = []
         for name in SYSTEM_NAMESPACES:
@@ -107,9 +106,8 @@ class Store:
         obj = with_rv(obj, self._rv)
         meta = obj["metadata"]
         key = (meta.get("namespace", ""), meta["name"])
-        if type_ == "DELETED":
-            self._objects[resource].pop(key, None)
-        else:
+        self._objects[resource].pop(key, None)  # a write moves the object to the end
+        if type_ != "DELETED":
             self._objects[resource][key] = obj
         if resource == "events":
             self._index_event(type_, key, obj, prev)
@@ -131,10 +129,8 @@ class Store:
     def _index_event(self, type_: str, key: tuple[str, str], obj: Obj, prev: Obj | None) -> None:
         if prev is not None:
             self._event_keys.pop(events.repeat_key_of(prev), None)
-        self._event_order.pop(key, None)
         if type_ != "DELETED":
             self._event_keys[events.repeat_key_of(obj)] = key
-            self._event_order[key] = None
 
     def expire_history(self) -> None:
         """Make every resourceVersion so far too old to resume a watch from (fault)."""
@@ -324,7 +320,7 @@ class Store:
         now = rfc3339()
         kept = self._objects["events"]
         same = self._event_keys.get(events.repeat_key(ns, involved, src, type_, reason, message))
-        if same is not None and same in kept:
+        if same is not None:
             existing = kept[same]
             new = events.repeated(existing, now)
             return with_kind(
@@ -335,7 +331,7 @@ class Store:
         )
         stored = self._write("events", "ADDED", event, None)
         while len(kept) > self.max_events:
-            oldest = kept[next(iter(self._event_order))]
+            oldest = next(iter(kept.values()))  # the least recently written
             self._write("events", "DELETED", oldest, oldest)
         return with_kind("events", clone(stored))
 
