@@ -1,0 +1,113 @@
+"""Helpers for the deployment tests: render the kustomize trees, find objects, read the
+Dockerfile (importable as ``deploykit``).
+
+Rendering uses the real ``kubectl kustomize`` (no cluster needed); the rendered objects
+are plain dicts as ``yaml.safe_load_all`` gives them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+from support import kubectl_versions
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = "deploy/base"
+OVERLAY = "deploy/overlays/example"
+TREES = (BASE, OVERLAY)
+GATEWAY_NS, GUEST_NS = "ssh-gateway", "ssh-sessions"
+
+Obj = dict[str, Any]
+
+
+def kubectl() -> str | None:
+    """A kubectl binary: the newest versioned one the tests use, else plain ``kubectl``."""
+    return next(iter(kubectl_versions()), None) or shutil.which("kubectl")
+
+
+@functools.cache
+def render(tree: str) -> tuple[Obj, ...]:
+    """``kubectl kustomize <tree>`` (relative to the repository), parsed."""
+    binary = kubectl()
+    assert binary is not None, "kubectl is not installed"
+    result = subprocess.run([binary, "kustomize", tree], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+
+
+def find(objects: tuple[Obj, ...] | list[Obj], kind: str, name: str | None = None,
+         namespace: str | None = None) -> list[Obj]:
+    """The objects of ``kind`` (and ``name``, ``namespace`` prefix-free, if given)."""
+    return [o for o in objects if o["kind"] == kind
+            and (name is None or o["metadata"]["name"] == name)
+            and (namespace is None or o["metadata"].get("namespace") == namespace)]
+
+
+def one(objects: tuple[Obj, ...] | list[Obj], kind: str, name: str | None = None,
+        namespace: str | None = None) -> Obj:
+    found = find(objects, kind, name, namespace)
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def configmap(objects: tuple[Obj, ...], prefix: str) -> Obj:
+    """The ConfigMap whose (hash-suffixed) name starts with ``prefix``."""
+    (found,) = [o for o in find(objects, "ConfigMap") if o["metadata"]["name"].startswith(prefix)]
+    return found
+
+
+def gateway_config(objects: tuple[Obj, ...]) -> dict[str, Any]:
+    """The gateway's configuration file, as YAML loaded from the rendered ConfigMap."""
+    data: dict[str, Any] = yaml.safe_load(
+        configmap(objects, "kuberun-trio-config")["data"]["config.yaml"])
+    return data
+
+
+# == the Dockerfile ============================================================================
+
+
+@attrs.frozen
+class Instruction:
+    keyword: str
+    """Upper case: ``FROM``, ``COPY``, ..."""
+    args: str
+    """The rest of the (joined) line."""
+    stage: int
+    """Index of the build stage it belongs to (the FROM that opened it)."""
+
+    def json_args(self) -> list[str]:
+        """The exec form (``["python", "-m", ...]``)."""
+        value = json.loads(self.args)
+        assert isinstance(value, list) and all(isinstance(v, str) for v in value), self.args
+        return value
+
+
+def dockerfile(path: Path = ROOT / "Dockerfile") -> list[Instruction]:
+    """The instructions of a Dockerfile: comments dropped, ``\\`` continuations joined."""
+    instructions: list[Instruction] = []
+    stage, pending = -1, ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue  # comment lines inside a continued instruction are dropped
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        keyword, _, args = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            stage += 1
+        instructions.append(Instruction(keyword, args.strip(), stage))
+    assert not pending, "the Dockerfile ends inside a continued line"
+    return instructions
