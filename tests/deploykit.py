@@ -7,8 +7,11 @@ are plain dicts as ``yaml.safe_load_all`` gives them.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
+import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,6 +26,7 @@ BASE = "deploy/base"
 OVERLAY = "deploy/overlays/example"
 TREES = (BASE, OVERLAY)
 GATEWAY_NS, GUEST_NS = "ssh-gateway", "ssh-sessions"
+GUIDE = "docs/deploy.md"
 
 Obj = dict[str, Any]
 
@@ -69,6 +73,79 @@ def gateway_config(objects: tuple[Obj, ...]) -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load(
         configmap(objects, "kuberun-trio-config")["data"]["config.yaml"])
     return data
+
+
+# == the deployment guide and the pod's mounts ===============================================
+
+def commands(doc: str = GUIDE) -> list[str]:
+    """The lines of the ``sh`` blocks of ``doc``."""
+    text = (ROOT / doc).read_text()
+    blocks = re.findall(r"^```sh\n(.*?)^```", text, re.S | re.M)
+    return [line for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def run(words: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    binary = kubectl()
+    assert binary is not None
+    argv = [binary, *words[1:]] if words[0] == "kubectl" else words
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def documented_secret(tmp_path: Path) -> Obj:
+    """The host-key Secret exactly as the guide creates it (``--dry-run=client``)."""
+    lines = commands()
+    (keygen,) = [c for c in lines if c.startswith("ssh-keygen")]
+    (create,) = [c for c in lines if " create secret " in c]
+    assert run(shlex.split(keygen), tmp_path).returncode == 0
+    result = run([*shlex.split(create), "--dry-run=client", "-o", "yaml"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    secret: Obj = yaml.safe_load(result.stdout)
+    return secret
+
+
+def mount(objects: tuple[Obj, ...], secret: Obj, root: Path) -> tuple[Obj, dict[str, str]]:
+    """Lay out the gateway container's volume mounts below ``root`` as the kubelet would
+    (ConfigMaps from the rendered objects, the Secret given); returns the container and
+    the mapping of mount paths to their place below ``root``."""
+    deployment = one(objects, "Deployment", "kuberun-trio", GATEWAY_NS)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    places = {}
+    for m in container["volumeMounts"]:
+        volume, target = volumes[m["name"]], root / m["mountPath"].lstrip("/")
+        places[m["mountPath"]] = str(target)
+        data: dict[str, bytes] = {}
+        if "configMap" in volume:
+            (cm,) = [o for o in find(objects, "ConfigMap", namespace=GATEWAY_NS)
+                     if o["metadata"]["name"] == volume["configMap"]["name"]]
+            data = {k: v.encode() for k, v in cm["data"].items()}
+        elif "secret" in volume:
+            assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+            data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
+        else:
+            assert "emptyDir" in volume, volume
+        if "subPath" in m:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data[m["subPath"]])
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            for key, value in data.items():
+                (target / key).write_bytes(value)
+    return container, places
+
+
+def relocate(value: Any, places: dict[str, str]) -> Any:
+    """``value`` with every string that starts with a mount path moved below the root."""
+    if isinstance(value, dict):
+        return {k: relocate(v, places) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relocate(v, places) for v in value]
+    if isinstance(value, str):
+        for path, place in places.items():
+            if value == path or value.startswith(path + "/"):
+                return place + value[len(path):]
+    return value
 
 
 # == the Dockerfile ============================================================================

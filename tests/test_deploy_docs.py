@@ -6,7 +6,6 @@ documented Secret give a configuration that ``check-config`` accepts."""
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import shlex
@@ -14,7 +13,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -24,12 +22,15 @@ from deploykit import (
     GUEST_NS,
     OVERLAY,
     ROOT,
-    Obj,
+    commands,
     configmap,
+    documented_secret,
     find,
     kubectl,
-    one,
+    mount,
+    relocate,
     render,
+    run,
 )
 
 from kuberun_trio.cli import build_parser
@@ -38,34 +39,7 @@ from kuberun_trio.server.settings import load_settings
 
 pytestmark = pytest.mark.skipif(kubectl() is None, reason="kubectl is not installed")
 
-GUIDE = "docs/deploy.md"
 KINDS = {"deployment": "Deployment", "service": "Service", "secret": "Secret"}
-
-
-def commands(doc: str = GUIDE) -> list[str]:
-    """The lines of the ``sh`` blocks of ``doc``."""
-    text = (ROOT / doc).read_text()
-    blocks = re.findall(r"^```sh\n(.*?)^```", text, re.S | re.M)
-    return [line for block in blocks for line in block.splitlines() if line.strip()]
-
-
-def run(words: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    binary = kubectl()
-    assert binary is not None
-    argv = [binary, *words[1:]] if words[0] == "kubectl" else words
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
-
-
-def documented_secret(tmp_path: Path) -> Obj:
-    """The host-key Secret exactly as the guide creates it (``--dry-run=client``)."""
-    lines = commands()
-    (keygen,) = [c for c in lines if c.startswith("ssh-keygen")]
-    (create,) = [c for c in lines if " create secret " in c]
-    assert run(shlex.split(keygen), tmp_path).returncode == 0
-    result = run([*shlex.split(create), "--dry-run=client", "-o", "yaml"], tmp_path)
-    assert result.returncode == 0, result.stderr
-    secret: Obj = yaml.safe_load(result.stdout)
-    return secret
 
 
 def test_guide_offline_commands_run(tmp_path: Path) -> None:
@@ -116,51 +90,6 @@ def test_guide_commands_name_objects_that_exist() -> None:
                 assert words[words.index(flag) + 1].split("=")[0] == LABEL_INSTANCE, line
                 checked += 1
     assert checked >= 6
-
-
-def mount(objects: tuple[Obj, ...], secret: Obj, root: Path) -> tuple[Obj, dict[str, str]]:
-    """Lay out the gateway container's volume mounts below ``root`` as the kubelet would
-    (ConfigMaps from the rendered objects, the Secret given); returns the container and
-    the mapping of mount paths to their place below ``root``."""
-    deployment = one(objects, "Deployment", "kuberun-trio", GATEWAY_NS)
-    pod = deployment["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    volumes = {v["name"]: v for v in pod["volumes"]}
-    places = {}
-    for m in container["volumeMounts"]:
-        volume, target = volumes[m["name"]], root / m["mountPath"].lstrip("/")
-        places[m["mountPath"]] = str(target)
-        data: dict[str, bytes] = {}
-        if "configMap" in volume:
-            (cm,) = [o for o in find(objects, "ConfigMap", namespace=GATEWAY_NS)
-                     if o["metadata"]["name"] == volume["configMap"]["name"]]
-            data = {k: v.encode() for k, v in cm["data"].items()}
-        elif "secret" in volume:
-            assert volume["secret"]["secretName"] == secret["metadata"]["name"]
-            data = {k: base64.b64decode(v) for k, v in secret["data"].items()}
-        else:
-            assert "emptyDir" in volume, volume
-        if "subPath" in m:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data[m["subPath"]])
-        else:
-            target.mkdir(parents=True, exist_ok=True)
-            for key, value in data.items():
-                (target / key).write_bytes(value)
-    return container, places
-
-
-def relocate(value: Any, places: dict[str, str]) -> Any:
-    """``value`` with every string that starts with a mount path moved below the root."""
-    if isinstance(value, dict):
-        return {k: relocate(v, places) for k, v in value.items()}
-    if isinstance(value, list):
-        return [relocate(v, places) for v in value]
-    if isinstance(value, str):
-        for path, place in places.items():
-            if value == path or value.startswith(path + "/"):
-                return place + value[len(path):]
-    return value
 
 
 @pytest.mark.parametrize("tree", [BASE, OVERLAY])
