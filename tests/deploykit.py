@@ -148,6 +148,18 @@ def relocate(value: Any, places: dict[str, str]) -> Any:
     return value
 
 
+
+def mounted_gateway(objects: tuple[Obj, ...], secret: Obj,
+                    root: Path) -> tuple[list[str], dict[str, str]]:
+    """The gateway's arguments and mounts laid out below ``root`` (:func:`mount`), its
+    configuration file's paths moved along; returns (arguments, mount places)."""
+    container, places = mount(objects, secret, root)
+    args: list[str] = relocate(container["args"], places)
+    config_file = Path(args[args.index("--config") + 1])
+    config = relocate(yaml.safe_load(config_file.read_text()), places)
+    config_file.write_text(yaml.safe_dump(config))
+    return args, places
+
 # == the Dockerfile ============================================================================
 
 

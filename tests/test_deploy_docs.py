@@ -27,8 +27,7 @@ from deploykit import (
     documented_secret,
     find,
     kubectl,
-    mount,
-    relocate,
+    mounted_gateway,
     render,
     run,
 )
@@ -97,11 +96,8 @@ def test_deployment_args_and_mounts_give_a_valid_configuration(tmp_path: Path,
                                                                tree: str) -> None:
     objects = render(tree)
     secret = documented_secret(tmp_path)
-    container, places = mount(objects, secret, tmp_path / "root")
-    args = relocate(container["args"], places)
-    config_file = Path(args[args.index("--config") + 1])
-    config_file.write_text(yaml.safe_dump(relocate(yaml.safe_load(config_file.read_text()),
-                                                   places)))
+    args, _ = mounted_gateway(objects, secret, tmp_path / "root")
+    config_file = args[args.index("--config") + 1]
     result = subprocess.run([sys.executable, "-m", "kuberun_trio", "check-config",
                              str(config_file)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
