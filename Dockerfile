@@ -10,13 +10,13 @@
 
 FROM python:3.12.8-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/kuberun-trio
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY kuberun_trio ./kuberun_trio
-RUN /opt/kuberun-trio/bin/pip install --no-compile . \
+# pip compiles the bytecode here: at run time the root filesystem is read-only.
+RUN /opt/kuberun-trio/bin/pip install . \
     && /opt/kuberun-trio/bin/python -m kuberun_trio --version
 
 FROM python:3.12.8-slim-bookworm

@@ -7,6 +7,7 @@ guest pods without API access, a Service that keeps client addresses."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Any
 
 import kubernetes_validate
@@ -78,9 +79,21 @@ def test_renders_every_piece(tree: str) -> None:
             assert obj["metadata"].get("namespace") in (GATEWAY_NS, GUEST_NS), obj["metadata"]
 
 
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a network connection fails the test."""
+    def refuse(*args: object, **kwargs: object) -> None:
+        pytest.fail(f"network access: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
 @pytest.mark.parametrize("tree", TREES)
+@pytest.mark.usefixtures("offline")
 def test_every_object_validates_strictly_against_1_33(tree: str) -> None:
-    for obj in render(tree):
+    objects = render(tree)
+    for obj in objects:
         validate(obj)
 
 
