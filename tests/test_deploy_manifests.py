@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import subprocess
 from typing import Any
 
 import kubernetes_validate
@@ -27,6 +28,7 @@ from deploykit import (
     one,
     render,
 )
+from support import kubectl_versions
 
 from kuberun_trio.server.config import parse_server_config
 
@@ -95,6 +97,16 @@ def test_every_object_validates_strictly_against_1_33(tree: str) -> None:
     objects = render(tree)
     for obj in objects:
         validate(obj)
+
+
+def test_renders_the_same_with_every_tested_kubectl() -> None:
+    """The newest kubectl and 1.30 (the versions the tests use) agree on the output."""
+    binaries = kubectl_versions()
+    if len(binaries) < 2:
+        pytest.skip("needs the versioned kubectl binaries")
+    outputs = {subprocess.run([b, "kustomize", OVERLAY], cwd=ROOT, capture_output=True,
+                              text=True, check=True, timeout=60).stdout for b in binaries}
+    assert len(outputs) == 1
 
 
 def test_strict_validation_catches_a_typo() -> None:
