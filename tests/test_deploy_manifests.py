@@ -298,3 +298,47 @@ def test_optional_service_monitor() -> None:
     assert container_port(gateway_container(BASE), port["targetPort"]) == 9100
     labels: dict[str, Any] = deployment(BASE)["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
+
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                      "persistentVolumeClaim", "projected", "secret"}
+
+
+def restricted_violations(spec: dict[str, Any]) -> list[str]:
+    """What the Pod Security "restricted" profile would refuse in a pod spec (the checks
+    that can apply to ours: host namespaces and ports, volume types, privilege,
+    capabilities, non-root, seccomp)."""
+    problems = [k for k in ("hostNetwork", "hostPID", "hostIPC") if spec.get(k)]
+    problems += [f"volume {v['name']}" for v in spec.get("volumes", [])
+                 if not set(v) - {"name"} <= RESTRICTED_VOLUMES]
+    pod = spec.get("securityContext", {})
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        ctx = {**pod, **c.get("securityContext", {})}
+        name = c["name"]
+        problems += [f"{name}: hostPort" for p in c.get("ports", []) if p.get("hostPort")]
+        if ctx.get("privileged") or ctx.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: privilege")
+        caps = c.get("securityContext", {}).get("capabilities", {})
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{name}: capabilities")
+        if ctx.get("runAsNonRoot") is not True or ctx.get("runAsUser") == 0:
+            problems.append(f"{name}: runAsNonRoot")
+        if ctx.get("seccompProfile", {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{name}: seccomp")
+    return problems
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_pods_pass_the_restricted_pod_security_their_namespaces_enforce(tree: str) -> None:
+    objects = render(tree)
+    levels = {n["metadata"]["name"]: n["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+              for n in find(objects, "Namespace")}
+    assert levels == {GATEWAY_NS: "restricted", GUEST_NS: "restricted"}
+    assert restricted_violations(deployment(tree)["spec"]["template"]["spec"]) == []
+    guest = parse_server_config(gateway_config(objects), instance="test").kubernetes.pod.spec
+    assert restricted_violations(dict(guest)) == []
+    # the check can fail
+    loose = yaml.safe_load(yaml.safe_dump(dict(guest)))
+    del loose["containers"][0]["securityContext"]["capabilities"]
+    loose["securityContext"]["runAsNonRoot"] = False
+    assert restricted_violations(loose) == ["shell: capabilities", "shell: runAsNonRoot"]
