@@ -20,14 +20,17 @@ from deploykit import (
     BASE,
     GATEWAY_NS,
     GUEST_NS,
+    GUIDE,
     OVERLAY,
     ROOT,
     commands,
     configmap,
     documented_secret,
     find,
+    gateway_config,
     kubectl,
     mounted_gateway,
+    one,
     render,
     run,
 )
@@ -137,3 +140,28 @@ def test_guide_is_linked_from_the_readme() -> None:
     section = readme.split("## Pointing it at a real cluster", 1)[1].split("\n## ", 1)[0]
     assert "(docs/deploy.md)" in section
     assert os.path.exists(ROOT / "docs/deploy.md")
+
+
+def test_guide_config_override_replaces_the_config(tmp_path: Path) -> None:
+    """The guide's ``configMapGenerator`` entry, added to a copy of the example overlay
+    with an edited config.yaml, replaces the gateway's configuration."""
+    text = (ROOT / GUIDE).read_text()
+    (block,) = [b for b in re.findall(r"^```yaml\n(.*?)^```", text, re.S | re.M)
+                if "configMapGenerator" in b]
+    site = tmp_path / "deploy/overlays/mysite"
+    shutil.copytree(ROOT / "deploy", tmp_path / "deploy")
+    shutil.copytree(tmp_path / OVERLAY, site)
+    config = (ROOT / BASE / "config.yaml").read_text()
+    (site / "config.yaml").write_text(config.replace("busybox:1.37", "myteam/shell:1"))
+    kustomization = yaml.safe_load((site / "kustomization.yaml").read_text())
+    kustomization["configMapGenerator"] += yaml.safe_load(block)["configMapGenerator"]
+    (site / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    result = run(["kubectl", "kustomize", "deploy/overlays/mysite"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    objects = tuple(d for d in yaml.safe_load_all(result.stdout) if d)
+    (console,) = gateway_config(objects)["kubernetes"]["pod"]["spec"]["containers"]
+    assert console["image"] == "myteam/shell:1"
+    volumes = one(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v["name"] == "config"]
+    assert volume["configMap"]["name"] == configmap(objects, "kuberun-trio-config")[
+        "metadata"]["name"]
