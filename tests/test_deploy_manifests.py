@@ -256,12 +256,14 @@ def test_guest_network_policy(tree: str) -> None:
     # kubeadm/kind, GKE, EKS; endpoints on private node networks) are unreachable.
     for address in ("169.254.169.254", "10.96.0.1", "10.0.0.1", "172.20.0.1",
                     "192.168.49.2", "fd00:ec2::254"):
-        assert not allowed(policy, address), address
+        for port in (53, 80, 443, 6443):
+            assert not allowed(policy, address, port), (address, port)
     assert allowed(policy, "1.1.1.1") and allowed(policy, "2606:4700::1111")
-    # Rules without an IP block are DNS only.
+    # Rules limited to ports are DNS only; the one without is the internet rule above.
     for rule in spec["egress"]:
-        if not any("ipBlock" in peer for peer in rule["to"]):
+        if "ports" in rule:
             assert {p["port"] for p in rule["ports"]} == {53}
+    assert sum("ports" not in rule for rule in spec["egress"]) == 1
     if tree == OVERLAY:  # the example's public API server address
         assert not allowed(policy, "203.0.113.10")
 
