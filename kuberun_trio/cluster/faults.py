@@ -115,6 +115,10 @@ class Faults:
             _RequestRule(verb, resource, count, RequestFailure(code, retry_after))
         )
 
+    def clear_request_failures(self) -> None:
+        """Disarm every :meth:`fail_requests` rule."""
+        self._request_rules.clear()
+
     def take_request_failure(self, verb: str, resource: str) -> RequestFailure | None:
         """Consume and return the failure for this request, if one is armed."""
         for rule in self._request_rules:

@@ -241,7 +241,7 @@ class Reaper:
             if verdict is None:
                 continue
             for pod in group:
-                if _age(pod, now) <= self.options.margin:
+                if _age(pod, now) < self.options.margin:
                     continue
                 meta = pod["metadata"]
                 dead = str((meta.get("labels") or {}).get(LABEL_INSTANCE) or "?")
