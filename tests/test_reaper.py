@@ -225,7 +225,8 @@ async def test_cross_sweep_follows_the_leases(cluster: EmbeddedCluster,
     assert reaper.orphan_pods_deleted == 2
     # the long-expired Lease named by no pod is gone; the dead one still named by its
     # (now deleting) pod, the live ones and our own stay until a later sweep
-    names = {lease["metadata"]["name"] for lease in cluster.store.list("leases", "default")["items"]}
+    leases = cluster.store.list("leases", "default")["items"]
+    names = {lease["metadata"]["name"] for lease in leases}
     assert names == {"kuberun-gw-me", "kuberun-gw-peer", "kuberun-gw-dead"}
 
 
