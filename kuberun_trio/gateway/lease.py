@@ -248,6 +248,11 @@ class LeaseKeeper:
             except KubernetesError as exc:
                 if exc.status == 409:
                     continue
+                if exc.status in (401, 403):
+                    raise KuberunError(
+                        f"cannot take Lease {self.ref}: {exc}; grant get, list, create, update "
+                        f"and delete on leases (coordination.k8s.io) in namespace "
+                        f"{self.namespace}, or set lease.enabled: false") from exc
                 raise
             self._took(lease, sent)
             return
