@@ -177,8 +177,35 @@ async def test_a_killed_replica_is_collected_by_its_sibling(
     assert cluster.store.list("leases", "default")["items"] == []
 
 
-async def test_gc_command_and_lease_disabled_still_work(
+async def test_gc_refuses_an_instance_whose_lease_is_live(
         cluster: EmbeddedCluster, tmp_path: Path) -> None:
+    keys = make_keys(tmp_path)
+    config = config_file(tmp_path, cluster, lease={"duration": "30s", "renewInterval": "10s"})
+    args = server_args(cluster, keys, "gw-live", "--config", str(config))
+    async with running(tmp_path, args, b"host key") as server:
+        trust(keys, server)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ssh, keys.ssh_argv(server.port), "exec sleep 60")
+            await wait_for(lambda: len(pods_of(cluster, "gw-live")) == 1)
+            pod = pods_of(cluster, "gw-live")
+            gc = [sys.executable, "-m", "kuberun_trio", "gc", "--config", str(config),
+                  "--instance", "gw-live"]
+            refused = await trio.run_process(gc, capture_stdout=True, capture_stderr=True,
+                                             check=False)
+            assert refused.returncode == 1
+            assert refused.stderr.decode().startswith(
+                "error: instance 'gw-live' is live: Lease default/kuberun-gw-live (holder "
+                "gw-live_"), refused.stderr
+            forced = await trio.run_process([*gc, "--force", "--dry-run"], capture_stdout=True,
+                                            capture_stderr=True, check=False)
+            assert forced.returncode == 0, forced.stderr
+            assert forced.stdout.decode().splitlines()[0] == f"would delete pod default/{pod[0]}"
+            assert pods_of(cluster, "gw-live") == pod
+            nursery.cancel_scope.cancel()
+        assert await stop(server) == 0
+
+
+async def test_lease_disabled_still_serves(cluster: EmbeddedCluster, tmp_path: Path) -> None:
     """``lease.enabled: false`` runs without a Lease (and says so)."""
     keys = make_keys(tmp_path)
     config = config_file(tmp_path, cluster, lease={"enabled": False})
