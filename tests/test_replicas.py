@@ -151,9 +151,10 @@ async def test_a_killed_replica_is_collected_by_its_sibling(
         assert again.stdout == b"still here\n", again.stderr
 
         # A third gateway with the live one's name refuses, before touching any pod.
-        third = await trio.run_process(
-            [sys.executable, "-m", "kuberun_trio", *args("gw-b")],
-            capture_stdout=True, capture_stderr=True, check=False)
+        with trio.fail_after(30):
+            third = await trio.run_process(
+                [sys.executable, "-m", "kuberun_trio", *args("gw-b")],
+                capture_stdout=True, capture_stderr=True, check=False)
         assert third.returncode == 1
         message = third.stderr.decode()
         assert "error: another gateway holds instance 'gw-b': Lease default/kuberun-gw-b" in \
