@@ -136,7 +136,15 @@ async def test_version_and_legacy_discovery(ctx: api.ApiContext) -> None:
     )
     assert {"create", "get"} <= set(by_name["pods/exec"]["verbs"])
     _, groups = await call_json(ctx, "GET", "/apis")
-    assert groups == {"kind": "APIGroupList", "apiVersion": "v1", "groups": []}
+    v1 = {"groupVersion": "coordination.k8s.io/v1", "version": "v1"}
+    coordination = {"name": "coordination.k8s.io", "versions": [v1], "preferredVersion": v1}
+    assert groups == {"kind": "APIGroupList", "apiVersion": "v1", "groups": [coordination]}
+    _, group = await call_json(ctx, "GET", "/apis/coordination.k8s.io")
+    assert group == {"kind": "APIGroup", "apiVersion": "v1", **coordination}
+    _, leases = await call_json(ctx, "GET", "/apis/coordination.k8s.io/v1")
+    assert leases["groupVersion"] == "coordination.k8s.io/v1"
+    assert [(r["name"], r["kind"], r["namespaced"]) for r in leases["resources"]] == [
+        ("leases", "Lease", True)]
 
 
 async def test_aggregated_discovery(ctx: api.ApiContext) -> None:
@@ -151,7 +159,12 @@ async def test_aggregated_discovery(ctx: api.ApiContext) -> None:
     assert pods["scope"] == "Namespaced" and pods["singularResource"] == "pod"
     assert {s["subresource"] for s in pods["subresources"]} >= {"exec", "log", "status"}
     apis = await call(ctx, "GET", "/apis", headers={"accept": DISCOVERY_ACCEPT})
-    assert json.loads(apis.body)["items"] == []
+    (group,) = json.loads(apis.body)["items"]
+    assert group["metadata"]["name"] == "coordination.k8s.io"
+    (lease,) = group["versions"][0]["resources"]
+    assert (lease["resource"], lease["scope"], lease["responseKind"]) == (
+        "leases", "Namespaced", {"group": "coordination.k8s.io", "version": "v1", "kind": "Lease"})
+    assert {"create", "get", "list", "watch", "update", "delete"} <= set(lease["verbs"])
     beta = await call(
         ctx,
         "GET",

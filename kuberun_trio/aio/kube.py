@@ -11,7 +11,8 @@ trio-asyncio loop (aiohttp needs a running loop) from one of three sources of
 replaced by one with ``trust_env=False``: proxy variables and ``~/.netrc`` are
 ignored, the API server is always dialled directly.
 
-:class:`KubeClient` is trio-flavoured. Each method crosses into asyncio exactly
+:class:`KubeClient` is trio-flavoured (pods, events, and the ``coordination.k8s.io/v1``
+Leases of :mod:`kuberun_trio.gateway.lease`). Each method crosses into asyncio exactly
 once (:func:`kuberun_trio.aio.bridge.run_aio`); retries, rate limiting and whole
 watch loops run on the asyncio side of that one crossing. Cancelling the trio
 caller cancels the asyncio task. Responses are read raw
@@ -347,6 +348,7 @@ class _Transport:
                  rest_retry: RetryPolicy, watch_retry: RetryPolicy) -> None:
         self.api_client = api_client
         self.api: Any = k8s.CoreV1Api(api_client)
+        self.coordination: Any = k8s.CoordinationV1Api(api_client)
         self.bucket = bucket
         self.http_timeout = http_timeout
         self.rest_retry = rest_retry
@@ -623,6 +625,48 @@ class KubeClient:
                                field_selector=f"involvedObject.name={name}")  # fmt: skip
         items: list[dict[str, Any]] = listed.get("items") or []
         return items
+
+    # -- Leases (coordination.k8s.io/v1): see gateway/lease.py --------------
+    async def get_lease(self, namespace: str, name: str) -> dict[str, Any]:
+        """The Lease; :class:`NotFoundError` if there is none."""
+        t = self._t
+        lease: dict[str, Any] = await run_aio(t.call, t.coordination.read_namespaced_lease,
+                                              name, namespace)  # fmt: skip
+        return lease
+
+    async def list_leases(self, namespace: str, label_selector: str = "") -> list[dict[str, Any]]:
+        """Leases in ``namespace`` matching ``label_selector``."""
+        t = self._t
+        listed = await run_aio(t.call, t.coordination.list_namespaced_lease, namespace,
+                               label_selector=label_selector or None)  # fmt: skip
+        items: list[dict[str, Any]] = listed.get("items") or []
+        return items
+
+    async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Create a Lease (409 ``AlreadyExists`` as :class:`KubernetesError`)."""
+        t = self._t
+        lease: dict[str, Any] = await run_aio(t.call, t.coordination.create_namespaced_lease,
+                                              namespace, body, idempotent=False)  # fmt: skip
+        return lease
+
+    async def replace_lease(self, namespace: str, name: str,
+                            body: dict[str, Any]) -> dict[str, Any]:
+        """PUT a Lease; a stale ``metadata.resourceVersion`` is a 409 ``Conflict``."""
+        t = self._t
+        lease: dict[str, Any] = await run_aio(t.call, t.coordination.replace_namespaced_lease,
+                                              name, namespace, body,
+                                              idempotent=False)  # fmt: skip
+        return lease
+
+    async def delete_lease(self, namespace: str, name: str,
+                           resource_version: str | None = None) -> None:
+        """Delete a Lease (only at ``resource_version`` if given: 409 otherwise); gone is fine."""
+        t = self._t
+        body = k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(
+            resource_version=resource_version)) if resource_version else None
+        with contextlib.suppress(NotFoundError):
+            await run_aio(t.call, t.coordination.delete_namespaced_lease, name, namespace,
+                          body=body)  # fmt: skip
 
     async def wait_for_pod(self, namespace: str, name: str, *,
                            resource_version: str | None) -> Pod:

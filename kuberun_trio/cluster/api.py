@@ -13,10 +13,12 @@ does (:mod:`.params`), the :class:`~.store.Store` called, and a
 which :mod:`.http` renders.
 
 ``kubectl get`` asks for ``as=Table``: lists, single objects and watch events
-of pods, events and namespaces are then rendered by :mod:`.tables`. Pod
+of pods, events, namespaces and leases are then rendered by :mod:`.tables`. Pod
 writes are create, delete (DeleteOptions from the body or the query) and a
 merge patch of labels and annotations; ``pods/log`` does the apiserver's
 container checks and leaves the rest (waiting, ``previous``) to the kubelet.
+``coordination.k8s.io/v1`` Leases (``/apis/coordination.k8s.io/v1/...``) serve
+create, get, list, watch, update (PUT) and delete (rules in :mod:`.leases`).
 Anything else under ``/api``, ``/apis`` or ``/openapi`` is the generic
 NotFound, so clients fall back.
 """
@@ -300,12 +302,54 @@ async def _pod_log(req: Request, ctx: ApiContext, ns: str, name: str) -> Reply:
     return StreamResponse(200, lambda: _LogChunks(source, limit), content_type=plain)
 
 
+# -- leases (coordination.k8s.io/v1) ----------------------------------------------------
+
+
+def _delete_options(req: Request) -> dict[str, Any]:
+    if not req.body.strip():
+        return {}
+    body = body_json(req, "DeleteOptions")
+    if not isinstance(body, dict):
+        raise status.bad_request('DeleteOptions in version "v1" cannot be handled')
+    return body
+
+
+async def _leases(req: Request, ctx: ApiContext, m: re.Match[str]) -> Reply:
+    ns, name, method = m["ns"], m["name"], req.method
+    if ns is None:  # /apis/coordination.k8s.io/v1/leases: every namespace
+        if method == "GET":
+            return _list_or_watch(req, ctx, "leases", None)
+        raise _not_allowed()
+    if name is None:
+        if method == "GET":
+            return _list_or_watch(req, ctx, "leases", ns)
+        if method == "POST":
+            lease = ctx.store.create_lease(ns, body_json(req, "Lease"), manager=_manager(req))
+            return json_response(lease, 201)
+        raise _not_allowed()
+    if method == "GET":
+        lease = ctx.store.get_lease(ns, name)
+        return table(req, lease, "leases") or json_response(lease)
+    if method == "PUT":
+        lease, created = ctx.store.update_lease(ns, name, body_json(req, "Lease"),
+                                                manager=_manager(req))
+        return json_response(lease, 201 if created else 200)
+    if method == "DELETE":
+        options = _delete_options(req)
+        return json_response(ctx.store.delete_lease(ns, name,
+                                                    preconditions=options.get("preconditions")))
+    raise _not_allowed()
+
+
 # -- routing ------------------------------------------------------------------------
 
 _NAMESPACED = re.compile(
     r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<res>[^/]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$"
 )
 _CLUSTER = re.compile(r"^/api/v1/(?P<res>[^/]+)(?:/(?P<name>[^/]+))?$")
+_LEASES = re.compile(
+    r"^/apis/coordination\.k8s\.io/v1/(?:namespaces/(?P<ns>[^/]+)/)?leases(?:/(?P<name>[^/]+))?$"
+)
 
 
 def _not_allowed() -> status.ApiStatusError:
@@ -384,6 +428,9 @@ async def handle(req: Request, ctx: ApiContext) -> Reply:
     m = _CLUSTER.match(req.path)
     if m:
         return await _cluster(req, ctx, m)
+    m = _LEASES.match(req.path)
+    if m and not (m["ns"] is None and m["name"] is not None):
+        return await _leases(req, ctx, m)
     if req.path.startswith(("/api/", "/apis/", "/openapi/")) or req.path in ("/api", "/apis"):
         raise status.path_not_found()
     return Response(404, b"404 page not found\n", content_type="text/plain; charset=utf-8")

@@ -8,8 +8,10 @@ group's resources (pods with their subresources, namespaces, events) are one
 table, :data:`RESOURCES`, rendered two ways: the legacy ``APIVersions`` /
 ``APIResourceList`` documents, and -- when the ``Accept`` header asks for
 ``as=APIGroupDiscoveryList;g=apidiscovery.k8s.io`` in ``v2`` or ``v2beta1`` --
-aggregated discovery, in which ``/api`` lists the core group and ``/apis`` an
-empty list (there are no other groups). ``/openapi/*`` is left to the router,
+aggregated discovery, in which ``/api`` lists the core group and ``/apis`` the
+one other group, ``coordination.k8s.io`` (Leases, table :data:`GROUP_RESOURCES`),
+which the legacy ``/apis``, ``/apis/coordination.k8s.io`` and
+``/apis/coordination.k8s.io/v1`` documents list too. ``/openapi/*`` is left to the router,
 which answers the generic NotFound so clients fall back.
 """
 
@@ -82,6 +84,26 @@ RESOURCES: list[dict[str, Any]] = [
 ]
 
 
+COORDINATION = "coordination.k8s.io"
+GROUP_RESOURCES: dict[str, list[dict[str, Any]]] = {
+    COORDINATION: [
+        {
+            "name": "leases",
+            "singularName": "lease",
+            "namespaced": True,
+            "kind": "Lease",
+            "verbs": ["create", "delete", "get", "list", "update", "watch"],
+        },
+    ],
+}
+"""Group -> its ``v1`` resources (every non-core group serves only ``v1``)."""
+
+
+def _group(name: str) -> dict[str, Any]:
+    version = {"groupVersion": f"{name}/v1", "version": "v1"}
+    return {"name": name, "versions": [version], "preferredVersion": version}
+
+
 def _version(git_version: str) -> dict[str, Any]:
     major, minor = git_version.lstrip("v").split(".")[:2]
     return {
@@ -110,9 +132,28 @@ def _resource_list() -> dict[str, Any]:
     return {"kind": "APIResourceList", "groupVersion": "v1", "resources": RESOURCES}
 
 
+def _aggregated_group(name: str) -> dict[str, Any]:
+    resources = [
+        {
+            "resource": res["name"],
+            "responseKind": {"group": name, "version": "v1", "kind": res["kind"]},
+            "scope": "Namespaced" if res["namespaced"] else "Cluster",
+            "singularResource": res["singularName"],
+            "verbs": res["verbs"],
+        }
+        for res in GROUP_RESOURCES[name]
+    ]
+    return {
+        "metadata": {"name": name, "creationTimestamp": None},
+        "versions": [{"version": "v1", "resources": resources, "freshness": "Current"}],
+    }
+
+
 def _aggregated(core: bool, version: str) -> dict[str, Any]:
     items: list[dict[str, Any]] = []
-    if core:
+    if not core:
+        items = [_aggregated_group(name) for name in GROUP_RESOURCES]
+    else:
         resources = []
         for res in RESOURCES:
             if "/" in res["name"]:
@@ -169,7 +210,14 @@ def serve_discovery(req: Request, git_version: str) -> Response | None:
             )
         if path == "/api":
             return json_response(_api_versions(req))
-        return json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+        groups = [_group(name) for name in GROUP_RESOURCES]
+        return json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
     if path == "/api/v1":
         return json_response(_resource_list())
+    for name, resources in GROUP_RESOURCES.items():
+        if path == f"/apis/{name}":
+            return json_response({"kind": "APIGroup", "apiVersion": "v1", **_group(name)})
+        if path == f"/apis/{name}/v1":
+            return json_response({"kind": "APIResourceList", "apiVersion": "v1",
+                                  "groupVersion": f"{name}/v1", "resources": resources})
     return None

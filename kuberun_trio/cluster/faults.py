@@ -2,11 +2,11 @@
 
 :class:`Faults` is a plain state holder with two sides. Tests (and the soak
 harness) call the *injection* methods -- ``fail_image``, ``delay_start``,
-``fail_requests``, ``drop_watches``, ``expire_watches``, ``cut_exec``,
-``serve_v4_only``, ``evict``, ``kill``. The cluster's parts call the *query*
+``fail_requests``, ``stall``/``resume``, ``drop_watches``, ``expire_watches``,
+``cut_exec``, ``serve_v4_only``, ``evict``, ``kill``. The cluster's parts call the *query*
 methods at the point where the fault bites: the kubelet asks
-:meth:`image_pull_error` and :meth:`start_delay`, the HTTP server asks
-:meth:`take_request_failure` before routing, watches wait on
+:meth:`image_pull_error` and :meth:`start_delay`, the HTTP server waits in
+:meth:`pass_stall` and asks :meth:`take_request_failure` before routing, watches wait on
 :meth:`watch_dropped`, exec streams ask :meth:`take_exec_cut` and
 :attr:`v5_refused`.
 
@@ -59,6 +59,10 @@ class Faults:
         self._start_delays: list[tuple[str, float]] = []
         self._request_rules: list[_RequestRule] = []
         self._watch_drop = trio.Event()
+        self._unstalled = trio.Event()
+        self._unstalled.set()
+        self.stalled_requests = 0
+        """Requests held by :meth:`stall` so far."""
         self._exec_cuts: list[_ExecCut] = []
         self.v5_refused = False
         """True after :meth:`serve_v4_only`: exec/attach never negotiate ``v5.channel.k8s.io``."""
@@ -111,6 +115,10 @@ class Faults:
             _RequestRule(verb, resource, count, RequestFailure(code, retry_after))
         )
 
+    def clear_request_failures(self) -> None:
+        """Disarm every :meth:`fail_requests` rule."""
+        self._request_rules.clear()
+
     def take_request_failure(self, verb: str, resource: str) -> RequestFailure | None:
         """Consume and return the failure for this request, if one is armed."""
         for rule in self._request_rules:
@@ -118,6 +126,26 @@ class Faults:
                 rule.remaining -= 1
                 return rule.failure
         return None
+
+    def stall(self) -> None:
+        """Hold every API request from now on (read, then not answered) until :meth:`resume`,
+        like an API server that was sent SIGSTOP. Open streams are not affected."""
+        if self._unstalled.is_set():
+            self._unstalled = trio.Event()
+
+    def resume(self) -> None:
+        """Let the held requests through (in no particular order) and stop holding."""
+        self._unstalled.set()
+
+    @property
+    def stalled(self) -> bool:
+        return not self._unstalled.is_set()
+
+    async def pass_stall(self) -> None:
+        """Wait while the API server is stalled (the HTTP server calls this per request)."""
+        if not self._unstalled.is_set():
+            self.stalled_requests += 1
+            await self._unstalled.wait()
 
     # -- watches ------------------------------------------------------------
     def drop_watches(self) -> None:

@@ -5,7 +5,8 @@ Theory of operation
 :func:`serve_api` accepts connections and runs :func:`_serve_connection` for
 each in the server's nursery. A connection is a keep-alive loop: h11 parses one
 request (head and body), the request is authenticated (bearer token, the real
-401 Status otherwise), checked against the fault injector (an armed failure
+401 Status otherwise), held while the fault injector stalls the server, checked
+against the fault injector (an armed failure
 answers 500 ``InternalError`` or 429 ``TooManyRequests`` with ``Retry-After``),
 then routed: ``.../pods/{name}/{exec,attach,portforward}`` to the streaming
 handler, everything else to the REST handler. What the handler returns decides
@@ -53,6 +54,8 @@ _POD_PATH = re.compile(
     r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$"
 )
 _NS_PATH = re.compile(r"^/api/v1/namespaces(?:/(?P<name>[^/]+)(?:/(?P<res>[^/]+))?)?$")
+_GROUP_PATH = re.compile(
+    r"^/apis/[^/]+/[^/]+/(?:namespaces/(?P<ns>[^/]+)/)?(?P<res>[^/]+)(?:/(?P<name>[^/]+))?$")
 STREAMING_SUBRESOURCES = frozenset({"exec", "attach", "portforward"})
 
 
@@ -72,6 +75,8 @@ def classify(req: Request) -> tuple[str, str, str | None, str | None]:
     if m:
         ns, name, sub = m["ns"], m["name"], m["sub"]
         resource = f"pods/{sub}" if sub else "pods"
+    elif (g := _GROUP_PATH.match(req.path)) is not None:
+        ns, name, sub, resource = g["ns"], g["name"], None, g["res"]
     else:
         m = _NS_PATH.match(req.path)
         ns, name, sub = None, None, None
@@ -211,6 +216,7 @@ class ApiServer:
     async def _dispatch(self, req: Request) -> Reply:
         if self.token is not None and req.headers.get("authorization") != f"Bearer {self.token}":
             return Response(401, UNAUTHORIZED)
+        await self.faults.pass_stall()
         verb, resource, _, _ = classify(req)
         failure = self.faults.take_request_failure(verb, resource)
         if failure is not None:

@@ -30,9 +30,11 @@ import attrs
 from . import podspec
 from .selectors import (
     EVENT_FIELDS,
+    META_FIELDS,
     NAMESPACE_FIELDS,
     POD_FIELDS,
     event_fields,
+    meta_fields,
     namespace_fields,
     pod_fields,
 )
@@ -84,12 +86,22 @@ class Kind:
     """The object's selectable fields (for field selectors)."""
     allowed_fields: frozenset[str]
     """The field names a field selector may use."""
+    group: str = ""
+    """The API group (``""``: the core group)."""
 
+    @property
+    def api_version(self) -> str:
+        """``v1`` or ``<group>/v1``."""
+        return f"{self.group}/v1" if self.group else "v1"
+
+
+COORDINATION = "coordination.k8s.io"
 
 KINDS = {
     "pods": Kind("pods", "Pod", True, pod_fields, POD_FIELDS),
     "events": Kind("events", "Event", True, event_fields, EVENT_FIELDS),
     "namespaces": Kind("namespaces", "Namespace", False, namespace_fields, NAMESPACE_FIELDS),
+    "leases": Kind("leases", "Lease", True, meta_fields, META_FIELDS, COORDINATION),
 }
 
 
@@ -101,7 +113,8 @@ def clone(obj: Obj) -> Obj:
 
 def with_kind(resource: str, obj: Obj) -> Obj:
     """``obj`` (shallow) with ``kind``/``apiVersion`` first."""
-    return {"kind": KINDS[resource].kind, "apiVersion": "v1", **obj}
+    kind = KINDS[resource]
+    return {"kind": kind.kind, "apiVersion": kind.api_version, **obj}
 
 
 def with_rv(obj: Obj, rv: int) -> Obj:
@@ -110,7 +123,7 @@ def with_rv(obj: Obj, rv: int) -> Obj:
     return {**obj, "metadata": podspec.ordered(meta, podspec.META_ORDER)}
 
 
-def new_meta(meta: Obj, manager: str, managed: Obj) -> Obj:
+def new_meta(meta: Obj, manager: str, managed: Obj, api_version: str = "v1") -> Obj:
     """Metadata of a new object: server-set fields fresh, one managedFields entry."""
     meta = dict(meta)
     for key in ("uid", "resourceVersion", "creationTimestamp", "selfLink"):
@@ -123,7 +136,7 @@ def new_meta(meta: Obj, manager: str, managed: Obj) -> Obj:
         {
             "manager": manager,
             "operation": "Update",
-            "apiVersion": "v1",
+            "apiVersion": api_version,
             "time": now,
             "fieldsType": "FieldsV1",
             "fieldsV1": fields_v1(managed),

@@ -322,6 +322,9 @@ EVENT_FIELDS = frozenset(
 NAMESPACE_FIELDS = frozenset({"metadata.name", "metadata.namespace", "status.phase"})
 """Selectable namespace fields."""
 
+META_FIELDS = frozenset({"metadata.name", "metadata.namespace"})
+"""Selectable fields of kinds with no fields of their own (Leases)."""
+
 _FIELD_ALIASES = {"spec.host": "spec.nodeName"}
 
 
@@ -454,6 +457,11 @@ def event_fields(event: Mapping[str, Any]) -> dict[str, str]:
         }
     )
     return fields
+
+
+def meta_fields(obj: Mapping[str, Any]) -> dict[str, str]:
+    """``metadata.name`` and ``metadata.namespace`` (``DefaultClusterScopedAttr`` & co)."""
+    return _meta_fields(obj)
 
 
 def namespace_fields(namespace: Mapping[str, Any]) -> dict[str, str]:

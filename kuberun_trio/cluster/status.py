@@ -81,18 +81,27 @@ def error(
     return ApiStatusError(code, encode_json(status_dict(code, reason, message, details)))
 
 
-def _details(name: str | None, kind: str, **extra: Any) -> dict[str, Any]:
+def _details(name: str | None, kind: str, group: str = "", **extra: Any) -> dict[str, Any]:
     details: dict[str, Any] = {}
     if name:
         details["name"] = name
+    if group:
+        details["group"] = group
     details["kind"] = kind
     details.update(extra)
     return details
 
 
-def not_found(resource: str, name: str) -> ApiStatusError:
-    """404 ``pods "p" not found`` (also ``namespaces "foo" not found``)."""
-    return error(404, "NotFound", f'{resource} "{name}" not found', _details(name, resource))
+def _qualified(resource: str, group: str) -> str:
+    """``leases.coordination.k8s.io`` (``pods`` for the core group)."""
+    return f"{resource}.{group}" if group else resource
+
+
+def not_found(resource: str, name: str, *, group: str = "") -> ApiStatusError:
+    """404 ``pods "p" not found`` (also ``namespaces "foo" not found``,
+    ``leases.coordination.k8s.io "l" not found``)."""
+    return error(404, "NotFound", f'{_qualified(resource, group)} "{name}" not found',
+                 _details(name, resource, group))
 
 
 def namespace_not_found(name: str) -> ApiStatusError:
@@ -100,14 +109,16 @@ def namespace_not_found(name: str) -> ApiStatusError:
     return not_found("namespaces", name)
 
 
-def already_exists(resource: str, name: str) -> ApiStatusError:
+def already_exists(resource: str, name: str, *, group: str = "") -> ApiStatusError:
     """409 ``pods "p" already exists``."""
     return error(
-        409, "AlreadyExists", f'{resource} "{name}" already exists', _details(name, resource)
+        409, "AlreadyExists", f'{_qualified(resource, group)} "{name}" already exists',
+        _details(name, resource, group)
     )
 
 
-def conflict(resource: str, name: str, detail: str | None = None) -> ApiStatusError:
+def conflict(resource: str, name: str, detail: str | None = None, *,
+             group: str = "") -> ApiStatusError:
     """409 Conflict; the default detail is the optimistic-concurrency message."""
     detail = detail or (
         "the object has been modified; please apply your changes to the latest version "
@@ -116,8 +127,8 @@ def conflict(resource: str, name: str, detail: str | None = None) -> ApiStatusEr
     return error(
         409,
         "Conflict",
-        f'Operation cannot be fulfilled on {resource} "{name}": {detail}',
-        _details(name, resource),
+        f'Operation cannot be fulfilled on {_qualified(resource, group)} "{name}": {detail}',
+        _details(name, resource, group),
     )
 
 
@@ -187,16 +198,18 @@ def aggregate_message(causes: Sequence[FieldError]) -> str:
     return "[" + ", ".join(seen) + "]"
 
 
-def invalid(kind: str, name: str, causes: Sequence[FieldError]) -> ApiStatusError:
-    """422 ``Pod "p" is invalid: spec.containers: Required value`` with ``causes``."""
-    details = {
-        "name": name,
-        "kind": kind,
-        "causes": [{"reason": c.type, "message": c.body, "field": c.field} for c in causes],
-    }
+def invalid(kind: str, name: str, causes: Sequence[FieldError], *,
+            group: str = "") -> ApiStatusError:
+    """422 ``Pod "p" is invalid: spec.containers: Required value`` with ``causes``
+    (``Lease.coordination.k8s.io "l" is invalid: ...`` for a named group)."""
+    details: dict[str, Any] = {"name": name}
+    if group:
+        details["group"] = group
+    details["kind"] = kind
+    details["causes"] = [{"reason": c.type, "message": c.body, "field": c.field} for c in causes]
     if not name:
         del details["name"]
-    message = f'{kind} "{name}" is invalid: {aggregate_message(causes)}'
+    message = f'{_qualified(kind, group)} "{name}" is invalid: {aggregate_message(causes)}'
     return error(422, "Invalid", message, details)
 
 

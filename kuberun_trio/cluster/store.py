@@ -1,4 +1,4 @@
-"""The embedded cluster's object store: namespaces, pods and events, with watches.
+"""The embedded cluster's object store: namespaces, pods, events and Leases, with watches.
 
 Theory of operation
 -------------------
@@ -32,6 +32,8 @@ every write is atomic with respect to every read and watch registration.
   keep an object until removed.
 * **Events** (:mod:`.events`): a repeat bumps ``count``; beyond ``max_events``
   the oldest go.
+* **Leases** (``coordination.k8s.io/v1``, rules in :mod:`.leases`): create, PUT with
+  optimistic concurrency (409 on a stale resourceVersion), delete with preconditions.
 * :meth:`Store.subscribe` hands the kubelet every pod change, unfiltered.
 """
 
@@ -46,7 +48,7 @@ from typing import Any
 
 import trio
 
-from . import deletion, events, podspec, status
+from . import deletion, events, leases, podspec, status
 from .objects import (
     KINDS,
     Obj,
@@ -341,6 +343,53 @@ class Store:
         """An EventList."""
         return self.list("events", ns, label_selector, field_selector, **kw)
 
+    # -- leases (coordination.k8s.io/v1) -------------------------------------
+    def create_lease(self, ns: str, body: Any, *, manager: str = "unknown") -> Obj:
+        """Decode, validate and store a Lease (the body of the 201); see :mod:`.leases`."""
+        self._require_namespace(ns)
+        lease = leases.decode(body)
+        leases.check_target(lease, ns, None)
+        obj = leases.new_lease(lease, ns, manager, podspec.random_suffix())
+        name = obj["metadata"]["name"]
+        if (ns, name) in self._objects["leases"]:
+            raise status.already_exists("leases", name, group=leases.GROUP)
+        return with_kind("leases", clone(self._write("leases", "ADDED", obj, None)))
+
+    def get_lease(self, ns: str, name: str) -> Obj:
+        """The Lease (404 if absent)."""
+        obj = self._objects["leases"].get((ns, name))
+        if obj is None:
+            raise status.not_found("leases", name, group=leases.GROUP)
+        return with_kind("leases", clone(obj))
+
+    def update_lease(self, ns: str, name: str, body: Any, *,
+                     manager: str = "unknown") -> tuple[Obj, bool]:
+        """PUT: ``(lease, created)``; 409 on a stale resourceVersion (see :mod:`.leases`)."""
+        self._require_namespace(ns)
+        lease = leases.decode(body)
+        leases.check_target(lease, ns, name)
+        old = self._objects["leases"].get((ns, name))
+        leases.check_update(old, lease, name)
+        if old is None:
+            lease["metadata"]["name"] = name
+            obj = leases.new_lease(lease, ns, manager, "")
+            return with_kind("leases", clone(self._write("leases", "ADDED", obj, None))), True
+        new = leases.updated_lease(old, lease, manager)
+        if new == old:
+            return with_kind("leases", clone(old)), False
+        return with_kind("leases", clone(self._write("leases", "MODIFIED", new, old))), False
+
+    def delete_lease(self, ns: str, name: str, *,
+                     preconditions: Mapping[str, Any] | None = None) -> Obj:
+        """Remove a Lease at once; the ``Success`` Status of the 200."""
+        self._require_namespace(ns)
+        old = self._objects["leases"].get((ns, name))
+        if old is None:
+            raise status.not_found("leases", name, group=leases.GROUP)
+        leases.check_preconditions(old, preconditions or {})
+        self._write("leases", "DELETED", old, old)
+        return leases.deleted_status(old)
+
     # -- generic list and watch ---------------------------------------------
     def _filter(
         self, resource: str, ns: str | None, label_selector: str, field_selector: str
@@ -385,7 +434,7 @@ class Store:
             items = items[:limit]
         return {
             "kind": f"{KINDS[resource].kind}List",
-            "apiVersion": "v1",
+            "apiVersion": KINDS[resource].api_version,
             "metadata": meta,
             "items": [clone(o) for _, o in items],
         }

@@ -5,9 +5,9 @@ Theory of operation
 kubectl asks for ``application/json;as=Table;v=v1;g=meta.k8s.io``.
 :func:`table_format` negotiates that (and ``includeObject``) into a
 :class:`TableFormat`, or None when plain JSON was asked for. Pods, events and
-namespaces -- lists, single objects and watch events -- are then served as
+namespaces and leases -- lists, single objects and watch events -- are then served as
 ``meta.k8s.io`` Tables with the real server's columns and cells (pod status
-reasons, ``READY 1/1``, ages in apimachinery's ``HumanDuration``). Column
+reasons, ``READY 1/1``, a Lease's ``HOLDER``, ages in apimachinery's ``HumanDuration``). Column
 definitions go only into the first watch event, as the real server does
 (``columns=False`` for the rest).
 """
@@ -111,6 +111,14 @@ def _namespace_row(ns: dict[str, Any]) -> list[Any]:
     ]
 
 
+def _lease_row(lease: dict[str, Any]) -> list[Any]:
+    return [
+        lease["metadata"]["name"],
+        (lease.get("spec") or {}).get("holderIdentity") or "",
+        _age(lease["metadata"].get("creationTimestamp")),
+    ]
+
+
 # resource -> (columns as (name, type, format, priority), row function)
 _TABLES: dict[
     str, tuple[list[tuple[str, str, str, int]], Callable[[dict[str, Any]], list[Any]]]
@@ -148,8 +156,13 @@ _TABLES: dict[
         [("Name", "string", "name", 0), ("Status", "string", "", 0), ("Age", "string", "", 0)],
         _namespace_row,
     ),
+    "leases": (
+        [("Name", "string", "name", 0), ("Holder", "string", "", 0), ("Age", "string", "", 0)],
+        _lease_row,
+    ),
 }
-_KIND = {"pods": "Pod", "events": "Event", "namespaces": "Namespace"}
+_KIND = {"pods": "Pod", "events": "Event", "namespaces": "Namespace", "leases": "Lease"}
+_API_VERSION = {"leases": "coordination.k8s.io/v1"}
 
 
 @attrs.frozen
@@ -172,7 +185,8 @@ class TableFormat:
         for item in items:
             row: dict[str, Any] = {"cells": row_fn(item)}
             if self.include == "Object":
-                row["object"] = {"kind": _KIND[resource], "apiVersion": "v1", **item}
+                row["object"] = {"kind": _KIND[resource],
+                                 "apiVersion": _API_VERSION.get(resource, "v1"), **item}
             elif self.include != "None":
                 row["object"] = {
                     "kind": "PartialObjectMetadata",

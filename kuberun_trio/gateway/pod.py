@@ -9,7 +9,9 @@ the pod on the way out -- in a ``finally:`` under
 ``trio.move_on_after(timeouts.podStop, shield=True)``, so the cancellation that
 ends a connection cannot skip the delete and a dead API server cannot hang it.
 Callers keep every exec stream *inside* the block, so all of them are closed
-before the DELETE is sent.
+before the DELETE is sent. A delete that fails or times out is handed to the
+gateway's :class:`~kuberun_trio.gateway.reaper.Reaper` (when there is one),
+which retries it until the pod is gone.
 
 A pod that fails to start is deleted before :class:`PodStartError` reaches the
 caller; the error carries the cluster's reason (waiting reason and message,
@@ -50,6 +52,7 @@ from .config import KubernetesConfig
 from .podstate import PodLoss, last_warning
 from .podtemplate import LABEL_CONNECTION_ID, build_pod, sanitize_label_value
 from .podwatch import PodWatchHub
+from .reaper import Reaper
 
 
 @attrs.frozen
@@ -70,7 +73,7 @@ class ConnectionHandler:
     def __init__(self, config: KubernetesConfig, connection_id: str, client_address: str,
                  logger: logging.Logger | logging.LoggerAdapter[logging.Logger], *,
                  kube: KubeClient, instance: str | None = None,
-                 hub: PodWatchHub | None = None) -> None:
+                 hub: PodWatchHub | None = None, reaper: Reaper | None = None) -> None:
         self.config = config
         self.connection_id = connection_id
         self.client_address = client_address
@@ -80,6 +83,8 @@ class ConnectionHandler:
         """The gateway instance label (default: the host name)."""
         self.hub = hub
         """The gateway's shared pod watch; None: this handler watches its pod itself."""
+        self.reaper = reaper
+        """The gateway's reaper: a delete that fails or times out is retried there."""
         self._stack: contextlib.AsyncExitStack | None = None
 
     def _emit(self, level: int, event: str, message: str, *args: Any, **fields: Any) -> None:
@@ -158,17 +163,28 @@ class ConnectionHandler:
                         name = str(pod["metadata"]["name"])
                         await self.kube.delete_pod(namespace, name)
             except KuberunError as exc:
-                self._emit(logging.ERROR, "pod-delete-failed", "pod %s: delete failed: %s",
-                           name or "(unknown)", exc, pod=name, reason=str(exc))
+                self._emit(logging.ERROR, "pod-delete-failed", "pod %s: delete failed: %s%s",
+                           name or "(unknown)", exc, self._retry_note(), pod=name,
+                           reason=str(exc))
+                self._hand_over(namespace, name)
                 return
         if scope.cancelled_caught:
             self._emit(logging.ERROR, "pod-delete-failed",
-                       "pod %s: delete timed out after %gs", name or "(unknown)",
-                       self.config.timeouts.pod_stop, pod=name, reason="Timeout")
+                       "pod %s: delete timed out after %gs%s", name or "(unknown)",
+                       self.config.timeouts.pod_stop, self._retry_note(), pod=name,
+                       reason="Timeout")
+            self._hand_over(namespace, name)
         elif name is not None:
             took = _ms_since(started)
             self._emit(logging.INFO, "pod-deleted", "pod %s deleted in %d ms", name, took,
                        pod=name, duration_ms=took)
+
+    def _retry_note(self) -> str:
+        return "; the reaper retries it" if self.reaper is not None else ""
+
+    def _hand_over(self, namespace: str, name: str | None) -> None:
+        if self.reaper is not None:
+            self.reaper.submit(namespace, name, self.connection_id)
 
     # -- the unstructured form (ContainerSSH's handler API) ----------------
     async def on_handshake_success(self, username: str,

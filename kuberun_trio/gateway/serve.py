@@ -12,9 +12,20 @@ Inside, one nursery owns everything::
     serve_gateway
     ├── (trio-asyncio loop, opened here unless the caller already runs one)
     ├── KubeClient                      REST + exec clients of kubernetes-asyncio
+    ├── (Lease acquired; start-up sweep of this instance's pods, if configured)
+    ├── LeaseKeeper.run                 renews the instance's Lease (lease.py), if configured
+    ├── Reaper.run                      delete retries + periodic orphan sweeps (reaper.py)
     ├── PodWatchHub                     one shared pod watch per namespace (all connections)
     ├── SSH listener                    asyncssh; each handshake → make_portal()
     └── connection task xN              ConnectionRuntime.run (pod + sessions)
+
+With ``GatewayOptions.lease``, the Lease is taken *before* anything touches pods: a
+gateway whose instance name a live namesake holds raises
+:class:`~kuberun_trio.gateway.lease.LeaseHeldError` and never starts. While the Lease
+cannot be renewed the listener is closed (:attr:`Gateway.accepting` is False; open
+connections go on) and reopened on the same port once it is back. On the way out,
+after every pod is deleted, the Lease is released. Every pod carries the process's
+holder identity (and the Lease's name) as annotations, which the sweeps go by.
 
 On cancellation the listener closes first (no new connections), then every
 connection is aborted -- each session gets a message and exit status 255, the
@@ -35,7 +46,6 @@ import contextlib
 import functools
 import logging
 import secrets
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -48,9 +58,18 @@ from ..aio.kube import KubeClient, open_kube_client
 from .auth import Authenticator, AuthResult
 from .config import KubernetesConfig
 from .connection import ConnectionRuntime
+from .lease import (
+    ANNOTATION_HOLDER,
+    ANNOTATION_LEASE,
+    LeaseKeeper,
+    LeaseOptions,
+    default_instance,
+    holder_identity,
+)
 from .pod import ConnectedPod, ConnectionHandler
 from .podtemplate import label_selector_for_instance
 from .podwatch import PodWatchHub
+from .reaper import GcOptions, Reaper
 from .session import SessionConfig
 
 log = logging.getLogger(__name__)
@@ -77,8 +96,14 @@ class GatewayOptions:
     host: str = "127.0.0.1"
     port: int = 2222
     """0 picks a free port (see the address reported by ``task_status``)."""
-    instance: str = attrs.field(factory=socket.gethostname)
-    """This gateway's name, written into every pod's labels (orphan clean-up)."""
+    instance: str = attrs.field(factory=default_instance)
+    """This gateway's name, written into every pod's labels (orphan clean-up); default:
+    ``POD_NAME`` in a cluster, else the host name."""
+    lease: LeaseOptions | None = None
+    """Hold a Lease for the instance (one live gateway per name; siblings sweep a dead
+    one's pods). None: no Lease, and no cross-replica sweep."""
+    gc: GcOptions = attrs.Factory(GcOptions)
+    """The reaper and the orphan sweeps."""
 
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
@@ -92,6 +117,13 @@ class Gateway:
     """The bound SSH address."""
     connections: dict[str, ConnectionRuntime] = attrs.field(factory=dict)
     """Live connections by connection id."""
+    accepting: bool = False
+    """The listener is open (False before start, after shutdown began, and while the
+    Lease cannot be renewed): what a readiness check reports."""
+    lease: LeaseKeeper | None = None
+    """The instance's Lease (``lease.held``), if the gateway runs with one."""
+    reaper: Reaper | None = None
+    """Delete retries and orphan sweeps (``reaper.orphan_pods_deleted``)."""
     _server: _Server | None = attrs.field(default=None, repr=False, alias="_server")
 
     async def shutdown(self, grace: float = 30.0, message: str = SHUTDOWN_MESSAGE) -> None:
@@ -109,10 +141,11 @@ class Gateway:
 
 class _Server:
     def __init__(self, options: GatewayOptions, kube: KubeClient, nursery: trio.Nursery,
-                 hub: PodWatchHub | None = None) -> None:
+                 hub: PodWatchHub | None = None, reaper: Reaper | None = None) -> None:
         self.options = options
         self.kube = kube
         self.hub = hub
+        self.reaper = reaper
         self.nursery = nursery
         self.session_config = session_config_for(options.kubernetes)
         self.gateway = Gateway(("", 0), _server=self)
@@ -136,7 +169,7 @@ class _Server:
         adapter = logging.LoggerAdapter(log, {"connection_id": cid})
         handler = ConnectionHandler(self.options.kubernetes, cid, client,
                                     adapter, kube=self.kube, instance=self.options.instance,
-                                    hub=self.hub)
+                                    hub=self.hub, reaper=self.reaper)
         auth: AuthResult = ssh.auth_result or AuthResult()
         runtime = ConnectionRuntime(handler, self.session_config, username=ssh.username,
                                     auth=auth, make_target=self._target, close_connection=ssh.close)
@@ -177,9 +210,40 @@ class _Server:
 
     async def close_listener(self) -> None:
         acceptor, self.acceptor = self.acceptor, None
+        self.gateway.accepting = False
         if acceptor is not None:
             with trio.move_on_after(5, shield=True):
                 await run_aio(sshserver.close_listener, acceptor)
+
+    async def listen(self, port: int) -> None:
+        keys = [sshserver.load_host_key(k) for k in self.options.host_keys]
+        self.acceptor = await run_aio(functools.partial(
+            sshserver.listen, self.options.host, port, host_keys=keys,
+            server_factory=self.ssh_server))
+        sockname = self.acceptor.sockets[0].getsockname()
+        self.gateway.address = (str(sockname[0]), int(sockname[1]))
+        self.gateway.accepting = True
+
+    def lease_lost(self, why: str) -> None:
+        """The Lease cannot be renewed: stop accepting (open connections go on)."""
+        log.error("not accepting connections: the Lease is lost (%s)", why,
+                  extra={"event": "accepting-stopped", "reason": why})
+        self.nursery.start_soon(self.close_listener)
+
+    def lease_regained(self) -> None:
+        """The Lease is back: listen again on the same port."""
+        if self.closing is None and self.acceptor is None:
+            self.nursery.start_soon(self._listen_again)
+
+    async def _listen_again(self) -> None:
+        try:
+            await self.listen(self.gateway.address[1])
+        except OSError as exc:
+            log.error("cannot listen again on port %d: %s", self.gateway.address[1], exc,
+                      extra={"event": "listen-failed", "reason": str(exc)})
+            return
+        log.info("accepting connections again on %s:%d", *self.gateway.address,
+                 extra={"event": "accepting-resumed"})
 
     def abort_all(self, message: str) -> None:
         """End every connection now (synchronous: safe in a ``finally``)."""
@@ -217,18 +281,53 @@ async def serve_gateway(
     shutting down`` and exit status 255 on each session) and deletes every pod
     (each bounded by ``timeouts.podStop``) before it returns.
     """
-    async with ensure_aio_loop(), open_kube_client(options.kubernetes) as kube, \
-            trio.open_nursery() as nursery:
+    async with ensure_aio_loop(), open_kube_client(options.kubernetes) as kube:
+        keeper: LeaseKeeper | None = None
+        if options.lease is not None:
+            keeper = LeaseKeeper(kube, options.lease, options.instance)
+            await keeper.acquire()  # before anything touches pods
+        try:
+            await _serve(_with_identity(options, keeper), kube, keeper, task_status)
+        finally:
+            if keeper is not None:
+                await keeper.release()
+
+
+def _with_identity(options: GatewayOptions, keeper: LeaseKeeper | None) -> GatewayOptions:
+    """``options`` whose pods carry the holder identity (and Lease) annotations."""
+    holder = keeper.holder if keeper is not None else holder_identity(options.instance)
+    pod = options.kubernetes.pod
+    metadata = dict(pod.metadata)
+    annotations = {**(metadata.get("annotations") or {}), ANNOTATION_HOLDER: holder}
+    if keeper is not None:
+        annotations[ANNOTATION_LEASE] = keeper.ref
+    metadata["annotations"] = annotations
+    kubernetes = attrs.evolve(options.kubernetes, pod=attrs.evolve(pod, metadata=metadata))
+    return attrs.evolve(options, kubernetes=kubernetes)
+
+
+async def _serve(options: GatewayOptions, kube: KubeClient, keeper: LeaseKeeper | None,
+                 task_status: trio.TaskStatus[Gateway]) -> None:
+    holder = str(options.kubernetes.pod.metadata["annotations"][ANNOTATION_HOLDER])
+    namespace = str(options.kubernetes.pod.metadata.get("namespace") or "default")
+    async with trio.open_nursery() as nursery:
+        connections: dict[str, ConnectionRuntime] = {}
+        reaper = Reaper(kube, namespace=namespace, instance=options.instance, holder=holder,
+                        options=options.gc, live_connections=lambda: list(connections),
+                        keeper=keeper, delete_timeout=options.kubernetes.timeouts.pod_stop)
+        if options.gc.startup_sweep:
+            await reaper.sweep_at_start()
         hub = await nursery.start(PodWatchHub(
             kube, label_selector_for_instance(options.instance)).run)
-        server = _Server(options, kube, nursery, hub)
-        keys = [sshserver.load_host_key(k) for k in options.host_keys]
-        server.acceptor = await run_aio(functools.partial(
-            sshserver.listen, options.host, options.port, host_keys=keys,
-            server_factory=server.ssh_server))
+        server = _Server(options, kube, nursery, hub, reaper)
+        server.gateway.connections = connections
+        server.gateway.lease, server.gateway.reaper = keeper, reaper
+        await nursery.start(reaper.run)
+        if keeper is not None:
+            keeper.on_lost, keeper.on_regained = server.lease_lost, server.lease_regained
+            await nursery.start(keeper.run)
+        await server.listen(options.port)
         try:
-            sockname = server.acceptor.sockets[0].getsockname()
-            server.gateway.address = (str(sockname[0]), int(sockname[1]))
             log.info("gateway listening on %s:%d", *server.gateway.address,
                      extra={"event": "listening"})
             task_status.started(server.gateway)

@@ -19,7 +19,14 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ConfigErrors
-from .config import LOG_FORMATS, LOG_LEVELS, check_files, load_server_config, parse_listen
+from .config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    ServerConfig,
+    check_files,
+    load_server_config,
+    parse_listen,
+)
 from .settings import CLUSTER_CHOICES
 
 if TYPE_CHECKING:
@@ -67,8 +74,9 @@ def add_cluster_options(parser: argparse.ArgumentParser, *, suppress: bool = Fal
     parser.add_argument("--namespace", metavar="NS", **d,
                         help="namespace of the pods (kubernetes.pod.metadata.namespace)")
     parser.add_argument("--instance", metavar="NAME", **d,
-                        help="this gateway's name, in every pod's labels; orphan clean-up "
-                             "and gc act on this instance's pods (default: the host name)")
+                        help="this gateway's name, in every pod's labels and its Lease; orphan "
+                             "clean-up and gc act on this instance's pods (default: POD_NAME "
+                             "in a cluster, else the host name)")
 
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -122,10 +130,12 @@ def add_parsers(sub: SubParsers) -> None:
         "gc", help="delete the pods of this instance (orphans of a gateway that died)",
         description="Delete every pod labelled with this gateway instance "
                     "(app.kubernetes.io/managed-by=kuberun-trio, kuberun.trio/instance=NAME) "
-                    "in the configured namespace. Run it only while no gateway of this "
-                    "instance is serving: their pods look the same. The server does this "
-                    "itself at start.")
+                    "in the configured namespace. It refuses while a live gateway holds the "
+                    "instance's Lease (its pods look the same), unless --force. The server "
+                    "does this itself at start.")
     gc.add_argument("--dry-run", action="store_true", help="only list the pods")
+    gc.add_argument("--force", action="store_true",
+                    help="delete even while a live gateway holds the instance's Lease")
     add_cluster_options(gc, suppress=True)
     gc.set_defaults(run=run_gc)
 
@@ -147,6 +157,34 @@ def run_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+async def refuse_if_live(config: ServerConfig) -> None:
+    """Raise :class:`KuberunError` if a live gateway holds ``config.instance``'s Lease."""
+    import datetime
+
+    from ..aio.kube import open_kube_client
+    from ..errors import KubernetesError, KuberunError, NotFoundError
+    from ..gateway.lease import lease_name, view
+    from .main import gateway_options
+
+    lease = gateway_options(config, config.kubernetes)["lease"]
+    if lease is None:
+        return
+    name = lease_name(config.instance)
+    async with open_kube_client(config.kubernetes) as kube:
+        try:
+            seen = view(await kube.get_lease(lease.namespace, name))
+        except NotFoundError:
+            return
+        except KubernetesError as exc:
+            print(f"warning: cannot read Lease {lease.namespace}/{name}: {exc}", file=sys.stderr)
+            return
+    now = datetime.datetime.now(datetime.UTC)
+    if not seen.expired(now):
+        raise KuberunError(
+            f"instance {config.instance!r} is live: Lease {lease.namespace}/{name} "
+            f"({seen.describe(now)}); its pods are not orphans (--force deletes them anyway)")
+
+
 def run_gc(args: argparse.Namespace) -> int:
     import trio
 
@@ -165,6 +203,8 @@ def run_gc(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         async with open_aio_loop():
+            if not args.force:
+                await refuse_if_live(settings.config)
             names = await sweep_orphans(settings.config.kubernetes, settings.config.instance,
                                         dry_run=args.dry_run)
         verb = "would delete" if args.dry_run else "deleted"

@@ -1,8 +1,9 @@
-"""The server's YAML configuration: ``ssh``, ``auth``, ``kubernetes``, ``log`` (and ``instance``).
+"""The server's YAML configuration: ``ssh``, ``auth``, ``kubernetes``, ``log``, ``lease``, ``gc``
+(and ``instance``).
 
 Theory of operation
 -------------------
-One file, four sections plus a top-level ``instance`` name. Each section is a frozen attrs
+One file, six sections plus a top-level ``instance`` name. Each section is a frozen attrs
 class structured by the strict converter of :mod:`kuberun_trio.configtools` (camelCase
 keys, unknown keys refused, no coercion); the ``kubernetes`` section *is*
 :func:`kuberun_trio.gateway.config.parse_config`. :func:`parse_server_config` collects the
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,8 +37,11 @@ from ..configtools import (
     read_yaml_mapping,
     structure_section,
 )
+from ..configtools import duration as duration_field
 from ..errors import ConfigError, ConfigErrors
 from ..gateway.config import KubernetesConfig, parse_config
+from ..gateway.lease import default_instance
+from ..gateway.podtemplate import dns1123_label_problem
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 2222
@@ -96,6 +99,35 @@ class LogConfig:
 
 
 @attrs.frozen
+class LeaseConfig:
+    """The instance's Lease (``lease``; see :mod:`kuberun_trio.gateway.lease`)."""
+
+    enabled: bool = True
+    """Hold a ``coordination.k8s.io/v1`` Lease ``kuberun-<instance>``: refuse to start while
+    a live namesake holds it, and let replicas collect a dead sibling's pods."""
+    namespace: str | None = None
+    """Where the Lease lives; default: ``POD_NAMESPACE`` in a cluster, else the pods'
+    namespace (``kubernetes.pod.metadata.namespace``)."""
+    duration: float = duration(30.0)
+    """``leaseDurationSeconds`` (whole seconds, rounded up)."""
+    renew_interval: float = duration_field(10.0)
+    """Seconds between renewals; must be shorter than ``duration``."""
+
+
+@attrs.frozen
+class GcConfig:
+    """Orphan pods while the gateway runs (``gc``; see :mod:`kuberun_trio.gateway.reaper`)."""
+
+    sweep_interval: float = duration(60.0)
+    """Seconds between sweeps (each pause drawn from 80-100 % of it)."""
+    margin: float = duration(15.0)
+    """Cross-replica sweep: how long a Lease must have been expired, and how old a pod
+    must be, before another replica's pod is deleted."""
+    cross_instance: bool = True
+    """Delete other instances' pods whose Lease is missing or expired (needs ``lease``)."""
+
+
+@attrs.frozen
 class ServerConfig:
     """The whole file."""
 
@@ -103,8 +135,11 @@ class ServerConfig:
     auth: AuthConfig = attrs.Factory(AuthConfig)
     kubernetes: KubernetesConfig = attrs.Factory(KubernetesConfig.default)
     log: LogConfig = attrs.Factory(LogConfig)
-    instance: str = attrs.Factory(socket.gethostname)
-    """This gateway's name, written into every pod's labels (orphan clean-up, ``gc``)."""
+    lease: LeaseConfig = attrs.Factory(LeaseConfig)
+    gc: GcConfig = attrs.Factory(GcConfig)
+    instance: str = attrs.Factory(default_instance)
+    """This gateway's name, written into every pod's labels (orphan clean-up, ``gc``);
+    default ``POD_NAME`` in a cluster, else the host name."""
 
 
 _LISTEN = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]+)")
@@ -126,7 +161,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 _CONVERTER = make_converter()
-_SECTIONS = ("ssh", "auth", "kubernetes", "log", "instance")
+_SECTIONS = ("ssh", "auth", "kubernetes", "log", "lease", "gc", "instance")
 _HINTS = {
     "authorized_keys": "the key is authorizedKeys",
     "hostKey": "the key is hostKeys (a list)",
@@ -159,6 +194,11 @@ def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None)
             problems.add("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {log.level!r}")
         else:
             log = attrs.evolve(log, level=log.level.upper())
+    lease = structure_section(_CONVERTER, data.get("lease"), LeaseConfig, "lease", problems,
+                              _HINTS)
+    if lease is not None:
+        _check_lease(lease, problems)
+    gc = structure_section(_CONVERTER, data.get("gc"), GcConfig, "gc", problems, _HINTS)
     kubernetes = None
     try:
         kubernetes = parse_config(data.get("kubernetes") or {})
@@ -166,12 +206,23 @@ def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None)
         problems.errors.extend(exc.errors)
     except ConfigError as exc:
         problems.errors.append(exc)
-    name = data.get("instance", instance if instance is not None else socket.gethostname())
+    name = data.get("instance", instance if instance is not None else default_instance())
     if not isinstance(name, str) or not name.strip():
         problems.add("instance", "must be a non-empty string")
     problems.raise_if_any()
     assert ssh is not None and auth is not None and log is not None and kubernetes is not None
-    return ServerConfig(ssh=ssh, auth=auth, kubernetes=kubernetes, log=log, instance=str(name))
+    assert lease is not None and gc is not None
+    return ServerConfig(ssh=ssh, auth=auth, kubernetes=kubernetes, log=log, lease=lease, gc=gc,
+                        instance=str(name))
+
+
+def _check_lease(lease: LeaseConfig, problems: ConfigProblems) -> None:
+    if lease.namespace is not None and dns1123_label_problem(lease.namespace) is not None:
+        problems.add("lease.namespace", f"{lease.namespace!r} "
+                     f"{dns1123_label_problem(lease.namespace)}")
+    if lease.renew_interval >= lease.duration:
+        problems.add("lease.renewInterval", f"must be shorter than lease.duration "
+                     f"({lease.renew_interval:g}s >= {lease.duration:g}s)")
 
 
 def load_server_config(path: str | os.PathLike[str], *,

@@ -1,16 +1,16 @@
-"""Orphan clean-up: delete the pods an earlier run of this gateway instance left behind.
+"""The ``gc`` command: delete the pods an earlier run of this gateway instance left behind.
 
 Theory of operation
 -------------------
 Every pod the gateway creates carries ``app.kubernetes.io/managed-by=kuberun-trio`` and
 ``kuberun.trio/instance=<instance>`` (:mod:`kuberun_trio.gateway.podtemplate`). A gateway that
-died without cleaning up (SIGKILL, OOM, node loss) leaves such pods running. At start,
-before it accepts connections, the server lists the pods matching
+died without cleaning up (SIGKILL, OOM, node loss) leaves such pods running.
+``python -m kuberun_trio gc`` lists the pods matching
 :func:`~kuberun_trio.gateway.podtemplate.label_selector_for_instance` in its namespace and
-deletes them; ``python -m kuberun_trio gc`` does the same on demand (``--dry-run`` only
-lists). The start-up sweep therefore assumes that one instance name belongs to one running
-gateway at a time -- give replicas distinct ``--instance`` names (the default, the host
-name, is distinct per pod in a Deployment).
+deletes them (``--dry-run`` only lists); it refuses while a live gateway holds the
+instance's Lease, unless ``--force``. The server itself does the same at start, after taking
+its Lease (:meth:`kuberun_trio.gateway.reaper.Reaper.sweep_at_start`), and its sweeps
+collect orphans while it runs (:mod:`kuberun_trio.gateway.reaper`).
 
 Inside a cluster, pods additionally get an ownerReference to the gateway's own pod, so
 Kubernetes' garbage collector removes them even if the gateway never starts again.

@@ -9,8 +9,11 @@ host keys), then ``trio.run``\\ s :func:`serve`. One nursery tree::
     ├── signal watcher       SIGHUP: authenticator.reload(); SIGTERM/SIGINT: see below
     └── startup/serve scope
         ├── embedded cluster (demo mode only)
-        ├── orphan sweep     pods of this instance left by a run that died (gc.py)
-        └── serve_gateway    the library: listener + one task per connection
+        └── serve_gateway    the library: Lease (refuses to start if a live namesake holds
+                             it), start-up sweep of this instance's pods left by a run that
+                             died, reaper and periodic sweeps, listener + one task per
+                             connection (:func:`gateway_options` turns ``lease``/``gc`` into
+                             the library's options)
 
 Shutdown: the first SIGTERM/SIGINT sets ``shutdown``. While still starting, that cancels
 the start. Once serving, the gateway shuts down gracefully -- if the library offers
@@ -19,7 +22,8 @@ waits up to ``--grace`` seconds; then the serve scope is cancelled, which closes
 listener, ends every connection and deletes every pod (shielded, bounded by
 ``timeouts.podStop``). Exit 0. A second signal cancels at once (skipping the grace
 period; pods are still deleted) and exits 1; a third leaves without any clean-up
-(``os._exit(1)``), the next start's orphan sweep removes what is left. Signals are
+(``os._exit(1)``): the next start's orphan sweep, or another replica once the Lease has
+expired, removes what is left. Signals are
 received with ``trio.open_signal_receiver`` -- no handler ever raises or exits.
 """
 
@@ -32,7 +36,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -44,8 +48,10 @@ from ..aio.kube import open_kube_client
 from ..errors import ConfigError, KuberunError
 from ..gateway.auth import Authenticator
 from ..gateway.config import ConnectionConfig, KubernetesConfig
+from ..gateway.lease import LeaseOptions
+from ..gateway.reaper import GcOptions
 from ..gateway.serve import Gateway, GatewayOptions, serve_gateway
-from .config import AuthConfig, check_files
+from .config import AuthConfig, ServerConfig, check_files
 from .demo import connect_host, ssh_command
 from .gc import collect_orphans
 from .keys import fingerprint, load_private_key
@@ -193,11 +199,11 @@ async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Au
                 kubeconfig=str(cluster.kubeconfig_path)))
             log.info("embedded cluster serving at %s", cluster.url,
                      extra={"event": "cluster-started"})
-        await sweep_orphans(kubernetes, settings.config.instance)
         host, port = settings.config.ssh.address
         options = GatewayOptions(kubernetes=kubernetes, authenticator=authenticator,
                                  host_keys=tuple(k.data for k in host_keys), host=host,
-                                 port=port, instance=settings.config.instance)
+                                 port=port, instance=settings.config.instance,
+                                 **gateway_options(settings.config, kubernetes))
         with state.serve_scope:
             async with trio.open_nursery() as nursery:
                 gateway: Gateway = await nursery.start(serve_gateway, options)
@@ -213,6 +219,28 @@ async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Au
                 await _graceful(gateway, grace)
                 nursery.cancel_scope.cancel()
         log.info("all connections closed", extra={"event": "shutdown-complete"})
+
+
+def gateway_options(config: ServerConfig, kubernetes: KubernetesConfig,
+                    environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``lease`` and ``gc`` of :class:`GatewayOptions` from the ``lease``/``gc`` sections.
+
+    The Lease's namespace: ``lease.namespace``, else ``POD_NAMESPACE`` in a cluster, else
+    the pods' namespace. The server always runs the start-up sweep (after the Lease)."""
+    env = os.environ if environ is None else environ
+    pods_ns = str(kubernetes.pod.metadata.get("namespace") or "default")
+    gc = GcOptions(sweep_interval=config.gc.sweep_interval, margin=config.gc.margin,
+                   cross_instance=config.gc.cross_instance, startup_sweep=True)
+    if not config.lease.enabled:
+        log.warning("running without a Lease: a second gateway with instance %s would not "
+                    "be refused, and other replicas' orphans are not collected",
+                    config.instance, extra={"event": "lease-disabled"})
+        return {"lease": None, "gc": gc}
+    in_cluster = env.get("POD_NAMESPACE") if env.get("KUBERNETES_SERVICE_HOST") else None
+    lease = LeaseOptions(namespace=config.lease.namespace or in_cluster or pods_ns,
+                         duration=config.lease.duration,
+                         renew_interval=config.lease.renew_interval)
+    return {"lease": lease, "gc": gc}
 
 
 async def _graceful(gateway: Gateway, grace: float) -> None:

@@ -35,7 +35,6 @@ import argparse
 import copy
 import logging
 import os
-import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +43,7 @@ import attrs
 
 from ..configtools import read_yaml_mapping
 from ..gateway.config import DEFAULT_IDLE_COMMAND, default_spec
+from ..gateway.lease import default_instance
 from .config import ServerConfig, parse_server_config
 from .demo import StateDir, default_state_dir
 
@@ -195,7 +195,7 @@ def load_settings(args: argparse.Namespace,
         mode == "config" and _section(data, "kubernetes", "connection").get("inCluster") is True)
     if uses_in_cluster:
         add_owner_reference(data, env)
-    config = parse_server_config(data, instance=socket.gethostname())
+    config = parse_server_config(data, instance=default_instance(env))
     state_dir = getattr(args, "state_dir", None)
     state = StateDir(Path(state_dir) if state_dir else default_state_dir(env))
     return Settings(config=config, cluster=mode, state=state)
