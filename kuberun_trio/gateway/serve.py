@@ -48,10 +48,12 @@ from ..aio.kube import KubeClient, open_kube_client
 from .auth import Authenticator, AuthResult
 from .config import KubernetesConfig
 from .connection import ConnectionRuntime
+from .login import LoginGate
 from .pod import ConnectedPod, ConnectionHandler
 from .podtemplate import label_selector_for_instance
 from .podwatch import PodWatchHub
 from .session import SessionConfig
+from .throttle import LoginPolicy
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,8 @@ class GatewayOptions:
     """0 picks a free port (see the address reported by ``task_status``)."""
     instance: str = attrs.field(factory=socket.gethostname)
     """This gateway's name, written into every pod's labels (orphan clean-up)."""
+    login: LoginPolicy = attrs.Factory(LoginPolicy)
+    """Login throttling and tries per connection (one limiter per gateway; :mod:`.throttle`)."""
 
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
@@ -123,10 +127,12 @@ class _Server:
         """Set once a graceful shutdown is complete: serve_gateway returns."""
         self._changed = trio.Event()
         self._scopes: set[trio.CancelScope] = set()
+        self.login = LoginGate(options.authenticator, options.login)
+        """Every login attempt of every connection waits its turn here."""
 
     def ssh_server(self) -> sshserver.GatewaySSHServer:
         """asyncssh's server factory: one per TCP connection."""
-        return sshserver.GatewaySSHServer(self.make_portal, self.options.authenticator,
+        return sshserver.GatewaySSHServer(self.make_portal, self.login,
                                           connection_id=secrets.token_hex(8))
 
     def make_portal(self, ssh: sshserver.GatewaySSHServer) -> ConnectionRuntime:
