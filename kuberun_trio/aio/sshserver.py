@@ -383,6 +383,8 @@ class GatewaySSHServer(asyncssh.SSHServer):
         peer = conn.get_extra_info("peername") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1]))
         self.login = self.auth.connection(self.connection_id, *self.peer)
+        if not self.auth.admit_connection(self.login):  # before the costly key exchange
+            asyncio.get_running_loop().call_soon(conn.abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.portal is not None:

@@ -25,14 +25,21 @@ verified. :meth:`LoginGate.completed` (asyncssh's ``auth_completed``) then reset
 limiter for that address and username and writes the one ``auth allow`` line, with the
 method and, for keys, the SHA256 fingerprint.
 
+**Penalty box.** A new connection from an address whose login attempts are being refused
+at once (:meth:`~.throttle.LoginLimiter.penalized`) is dropped by
+:meth:`LoginGate.admit_connection` right after the TCP accept, before the key exchange --
+the costly part of a connection an attacker can make the gateway do for free.
+
 Log lines (logger ``kuberun_trio.gateway.login``, each with ``event``, ``connection_id``,
 ``username``, ``remote_address``): ``auth`` (``result`` ``allow``), ``auth-delayed``
-(``wait``), and through :func:`~.refusals.refuse`: ``auth-throttled``, ``auth-max-tries``.
+(``wait``), and through :func:`~.refusals.refuse`: ``auth-throttled``, ``auth-max-tries``,
+``auth-throttled-connection`` (one INFO line per address per 10 s, the rest at DEBUG).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import attrs
@@ -40,11 +47,13 @@ import trio
 
 from .auth import Authenticator, AuthResult
 from .refusals import refuse
-from .throttle import LoginLimiter, LoginPolicy, login_keys
+from .throttle import LoginLimiter, LoginPolicy, address_key, login_keys
 
 log = logging.getLogger(__name__)
 
 TOO_MANY_FAILURES = "too many authentication failures"
+QUIET_LOG = 10.0
+"""Seconds between INFO lines about connections dropped from one penalized address."""
 
 
 @attrs.frozen
@@ -88,6 +97,7 @@ class LoginGate:
         self.limiter = limiter or LoginLimiter(policy)
         self.policy = self.limiter.policy
         self._log = logger or log
+        self._dropped_logged: OrderedDict[str, float] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"<LoginGate {self.authenticator!r} {self.limiter!r}>"
@@ -102,6 +112,28 @@ class LoginGate:
     def _fields(self, state: LoginState, username: str, **more: Any) -> dict[str, Any]:
         return {"connection_id": state.connection_id, "username": username,
                 "remote_address": state.remote_address, **more}
+
+    def admit_connection(self, state: LoginState) -> bool:
+        """A new connection: False (and a log line) when its address is penalized, i.e.
+        every login attempt from it would be refused at once for now."""
+        key, now = address_key(state.ip), trio.current_time()
+        wait = self.limiter.penalized(key, now)
+        if wait <= 0:
+            return True
+        # One INFO line per address per QUIET_LOG seconds; the rest at DEBUG (a dropped
+        # connection costs the attacker nothing, its log line should cost us little).
+        quiet = now - self._dropped_logged.get(key, -QUIET_LOG) < QUIET_LOG
+        if not quiet:
+            self._dropped_logged[key] = now
+            self._dropped_logged.move_to_end(key)
+            while len(self._dropped_logged) > 10_000:
+                self._dropped_logged.popitem(last=False)
+        refuse(self._log, "auth-throttled-connection",
+               "connection refused: %s: too many failed logins, for %.0f s more",
+               state.remote_address, wait, reason=f"{key}: penalized for {wait:.1f} s",
+               level=logging.DEBUG if quiet else logging.INFO,
+               connection_id=state.connection_id, remote_address=state.remote_address)
+        return False
 
     # -- the attempts --------------------------------------------------------------------
     async def turn(self, state: LoginState, username: str, method: str) -> Refusal | None:

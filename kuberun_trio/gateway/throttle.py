@@ -30,6 +30,10 @@ without charging: such an attempt is answered "no" before its credential is look
 so waiting tasks stay bounded (about one per key) and an attacker learns nothing from it.
 Under a steady attack each key lets one credential be checked per ``max_delay``.
 
+An address key whose attempts are being refused is *in the penalty box*
+(:meth:`LoginLimiter.penalized`): the gateway then drops its new connections before the
+key exchange. Each refusal keeps it there for ``max_delay / 2`` more.
+
 A key is forgotten ``forget_after`` seconds after its last attempt; at most
 ``max_entries`` keys are kept (least recently used go first).
 
@@ -89,6 +93,8 @@ class _Entry:
     charged: int = 0
     next_at: float = 0.0
     last: float = 0.0
+    refused_at: float = float("-inf")
+    """When an attempt was last refused at once because of this key."""
 
 
 def address_key(ip: str) -> str:
@@ -145,6 +151,9 @@ class LoginLimiter:
             entry.last = now
         if at - now > self.policy.max_delay:
             self.refused += 1
+            for key, entry in entries:
+                if key == by:
+                    entry.refused_at = now
             self._trim()
             return Admission(at - now, refused=True, key=by)
         for _, entry in entries:
@@ -152,6 +161,20 @@ class LoginLimiter:
             entry.next_at = max(entry.next_at, at + self.policy.penalty(entry.charged))
         self._trim()
         return Admission(at - now, key=by)
+
+    def penalized(self, key: str, now: float) -> float:
+        """Seconds ``key`` stays in the penalty box (0: not in it).
+
+        A key is in the box while an attempt now would be refused at once, and for
+        ``max_delay / 2`` after an attempt was refused because of it: the gateway drops a
+        new connection from a boxed address at once, before the (costly) key exchange,
+        and an attacker that keeps retrying keeps itself in the box.
+        """
+        entry = self._entries.get(key)
+        if entry is None:
+            return 0.0
+        return max(0.0, entry.next_at - now - self.policy.max_delay,
+                   entry.refused_at + self.policy.max_delay / 2 - now)
 
     def succeeded(self, keys: Iterable[str]) -> None:
         """A proven login: its keys start again from zero."""
