@@ -61,7 +61,12 @@ class GatewayServer:
     """``python -m kuberun_trio`` on the embedded cluster, JSON logs in a file."""
 
     workdir: Path
-    extra_config: str = ""
+    auth: dict[str, Any] = attrs.field(factory=dict)
+    """More keys of the ``auth`` section (``maxTries``, ``throttle``, ...)."""
+    more: dict[str, Any] = attrs.field(factory=dict)
+    """More top-level sections of the configuration."""
+    hasher: argon2.PasswordHasher = attrs.field(factory=argon2.PasswordHasher)
+    users: tuple[str, ...] = USERS
     proc: subprocess.Popen[str] | None = None
     port: int = 0
     password: dict[str, str] = attrs.field(factory=dict)
@@ -72,20 +77,19 @@ class GatewayServer:
         return self.workdir / "gateway.log"
 
     def write_files(self) -> Path:
-        hasher = argon2.PasswordHasher()
-        self.password = {user: f"{user}-{secrets.token_hex(4)}" for user in USERS}
+        self.password = {user: f"{user}-{secrets.token_hex(4)}" for user in self.users}
         (self.workdir / "passwords").write_text(
-            "".join(f"{u}:{hasher.hash(p)}\n" for u, p in self.password.items()))
+            "".join(f"{u}:{self.hasher.hash(p)}\n" for u, p in self.password.items()))
         self.key = asyncssh.generate_private_key("ssh-ed25519")
         (self.workdir / "authorized_keys").write_text(
             self.key.export_public_key("openssh").decode())
-        config = self.workdir / "gateway.yaml"
-        config.write_text(
-            "ssh: {listen: '127.0.0.1:0'}\n"
-            f"auth: {{passwordFile: {self.workdir / 'passwords'}, "
-            f"authorizedKeys: [{self.workdir / 'authorized_keys'}]}}\n"
-            "log: {format: json}\n"
-            f"instance: abuse-{secrets.token_hex(3)}\n" + self.extra_config)
+        config = self.workdir / "gateway.yaml"  # JSON is YAML
+        config.write_text(json.dumps({
+            "ssh": {"listen": "127.0.0.1:0"},
+            "auth": {"passwordFile": str(self.workdir / "passwords"),
+                     "authorizedKeys": [str(self.workdir / "authorized_keys")], **self.auth},
+            "log": {"format": "json"}, "instance": f"abuse-{secrets.token_hex(3)}",
+            **self.more}))
         return config
 
     def start(self) -> None:
@@ -107,13 +111,17 @@ class GatewayServer:
         raise RuntimeError(f"gateway did not start: {self.logfile.read_text()[-2000:]}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     def records(self) -> list[dict[str, Any]]:
         out = []
