@@ -11,13 +11,23 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import attrs
 import h11
 import pytest
 import trio
+import trio_asyncio
+from gatewaykit import kube_config
 
 from kuberun_trio.aio.bridge import open_aio_loop
+from kuberun_trio.cluster import open_embedded_cluster
 from kuberun_trio.cluster.certs import make_certificates
+from kuberun_trio.gateway.podtemplate import (
+    ANNOTATION_USERNAME,
+    LABEL_USERNAME,
+    sanitize_label_value,
+)
+from kuberun_trio.gateway.serve import GatewayOptions, open_gateway
 from kuberun_trio.server.auth import ServerAuthenticator
 from kuberun_trio.server.authwebhook import AuthWebhook, parse_response
 from kuberun_trio.server.config import AuthConfig, WebhookConfig
@@ -335,3 +345,36 @@ def test_invalid_authenticated_username_refuses(name: object) -> None:
                                               "authenticatedUsername": name}).encode())
     assert verdict.success is (name == "")
     assert verdict.authenticated_username is None
+
+
+# == authenticatedUsername end to end ====================================================
+
+async def test_authenticated_username_names_the_pod_and_the_logs(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before the fix the pod and the logs carried the SSH username the client typed."""
+    caplog.set_level(logging.INFO)
+    async with webhook_server() as hook, open_embedded_cluster(
+            https=True, kubeconfig_path=tmp_path / "kubeconfig") as cluster:
+        hook.replies["/auth/password"] = ok(authenticatedUsername="alice@corp")
+        host_key = asyncssh.generate_private_key("ssh-ed25519")
+        options = GatewayOptions(kubernetes=kube_config(cluster), authenticator=authenticator(hook),
+                                 host_keys=(host_key.export_private_key("openssh"),),
+                                 port=0, instance="webhook-gw")
+        async with open_gateway(options) as gateway:
+            async def session() -> list[Any]:
+                async with asyncssh.connect(
+                        "127.0.0.1", gateway.address[1], username="al", password="pw",
+                        known_hosts=None, agent_path=None, client_keys=None,
+                        preferred_auth="password") as conn:
+                    await conn.run("true", check=True)
+                    return cluster.pods()
+
+            pods = await trio_asyncio.aio_as_trio(session)()
+    meta = pods[0]["metadata"]
+    assert meta["labels"][LABEL_USERNAME] == sanitize_label_value("alice@corp")
+    assert meta["annotations"][ANNOTATION_USERNAME] == "alice@corp"
+    allow, = [r for r in caplog.records if getattr(r, "result", "") == "allow"]
+    assert allow.username == "al"  # type: ignore[attr-defined]
+    assert allow.authenticated_username == "alice@corp"  # type: ignore[attr-defined]
+    start, = [r for r in caplog.records if getattr(r, "event", "") == "connection-start"]
+    assert start.username == "alice@corp"  # type: ignore[attr-defined]
