@@ -11,20 +11,42 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import attrs
 import h11
 import pytest
 import trio
+import trio_asyncio
+from gatewaykit import kube_config
 
 from kuberun_trio.aio.bridge import open_aio_loop
+from kuberun_trio.cluster import open_embedded_cluster
 from kuberun_trio.cluster.certs import make_certificates
-from kuberun_trio.server.auth import ServerAuthenticator, ThrottlePolicy
+from kuberun_trio.gateway.podtemplate import (
+    ANNOTATION_USERNAME,
+    LABEL_USERNAME,
+    sanitize_label_value,
+)
+from kuberun_trio.gateway.serve import GatewayOptions, open_gateway
+from kuberun_trio.server.auth import ServerAuthenticator
 from kuberun_trio.server.authwebhook import AuthWebhook, parse_response
 from kuberun_trio.server.config import AuthConfig, WebhookConfig
 
-# (status, body) or a number of seconds to stall before answering 200/success.
-Reply = tuple[int, bytes] | float
-NO_THROTTLE = ThrottlePolicy(base=0.0, cap=0.0)
+
+@attrs.frozen
+class Pieces:
+    """A 200 reply whose body is sent in pieces with a pause between them."""
+
+    body: bytes
+    chunked: bool
+    pause: float = 0.2
+    parts: int = 2
+    content_length: int | None = None
+    """Override the Content-Length header (fixed-length replies only)."""
+
+
+# (status, body), a number of seconds to stall before answering 200/success, or Pieces.
+Reply = tuple[int, bytes] | float | Pieces
 
 
 @attrs.define
@@ -62,6 +84,9 @@ async def _serve_one(stream: trio.abc.Stream, hook: Hook) -> None:
     headers = {k.decode().lower(): v.decode() for k, v in request.headers}
     hook.requests.append((path, headers, json.loads(body)))
     reply = hook.replies.get(path, ok())
+    if isinstance(reply, Pieces):
+        await _send_pieces(stream, reply)
+        return
     if isinstance(reply, float):
         await trio.sleep(reply)
         reply = ok()
@@ -72,6 +97,24 @@ async def _serve_one(stream: trio.abc.Stream, hook: Hook) -> None:
     assert data is not None
     await stream.send_all(data + (conn.send(h11.Data(data=content)) or b"")
                           + (conn.send(h11.EndOfMessage()) or b""))
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.aclose()
+
+
+async def _send_pieces(stream: trio.abc.Stream, reply: Pieces) -> None:
+    size = -(-len(reply.body) // reply.parts)
+    pieces = [reply.body[i:i + size] for i in range(0, len(reply.body), size)]
+    if reply.chunked:
+        head = b"Transfer-Encoding: chunked\r\n"
+        pieces = [b"%x\r\n%s\r\n" % (len(p), p) for p in pieces] + [b"0\r\n\r\n"]
+    else:
+        length = len(reply.body) if reply.content_length is None else reply.content_length
+        head = b"Content-Length: %d\r\n" % length
+    await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + head
+                          + b"Connection: close\r\n\r\n")
+    for piece in pieces:
+        await trio.sleep(reply.pause)
+        await stream.send_all(piece)
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         await stream.aclose()
 
@@ -98,8 +141,7 @@ async def webhook_server(tls: ssl.SSLContext | None = None) -> AsyncIterator[Hoo
 
 def authenticator(hook: Hook, timeout: float = 2.0, **kw: Any) -> ServerAuthenticator:
     config = AuthConfig(webhook=WebhookConfig(url=hook.url, timeout=timeout, **kw))
-    return ServerAuthenticator(config, logger=logging.getLogger("test.webhook"),
-                               throttle=NO_THROTTLE)
+    return ServerAuthenticator(config, logger=logging.getLogger("test.webhook"))
 
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
@@ -217,3 +259,122 @@ async def test_https_with_cacert(tmp_path: Path) -> None:
 ])
 def test_parse_response(status: int, body: bytes, check: Callable[[Any], bool]) -> None:
     assert check(parse_response(status, body))
+
+
+# == the reply read whole, capped ========================================================
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "fixed-length"])
+async def test_reply_in_pieces_is_read_whole(chunked: bool) -> None:
+    body = json.dumps({"success": True, "environment": {"PAD": "x" * 3000}}).encode()
+    async with webhook_server() as hook:
+        hook.replies["/auth/password"] = Pieces(body, chunked=chunked, parts=3)
+        result = await authenticator(hook).check_password("c", "u", "pw",
+                                                          remote_address="1.2.3.4:1")
+    assert result is not None and result.environment["PAD"] == "x" * 3000
+
+
+@pytest.mark.parametrize(("chunked", "declared"), [(True, None), (False, None),
+                                                    (False, 2 * 1024 * 1024)],
+                         ids=["chunked", "fixed-length", "declared-too-large"])
+async def test_reply_over_one_mib_is_refused_as_too_large(
+        chunked: bool, declared: int | None, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "test.webhook")
+    big = b'{"success": true, "pad": "' + b"x" * (1024 * 1024) + b'"}'
+    async with webhook_server() as hook:
+        hook.replies["/auth/password"] = Pieces(big, chunked=chunked, parts=4, pause=0.05,
+                                                content_length=declared)
+        assert await authenticator(hook).check_password(
+            "c", "u", "pw", remote_address="1.2.3.4:1") is None
+    decision, = [r for r in caplog.records if getattr(r, "event", "") == "auth"]
+    assert "response too large" in decision.reason  # type: ignore[attr-defined]
+
+
+# == credentials in the URL ==============================================================
+
+async def test_credentials_in_url_are_sent_but_never_shown(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with webhook_server() as hook:
+        url = hook.url.replace("http://", "http://hookuser:hunter2pw@") + "?token=sekrit77"
+        hook.replies["/auth/password?token=sekrit77"] = (500, b"")
+        auth = ServerAuthenticator(AuthConfig(webhook=WebhookConfig(url=url, timeout=2.0)),
+                                   logger=logging.getLogger("test.webhook"))
+        assert await auth.check_password("c", "u", "pw", remote_address="1.2.3.4:1") is None
+        (path, headers, _), = hook.requests
+        assert path == "/auth/password?token=sekrit77"
+        assert headers["authorization"] == "Basic " + base64.b64encode(
+            b"hookuser:hunter2pw").decode()
+        assert "hunter2pw" not in repr(auth.webhook) and "sekrit77" not in repr(auth.webhook)
+    with trio.socket.socket() as sock:  # an error message that names the URL
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        async with open_aio_loop():
+            verdict = await AuthWebhook(WebhookConfig(
+                url=f"http://hookuser:hunter2pw@127.0.0.1:{port}/a?token=sekrit77",
+                timeout=0.5)).check_password("c", "u", "1.2.3.4:1", "pw")
+            slow = await AuthWebhook(WebhookConfig(
+                url="http://hookuser:hunter2pw@192.0.2.1:9/a?token=sekrit77",
+                timeout=0.2)).check_password("c", "u", "1.2.3.4:1", "pw")
+    for reason in (verdict.reason, slow.reason):
+        assert not verdict.success and "***@" in reason
+        assert "hunter2pw" not in reason and "sekrit77" not in reason
+    for text in (caplog.text, *(str(r.__dict__) for r in caplog.records)):
+        assert "hunter2pw" not in text and "sekrit77" not in text
+
+
+@pytest.mark.parametrize(("url", "warned"), [
+    ("http://auth.example.com/hook", True),
+    ("http://10.1.2.3:8080", True),
+    ("http://127.0.0.1:8080", False),
+    ("http://localhost:8080", False),
+    ("http://[::1]:8080", False),
+    ("https://auth.example.com", False),
+])
+def test_plain_http_to_remote_host_warns(url: str, warned: bool,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    ServerAuthenticator(AuthConfig(webhook=WebhookConfig(url=url)),
+                        logger=logging.getLogger("test.webhook"))
+    warnings = [r for r in caplog.records if "plain http://" in r.getMessage()]
+    assert bool(warnings) is warned
+    assert all(r.levelno == logging.WARNING for r in warnings)
+
+
+@pytest.mark.parametrize("name", ["", "x" * 256, "bad\nname", 7])
+def test_invalid_authenticated_username_refuses(name: object) -> None:
+    verdict = parse_response(200, json.dumps({"success": True,
+                                              "authenticatedUsername": name}).encode())
+    assert verdict.success is (name == "")
+    assert verdict.authenticated_username is None
+
+
+# == authenticatedUsername end to end ====================================================
+
+async def test_authenticated_username_names_the_pod_and_the_logs(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before the fix the pod and the logs carried the SSH username the client typed."""
+    caplog.set_level(logging.INFO)
+    async with webhook_server() as hook, open_embedded_cluster(
+            https=True, kubeconfig_path=tmp_path / "kubeconfig") as cluster:
+        hook.replies["/auth/password"] = ok(authenticatedUsername="alice@corp")
+        host_key = asyncssh.generate_private_key("ssh-ed25519")
+        options = GatewayOptions(kubernetes=kube_config(cluster), authenticator=authenticator(hook),
+                                 host_keys=(host_key.export_private_key("openssh"),),
+                                 port=0, instance="webhook-gw")
+        async with open_gateway(options) as gateway:
+            async def session() -> list[Any]:
+                async with asyncssh.connect(
+                        "127.0.0.1", gateway.address[1], username="al", password="pw",
+                        known_hosts=None, agent_path=None, client_keys=None,
+                        preferred_auth="password") as conn:
+                    await conn.run("true", check=True)
+                    return cluster.pods()
+
+            pods = await trio_asyncio.aio_as_trio(session)()
+    meta = pods[0]["metadata"]
+    assert meta["labels"][LABEL_USERNAME] == sanitize_label_value("alice@corp")
+    assert meta["annotations"][ANNOTATION_USERNAME] == "alice@corp"
+    allow, = [r for r in caplog.records if getattr(r, "result", "") == "allow"]
+    assert allow.username == "al"  # type: ignore[attr-defined]
+    assert allow.authenticated_username == "alice@corp"  # type: ignore[attr-defined]
+    start, = [r for r in caplog.records if getattr(r, "event", "") == "connection-start"]
+    assert start.username == "alice@corp"  # type: ignore[attr-defined]

@@ -34,6 +34,7 @@ failure). The same goes for ``signal``, whose default handler always succeeds.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -43,7 +44,10 @@ import asyncssh
 import attrs
 from asyncssh.constants import MSG_CHANNEL_WINDOW_ADJUST
 from asyncssh.packet import SSHPacket, UInt32
+from asyncssh.public_key import decode_ssh_public_key
 
+from ..gateway.auth import AuthResult
+from ..gateway.login import LoginGate, Refusal
 from ..gateway.session import (
     AbortExec,
     Action,
@@ -332,27 +336,55 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self.write_stderr(f"kuberun: {message}{crlf}".encode())
 
 
+class GatewayServerConnection(asyncssh.SSHServerConnection):
+    """asyncssh's server connection, telling a signed public key request from a query.
+
+    ``SSHServer.validate_public_key`` is asked the same question for both; only here is it
+    known whether a signature came along, and the limiter's turn must come before the key
+    and its signature are checked (:meth:`GatewaySSHServer.key_attempt`).
+    """
+
+    async def validate_public_key(self, username: str, key_data: bytes, msg: bytes,
+                                  signature: bytes) -> bool:
+        owner = self._owner
+        assert isinstance(owner, GatewaySSHServer)
+        validate = functools.partial(asyncssh.SSHServerConnection.validate_public_key, self)
+        return await owner.key_attempt(username, key_data, msg, signature, validate)
+
+
 class GatewaySSHServer(asyncssh.SSHServer):
-    """One SSH connection: authentication hooks and session channels."""
+    """One SSH connection: authentication hooks and session channels.
+
+    Authentication goes through the gateway's :class:`~kuberun_trio.gateway.login.LoginGate`
+    (limiter turn first, then the credential; only a proven login completes it).
+    """
 
     _chan_ids = itertools.count()
 
     def __init__(self, make_portal: Callable[[GatewaySSHServer], ConnectionPortal],
-                 auth: Any, connection_id: str) -> None:
+                 auth: LoginGate, connection_id: str) -> None:
         self._make_portal = make_portal
         self.auth = auth
-        """The :class:`~kuberun_trio.gateway.auth.Authenticator` (trio-flavoured)."""
+        """The gateway's login gate (trio-flavoured)."""
         self.connection_id = connection_id
         self.auth_result: Any = None
         self.conn: asyncssh.SSHServerConnection | None = None
         self.portal: ConnectionPortal | None = None
         self.username = ""
+        """The SSH username; after login, the authenticated user's name."""
         self.peer: tuple[str, int] = ("", 0)
+        self.login = auth.connection(connection_id, "", 0)
+        self._key_check: AuthResult | Refusal | None = None
+        self._signed = False
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        conn.__class__ = GatewayServerConnection  # overrides one method, adds no state
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1]))
+        self.login = self.auth.connection(self.connection_id, *self.peer)
+        if not self.auth.admit_connection(self.login):  # before the costly key exchange
+            asyncio.get_running_loop().call_soon(conn.abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.portal is not None:
@@ -368,25 +400,67 @@ class GatewaySSHServer(asyncssh.SSHServer):
     def password_auth_supported(self) -> bool:
         return "password" in self.auth.methods()
 
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> Awaitable[bool]:
-        line = key.export_public_key("openssh").decode().strip()
-        return self._decide(self.auth.check_public_key, username, line)
+    def _refused(self, refusal: Refusal) -> None:
+        """Act on a refusal of the login gate (asyncssh then sends the failure reply)."""
+        if refusal.banner and self.conn is not None:
+            self.conn.send_auth_banner(refusal.banner)
+        if refusal.disconnect is not None:
+            raise asyncssh.PermissionDenied(refusal.disconnect)
 
-    def validate_password(self, username: str, password: str) -> Awaitable[bool]:
-        return self._decide(self.auth.check_password, username, password)
+    async def key_attempt(self, username: str, key_data: bytes, msg: bytes, signature: bytes,
+                          validate: Callable[[str, bytes, bytes, bytes], Awaitable[bool]],
+                          ) -> bool:
+        """A public key request: a query (no ``msg``) or a signed attempt.
 
-    async def _decide(self, check: Callable[..., Awaitable[Any]], username: str,
-                      credential: str) -> bool:
-        host, port = self.peer
-        remote = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        result = await run_trio(check, self.connection_id, username, credential,
-                                remote_address=remote)
-        if result is None:
+        A signed attempt first waits for its turn; asyncssh then asks
+        :meth:`validate_public_key` and verifies the signature.
+        """
+        self._key_check, self._signed = None, bool(msg)
+        if msg:
+            refusal = await run_trio(self.auth.turn, self.login, username, "publickey")
+            if refusal is not None:
+                self._refused(refusal)
+                return False
+        ok = await validate(username, key_data, msg, signature)
+        check, self._key_check = self._key_check, None
+        if isinstance(check, Refusal):
+            self._refused(check)
             return False
-        self.auth_result = result
+        if not msg:
+            if check is None:  # not a key asyncssh could read
+                self._refused(self.auth.offer_failed(self.login, username))
+            return ok
+        fingerprint = _fingerprint(key_data)
+        if ok and check is not None:
+            self.auth.proven_key(self.login, check, fingerprint)
+            return True
+        self._refused(self.auth.bad_signature(self.login, username, fingerprint)
+                      if check is not None else
+                      self.auth.failed(self.login, username, "publickey"))
+        return False
+
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        line = key.export_public_key("openssh").decode().strip()
+        self._key_check = await run_trio(self.auth.check_key, self.login, username, line,
+                                         signed=self._signed)
+        return isinstance(self._key_check, AuthResult)
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        outcome = await run_trio(self.auth.password, self.login, username, password)
+        if isinstance(outcome, Refusal):
+            self._refused(outcome)
+            return False
         return True
 
     def auth_completed(self) -> None:
+        result = self.auth.completed(self.login, self.username)
+        if result is None:  # no proven credential (cannot happen through asyncssh's methods)
+            if self.conn is not None:
+                self.conn.close()
+            return
+        self.auth_result = result
+        if result.username is not None:
+            self.username = result.username
         self.portal = self._make_portal(self)
 
     def session_requested(self) -> Any:
@@ -400,6 +474,13 @@ class GatewaySSHServer(asyncssh.SSHServer):
     def close(self, message: str = "") -> None:
         if self.conn is not None:
             self.conn.close()
+
+
+def _fingerprint(key_data: bytes) -> str:
+    try:
+        return str(decode_ssh_public_key(key_data).get_fingerprint("sha256"))
+    except asyncssh.KeyImportError:
+        return "?"
 
 
 class _Collector:

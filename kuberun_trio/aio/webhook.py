@@ -8,11 +8,15 @@ cancels the request. Each call opens its own ``aiohttp.ClientSession`` -- an aut
 webhook is called a few times per connection, and a session per call leaves nothing to
 close at shutdown. The session ignores proxy variables (``trust_env=False``: a webhook is
 an internal service and must not be reached through whatever proxy the environment names),
-follows no redirects, and reads at most :data:`MAX_RESPONSE_BYTES` of the answer.
+follows no redirects, and reads the whole answer -- chunked, or a fixed length arriving
+in pieces -- up to :data:`MAX_RESPONSE_BYTES`; a larger one is refused as too large (by
+its ``Content-Length`` before reading, or once the bytes read pass the cap).
 
 Every failure -- connection refused, TLS, an oversized body -- becomes a
 :class:`~kuberun_trio.errors.AuthError` with the original chained; an HTTP error status
-is *not* a failure here, the caller judges the status.
+is *not* a failure here, the caller judges the status. Error messages name the URL
+without its credentials (:func:`redact_url`; user and password in the URL are sent as
+HTTP basic auth, a query string is not shown).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import ssl
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import aiohttp
 import attrs
@@ -39,6 +44,46 @@ class WebhookResponse:
     body: bytes
 
 
+def redact_url(url: str) -> str:
+    """``url`` fit for logs: user info and query replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "***" if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def redact(text: str, url: str) -> str:
+    """``text`` with every secret part of ``url`` (user info, query) masked."""
+    parts = urlsplit(url)
+    secrets = []
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rpartition("@")[0]
+        secrets += [userinfo, *userinfo.split(":", 1), unquote(userinfo)]
+        secrets += unquote(userinfo).split(":", 1)
+    if parts.query:
+        secrets += [parts.query, unquote(parts.query)]
+        secrets += [v for pair in parse_qsl(parts.query) for v in pair[1:] if v]
+    for secret in sorted({s for s in secrets if len(s) >= 3}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+async def _read_body(response: aiohttp.ClientResponse, url: str) -> bytes:
+    declared = response.content_length
+    if declared is not None and declared > MAX_RESPONSE_BYTES:
+        raise AuthError(f"webhook {redact_url(url)}: response too large ({declared} bytes, "
+                        f"at most {MAX_RESPONSE_BYTES})")
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > MAX_RESPONSE_BYTES:
+            raise AuthError(f"webhook {redact_url(url)}: response too large (more than "
+                            f"{MAX_RESPONSE_BYTES} bytes)")
+    return bytes(body)
+
+
 async def post_json(url: str, payload: Mapping[str, Any], *,
                     cafile: str | None = None) -> WebhookResponse:
     """POST ``payload`` as JSON to ``url``. Asyncio-flavoured; raises AuthError on failure.
@@ -51,10 +96,8 @@ async def post_json(url: str, payload: Mapping[str, Any], *,
                 url, data=json.dumps(payload).encode(), ssl=tls, allow_redirects=False,
                 headers={"Content-Type": "application/json",
                          "Accept": "application/json"}) as response:
-            body = await response.content.read(MAX_RESPONSE_BYTES + 1)
-            if len(body) > MAX_RESPONSE_BYTES:
-                raise AuthError(f"webhook {url}: response larger than "
-                                f"{MAX_RESPONSE_BYTES} bytes")
-            return WebhookResponse(response.status, body)
-    except (aiohttp.ClientError, ssl.SSLError, OSError, asyncio.IncompleteReadError) as exc:
-        raise AuthError(f"webhook {url}: {type(exc).__name__}: {exc}") from exc
+            return WebhookResponse(response.status, await _read_body(response, url))
+    except (aiohttp.ClientError, ssl.SSLError, OSError, asyncio.IncompleteReadError,
+            ValueError) as exc:
+        raise AuthError(redact(f"webhook {redact_url(url)}: {type(exc).__name__}: {exc}",
+                               url)) from exc

@@ -34,6 +34,11 @@ class AuthResult:
     """Variables for every session of the connection (the server's env wins over the client's)."""
     method: str = ""
     """``publickey`` or ``password``."""
+    reason: str = ""
+    """Why the credential was accepted (for the ``auth allow`` log line)."""
+    username: str | None = None
+    """The user this login is, if not the SSH username (the webhook's
+    ``authenticatedUsername``): the username of the pod's labels and of the logs."""
 
 
 class Authenticator(Protocol):

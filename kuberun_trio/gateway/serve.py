@@ -66,11 +66,13 @@ from .lease import (
     default_instance,
     holder_identity,
 )
+from .login import LoginGate
 from .pod import ConnectedPod, ConnectionHandler
 from .podtemplate import label_selector_for_instance
 from .podwatch import PodWatchHub
 from .reaper import GcOptions, Reaper
 from .session import SessionConfig
+from .throttle import LoginPolicy
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,8 @@ class GatewayOptions:
     one's pods). None: no Lease, and no cross-replica sweep."""
     gc: GcOptions = attrs.Factory(GcOptions)
     """The reaper and the orphan sweeps."""
+    login: LoginPolicy = attrs.Factory(LoginPolicy)
+    """Login throttling and tries per connection (one limiter per gateway; :mod:`.throttle`)."""
 
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
@@ -156,10 +160,12 @@ class _Server:
         """Set once a graceful shutdown is complete: serve_gateway returns."""
         self._changed = trio.Event()
         self._scopes: set[trio.CancelScope] = set()
+        self.login = LoginGate(options.authenticator, options.login)
+        """Every login attempt of every connection waits its turn here."""
 
     def ssh_server(self) -> sshserver.GatewaySSHServer:
         """asyncssh's server factory: one per TCP connection."""
-        return sshserver.GatewaySSHServer(self.make_portal, self.options.authenticator,
+        return sshserver.GatewaySSHServer(self.make_portal, self.login,
                                           connection_id=secrets.token_hex(8))
 
     def make_portal(self, ssh: sshserver.GatewaySSHServer) -> ConnectionRuntime:

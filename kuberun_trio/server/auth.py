@@ -1,4 +1,4 @@
-"""The server's :class:`~kuberun_trio.gateway.auth.Authenticator`: files, webhook, throttling.
+"""The server's :class:`~kuberun_trio.gateway.auth.Authenticator`: keys, passwords, webhook.
 
 Theory of operation
 -------------------
@@ -11,117 +11,71 @@ It asks its sources in order and the first *yes* wins:
 Deny by default: with no source configured nobody gets in (a warning says so at start),
 and a source that fails -- unreadable file, webhook down or slow -- answers *no*.
 
-Every decision is logged once, at INFO, with ``extra={"event": "auth", "connection_id",
-"username", "method", "result": "allow"|"deny", "reason", "remote_address"}`` (never a
-password, never metadata values). asyncssh asks about an accepted public key twice (once
-before and once with the signature); the second answer comes from a short per-connection
-cache, neither logged nor sent to the webhook again.
+Throttling, tries per connection and the ``auth allow`` line belong to the gateway
+(:mod:`kuberun_trio.gateway.login`): it asks this authenticator only once an attempt's turn
+has come, and logs ``allow`` once, when the whole login is proven. Here every *refusal* is
+logged, at INFO, through :func:`~kuberun_trio.gateway.refusals.refuse` with
+``extra={"event": "auth", "connection_id", "username", "method", "result": "deny",
+"reason", "remote_address"}`` plus ``fingerprint`` for keys (never a password, never
+metadata values); a password check refused by the full hashing queue logs
+``event="auth-busy"``. A webhook answer about a public key is kept for a minute per
+connection, so the signed request that follows an accepted query does not ask again.
 
-Throttling (:class:`FailureThrottle`) slows repeated failures down without blocking anyone
-else: a refusal counts one failure for the client address and one for the username, and
-then *sleeps* (a trio sleep inside this check only) for ``base * 2**(n-2)`` seconds, capped,
-where ``n`` is the larger of the two counts -- so a single typo costs nothing. A success
-clears both counts; counts are forgotten ``forget_after`` seconds after their last failure.
-Public key refusals count once per connection: clients offer every key they hold, and a
-public key cannot be guessed anyway.
+Password checks go through one :class:`~.hashing.HashQueue` (``auth.passwordHashing``):
+one check per client address at a time, bounded, refused at once when full.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 from collections import OrderedDict
 from typing import Any
 
-import attrs
 import trio
 
 from ..gateway.auth import AuthResult
+from ..gateway.refusals import refuse
+from ..gateway.throttle import address_key
 from .authkeys import AuthorizedKeysFiles, KeyLineError, client_ip, offered_key
 from .authwebhook import AuthWebhook, WebhookVerdict
 from .config import AuthConfig
+from .hashing import HashQueue, HashQueueFull
 from .passwords import PasswordFile
 
 _CACHE_TTL = 60.0
 _CACHE_ENTRIES = 4096
 
 
-@attrs.frozen
-class ThrottlePolicy:
-    """How refusals are slowed down."""
-
-    base: float = 0.5
-    """Delay after the second failure; it doubles with each further one."""
-    cap: float = 8.0
-    """The longest delay."""
-    forget_after: float = 900.0
-    """Seconds without a failure after which a count starts again from zero."""
-    max_entries: int = 10_000
-    """Counts kept at most (the oldest are forgotten first)."""
-
-    def delay(self, failures: int) -> float:
-        if failures < 2:
-            return 0.0
-        return float(min(self.cap, self.base * 2.0 ** min(failures - 2, 64)))
-
-
-class FailureThrottle:
-    """Failure counts by key (``addr:IP``, ``user:NAME``) on trio's clock."""
-
-    def __init__(self, policy: ThrottlePolicy) -> None:
-        self.policy = policy
-        self._counts: OrderedDict[str, tuple[int, float]] = OrderedDict()
-
-    def __repr__(self) -> str:
-        return f"<FailureThrottle entries={len(self._counts)}>"
-
-    def count(self, key: str) -> int:
-        entry = self._counts.get(key)
-        if entry is None:
-            return 0
-        if trio.current_time() - entry[1] > self.policy.forget_after:
-            del self._counts[key]
-            return 0
-        return entry[0]
-
-    def delay(self, *keys: str) -> float:
-        """The delay a refusal for ``keys`` gets now (without counting one)."""
-        return self.policy.delay(max((self.count(k) for k in keys), default=0))
-
-    def failed(self, *keys: str) -> float:
-        """Count a failure for each key; the delay this refusal gets."""
-        now = trio.current_time()
-        for key in keys:
-            self._counts[key] = (self.count(key) + 1, now)
-            self._counts.move_to_end(key)
-        while len(self._counts) > self.policy.max_entries:
-            self._counts.popitem(last=False)
-        return self.delay(*keys)
-
-    def succeeded(self, *keys: str) -> None:
-        for key in keys:
-            self._counts.pop(key, None)
+def key_fingerprint(blob: bytes) -> str:
+    """OpenSSH's ``SHA256:...`` fingerprint of a public key blob."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 class ServerAuthenticator:
-    """Authorized keys, a password file and a webhook, behind one throttle. Trio-flavoured."""
+    """Authorized keys, a password file and a webhook. Trio-flavoured."""
 
     def __init__(self, config: AuthConfig, *, logger: logging.Logger,
-                 throttle: ThrottlePolicy | None = None) -> None:
+                 hashing: HashQueue | None = None) -> None:
         self.config = config
         self._log = logger
+        self.hashing = hashing or HashQueue(config.password_hashing.threads,
+                                            config.password_hashing.queue)
         self.keys = AuthorizedKeysFiles(config.authorized_keys, logger) \
             if config.authorized_keys else None
-        self.passwords = PasswordFile(config.password_file, logger) \
+        self.passwords = PasswordFile(config.password_file, logger, hashing=self.hashing) \
             if config.password_file is not None else None
         self.webhook = AuthWebhook(config.webhook) if config.webhook is not None else None
-        self.throttle = FailureThrottle(throttle or ThrottlePolicy())
         self._recent: OrderedDict[tuple[str, str, str], tuple[AuthResult, float]] = OrderedDict()
-        self._counted: OrderedDict[str, None] = OrderedDict()
         if self.keys is None and self.passwords is None and self.webhook is None:
             logger.warning("no authentication configured (auth.authorizedKeys, "
                            "auth.passwordFile, auth.webhook): every login will be refused",
                            extra={"event": "auth-config"})
+        if self.webhook is not None and self.webhook.plain_http_remote:
+            logger.warning("auth.webhook.url %s uses plain http:// to a host that is not "
+                           "loopback: passwords travel unencrypted (use https://)",
+                           self.webhook.url, extra={"event": "auth-config"})
 
     def __repr__(self) -> str:
         return (f"<ServerAuthenticator keys={self.keys!r} passwords={self.passwords!r} "
@@ -153,9 +107,10 @@ class ServerAuthenticator:
         try:
             key_type, blob = offered_key(key)
         except KeyLineError as exc:
-            await self._deny(connection_id, username, "publickey", remote_address, str(exc))
+            self._deny(connection_id, username, "publickey", remote_address, str(exc))
             return None
         line = f"{key_type} {base64.b64encode(blob).decode()}"
+        fingerprint = key_fingerprint(blob)
         cache_key = (connection_id, username, line)
         cached = self._recent.get(cache_key)
         if cached is not None and trio.current_time() - cached[1] < _CACHE_TTL:
@@ -164,11 +119,8 @@ class ServerAuthenticator:
         if self.keys is not None:
             decision = self.keys.decide(line, remote_address)
             if decision.key is not None:
-                result = AuthResult(environment=dict(decision.key.options.environment),
-                                    method="publickey")
-                self._remember(cache_key, result)
-                return self._allow(connection_id, username, "publickey", remote_address,
-                                   decision.reason, result)
+                return AuthResult(environment=dict(decision.key.options.environment),
+                                  method="publickey", reason=decision.reason)
             reasons.append(decision.reason)
         if self.webhook is not None:
             verdict = await self.webhook.check_public_key(connection_id, username,
@@ -176,33 +128,37 @@ class ServerAuthenticator:
             if verdict.success:
                 result = self._from_webhook(verdict, "publickey", connection_id)
                 self._remember(cache_key, result)
-                return self._allow(connection_id, username, "publickey", remote_address,
-                                   verdict.reason, result)
+                return result
             reasons.append(verdict.reason)
-        await self._deny(connection_id, username, "publickey", remote_address,
-                         "; ".join(reasons) or "no public key source configured")
+        self._deny(connection_id, username, "publickey", remote_address,
+                   "; ".join(reasons) or "no public key source configured",
+                   fingerprint=fingerprint)
         return None
 
     async def check_password(self, connection_id: str, username: str, password: str, *,
                              remote_address: str = "") -> AuthResult | None:
         reasons = []
         if self.passwords is not None:
-            check = await self.passwords.verify(username, password)
+            try:
+                check = await self.passwords.verify(
+                    username, password, source=address_key(client_ip(remote_address)))
+            except HashQueueFull as exc:
+                refuse(self._log, "auth-busy", "auth busy: user %r from %s by password: %s",
+                       username, remote_address or "?", exc, reason=str(exc),
+                       connection_id=connection_id, username=username, method="password",
+                       result="deny", remote_address=remote_address)
+                return None
             if check.ok:
-                return self._allow(connection_id, username, "password", remote_address,
-                                   f"password file: {check.reason}",
-                                   AuthResult(method="password"))
+                return AuthResult(method="password", reason=f"password file: {check.reason}")
             reasons.append(f"password file: {check.reason}")
         if self.webhook is not None:
             verdict = await self.webhook.check_password(connection_id, username,
                                                         remote_address, password)
             if verdict.success:
-                return self._allow(connection_id, username, "password", remote_address,
-                                   verdict.reason,
-                                   self._from_webhook(verdict, "password", connection_id))
+                return self._from_webhook(verdict, "password", connection_id)
             reasons.append(verdict.reason)
-        await self._deny(connection_id, username, "password", remote_address,
-                         "; ".join(reasons) or "no password source configured")
+        self._deny(connection_id, username, "password", remote_address,
+                   "; ".join(reasons) or "no password source configured")
         return None
 
     # -- helpers -----------------------------------------------------------------------
@@ -212,47 +168,23 @@ class ServerAuthenticator:
             self._log.warning("auth webhook: %s", warning,
                               extra={"event": "auth", "connection_id": connection_id})
         return AuthResult(metadata=verdict.metadata, environment=verdict.environment,
-                          method=method)
+                          method=method, reason=verdict.reason,
+                          username=verdict.authenticated_username)
 
     def _remember(self, cache_key: tuple[str, str, str], result: AuthResult) -> None:
         self._recent[cache_key] = (result, trio.current_time())
         while len(self._recent) > _CACHE_ENTRIES:
             self._recent.popitem(last=False)
 
-    def _throttle_keys(self, username: str, remote_address: str) -> tuple[str, str]:
-        return f"addr:{client_ip(remote_address)}", f"user:{username}"
-
-    def _allow(self, connection_id: str, username: str, method: str, remote_address: str,
-               reason: str, result: AuthResult) -> AuthResult:
-        self.throttle.succeeded(*self._throttle_keys(username, remote_address))
-        self._decision(connection_id, username, method, remote_address, "allow", reason)
-        return result
-
-    async def _deny(self, connection_id: str, username: str, method: str,
-                    remote_address: str, reason: str) -> None:
-        keys = self._throttle_keys(username, remote_address)
-        if method == "publickey" and connection_id in self._counted:
-            delay = self.throttle.delay(*keys)
-        else:
-            delay = self.throttle.failed(*keys)
-            if method == "publickey":
-                self._counted[connection_id] = None
-                while len(self._counted) > _CACHE_ENTRIES:
-                    self._counted.popitem(last=False)
-        self._decision(connection_id, username, method, remote_address, "deny", reason,
-                       delay=delay)
-        await trio.sleep(delay)
-
-    def _decision(self, connection_id: str, username: str, method: str, remote_address: str,
-                  result: str, reason: str, **more: Any) -> None:
-        self._log.info("auth %s: user %r from %s by %s: %s", result, username,
-                       remote_address or "?", method, reason,
-                       extra={"event": "auth", "connection_id": connection_id,
-                              "username": username, "method": method, "result": result,
-                              "reason": reason, "remote_address": remote_address, **more})
+    def _deny(self, connection_id: str, username: str, method: str, remote_address: str,
+              reason: str, **more: Any) -> None:
+        how = f"{method} {more['fingerprint']}" if "fingerprint" in more else method
+        refuse(self._log, "auth", "auth deny: user %r from %s by %s: %s", username,
+               remote_address or "?", how, reason, reason=reason,
+               connection_id=connection_id, username=username, method=method,
+               result="deny", remote_address=remote_address, **more)
 
 
-def build_authenticator(config: AuthConfig, *, logger: logging.Logger,
-                        throttle: ThrottlePolicy | None = None) -> ServerAuthenticator:
+def build_authenticator(config: AuthConfig, *, logger: logging.Logger) -> ServerAuthenticator:
     """The authenticator for the ``auth`` section (files are read now; see ``reload``)."""
-    return ServerAuthenticator(config, logger=logger, throttle=throttle)
+    return ServerAuthenticator(config, logger=logger)

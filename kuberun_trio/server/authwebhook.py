@@ -18,6 +18,14 @@ and are dropped with a warning.
 
 Only an HTTP 200 with a well-formed body and ``"success": true`` lets a client in;
 every error, non-200 status or timeout refuses it, with the reason for the log.
+``authenticatedUsername``, as in ContainerSSH, becomes the connection's username (pod
+labels, logs); one that is not a printable string of 1..255 characters refuses the login.
+
+The URL may carry credentials (``https://user:secret@host/...``, a token in the query):
+they are sent, but every reason and log line shows the URL with them masked
+(:func:`~kuberun_trio.aio.webhook.redact_url`). A plain ``http://`` URL to a host that
+is not loopback is allowed, with a warning at start (:attr:`AuthWebhook.plain_http_remote`):
+the webhook receives passwords.
 :func:`parse_response` is pure; :class:`AuthWebhook` adds the call (through
 :func:`kuberun_trio.aio.bridge.run_aio`) under a trio deadline.
 """
@@ -25,16 +33,18 @@ every error, non-200 status or timeout refuses it, with the reason for the log.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import trio
 
 from ..aio.bridge import run_aio
-from ..aio.webhook import post_json
+from ..aio.webhook import post_json, redact, redact_url
 from ..errors import AuthError
 from .config import WebhookConfig
 
@@ -92,8 +102,25 @@ def parse_response(status: int, body: bytes) -> WebhookVerdict:
     if data.get("files"):
         warnings.append("files from the webhook are not supported; dropped")
     user = data.get("authenticatedUsername")
+    if user is not None and user != "" and not _valid_username(user):
+        return WebhookVerdict(False, "webhook answer invalid: authenticatedUsername must be "
+                                     "a printable string of 1..255 characters")
     return WebhookVerdict(True, "webhook accepted", metadata, environment,
                           user if isinstance(user, str) and user else None, tuple(warnings))
+
+
+def _valid_username(user: object) -> bool:
+    return isinstance(user, str) and 0 < len(user) <= 255 and user.isprintable()
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback IP (no DNS lookup: any other name is not loopback)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def password_request(connection_id: str, username: str, remote_address: str,
@@ -115,19 +142,32 @@ class AuthWebhook:
     def __init__(self, config: WebhookConfig) -> None:
         self.config = config
         self._base = config.url.rstrip("/")
+        self.url = redact_url(config.url)
+        """The URL fit for logs (credentials masked)."""
 
     def __repr__(self) -> str:
-        return f"<AuthWebhook {self._base} timeout={self.config.timeout:g}s>"
+        return f"<AuthWebhook {self.url} timeout={self.config.timeout:g}s>"
+
+    @property
+    def plain_http_remote(self) -> bool:
+        """Plain ``http://`` to a host that is not loopback (passwords travel in clear)."""
+        parts = urlsplit(self.config.url)
+        return parts.scheme == "http" and not is_loopback_host(parts.hostname or "")
+
+    def _endpoint(self, endpoint: str) -> str:
+        parts = urlsplit(self._base)  # the endpoint goes before a query string
+        return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{endpoint}"))
 
     async def _ask(self, endpoint: str, payload: Mapping[str, Any]) -> WebhookVerdict:
-        url = f"{self._base}/{endpoint}"
+        url = self._endpoint(endpoint)
         with trio.move_on_after(self.config.timeout):
             try:
                 response = await run_aio(post_json, url, payload, cafile=self.config.cacert)
             except AuthError as exc:
-                return WebhookVerdict(False, str(exc))
+                return WebhookVerdict(False, redact(str(exc), url))
             return parse_response(response.status, response.body)
-        return WebhookVerdict(False, f"webhook {url}: no answer within {self.config.timeout:g} s")
+        return WebhookVerdict(False, f"webhook {redact_url(url)}: no answer within "
+                                     f"{self.config.timeout:g} s")
 
     async def check_password(self, connection_id: str, username: str, remote_address: str,
                              password: str) -> WebhookVerdict:

@@ -42,6 +42,7 @@ from ..errors import ConfigError, ConfigErrors
 from ..gateway.config import KubernetesConfig, parse_config
 from ..gateway.lease import default_instance
 from ..gateway.podtemplate import dns1123_label_problem
+from ..gateway.throttle import LoginPolicy
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 2222
@@ -62,6 +63,30 @@ class WebhookConfig:
 
 
 @attrs.frozen
+class ThrottleConfig:
+    """Login throttling (``auth.throttle``): see :mod:`kuberun_trio.gateway.throttle`."""
+
+    free_failures: int = 3
+    """Attempts (per address and per username) since the last success that cost no wait."""
+    delay: float = duration(1.0)
+    """The wait after the first attempt beyond ``freeFailures``; it doubles with each."""
+    max_delay: float = duration(10.0)
+    """The longest wait; an attempt whose turn is further away is refused at once."""
+    forget_after: float = duration(900.0)
+    """Time after an address's or username's last attempt when its count restarts."""
+
+
+@attrs.frozen
+class PasswordHashingConfig:
+    """Password verification (``auth.passwordHashing``): see :mod:`.hashing`."""
+
+    threads: int = 2
+    """Worker threads verifying hashes at once (argon2's default uses 64 MiB each)."""
+    queue: int = 16
+    """Checks that may wait for a thread; beyond that a password login is refused at once."""
+
+
+@attrs.frozen
 class AuthConfig:
     """Who may connect (``auth``). Deny by default: with nothing configured, nobody can."""
 
@@ -71,6 +96,16 @@ class AuthConfig:
     """File of ``user:hash`` lines (argon2 or bcrypt hashes)."""
     webhook: WebhookConfig | None = None
     """Ask a webhook about passwords and public keys (after the local files said no)."""
+    max_tries: int = 6
+    """Failed attempts per connection (offered keys count) before it is disconnected."""
+    throttle: ThrottleConfig = attrs.Factory(ThrottleConfig)
+    password_hashing: PasswordHashingConfig = attrs.Factory(PasswordHashingConfig)
+
+    def login_policy(self) -> LoginPolicy:
+        """The gateway's :class:`~kuberun_trio.gateway.throttle.LoginPolicy` for this section."""
+        t = self.throttle
+        return LoginPolicy(max_tries=self.max_tries, free_failures=t.free_failures,
+                           delay=t.delay, max_delay=t.max_delay, forget_after=t.forget_after)
 
 
 @attrs.frozen
@@ -186,6 +221,8 @@ def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None)
     auth = structure_section(_CONVERTER, data.get("auth"), AuthConfig, "auth", problems, _HINTS)
     if auth is not None and auth.webhook is not None:
         _check_webhook(auth.webhook, problems)
+    if auth is not None:
+        _check_limits(auth, problems)
     log = structure_section(_CONVERTER, data.get("log"), LogConfig, "log", problems, _HINTS)
     if log is not None:
         if log.format not in LOG_FORMATS:
@@ -237,6 +274,21 @@ def _check_webhook(webhook: WebhookConfig, problems: ConfigProblems) -> None:
                      f"expected an http:// or https:// URL, got {webhook.url!r}")
     if webhook.cacert is not None and not webhook.url.startswith("https://"):
         problems.add("auth.webhook.cacert", "only valid with an https:// url")
+
+
+def _check_limits(auth: AuthConfig, problems: ConfigProblems) -> None:
+    t, h = auth.throttle, auth.password_hashing
+    for where, value, least in [("auth.maxTries", auth.max_tries, 1),
+                                ("auth.throttle.freeFailures", t.free_failures, 0),
+                                ("auth.passwordHashing.threads", h.threads, 1),
+                                ("auth.passwordHashing.queue", h.queue, 0)]:
+        if value < least:
+            problems.add(where, f"must be at least {least}, got {value}")
+    if t.delay < 0:
+        problems.add("auth.throttle.delay", f"must not be negative, got {t.delay:g}s")
+    if t.max_delay < t.delay:
+        problems.add("auth.throttle.maxDelay",
+                     f"must be at least auth.throttle.delay ({t.delay:g}s), got {t.max_delay:g}s")
 
 
 def check_files(config: ServerConfig) -> None:

@@ -29,7 +29,8 @@ from typing import Any
 import argon2
 import attrs
 import bcrypt
-import trio
+
+from .hashing import HashQueue
 
 MAX_PARALLEL_HASHES = 2
 """Worker threads verifying hashes at once (each argon2 default uses 64 MiB)."""
@@ -70,6 +71,19 @@ def dummy_hash_like(hashed: str | None) -> str:
     return (f"${prefix[params.type]}$v={params.version}$m={params.memory_cost},"
             f"t={params.time_cost},p={params.parallelism}$"
             f"{b64(params.salt_len)}${b64(params.hash_len)}")
+
+
+def cost_class(hashed: str | None) -> tuple[Any, ...]:
+    """What a hash's verification time depends on: scheme and cost parameters.
+
+    ``None`` stands for the default argon2 parameters (the dummy of an empty file).
+    """
+    if hashed is not None and hash_scheme(hashed) == "bcrypt":
+        return ("bcrypt", int(hashed[4:6]))
+    params = (argon2.extract_parameters(hashed) if hashed is not None
+              else argon2.profiles.get_default_parameters())
+    return ("argon2", params.type, params.version, params.time_cost, params.memory_cost,
+            params.parallelism, params.hash_len)
 
 
 def check_password(hashed: str, password: str) -> bool:
@@ -123,17 +137,18 @@ class PasswordCheck:
 class PasswordFile:
     """A password file, re-read by :meth:`reload`; :meth:`verify` is trio-flavoured."""
 
-    def __init__(self, path: str, logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+    def __init__(self, path: str, logger: logging.Logger | logging.LoggerAdapter[Any], *,
+                 hashing: HashQueue | None = None) -> None:
         self.path = path
         self._log = logger
         self._users: dict[str, str] = {}
-        self._dummy = dummy_hash_like(None)
-        self._limiter = trio.CapacityLimiter(MAX_PARALLEL_HASHES)
+        self._classes: dict[tuple[Any, ...], str] = {}
+        self.hashing = hashing or HashQueue(MAX_PARALLEL_HASHES)
         self.readable = False
         self.reload()
 
     def __repr__(self) -> str:
-        return f"<PasswordFile {self.path} users={len(self._users)}>"
+        return f"<PasswordFile {self.path} users={len(self._users)} classes={len(self._classes)}>"
 
     def reload(self) -> None:
         """Read the file again; on failure nobody gets in until a reload succeeds."""
@@ -145,21 +160,44 @@ class PasswordFile:
                             self.path, getattr(exc, "strerror", None) or exc,
                             extra={"event": "auth-config", "path": self.path})
             self._users, self.readable = {}, False
+            self._classes = {cost_class(None): dummy_hash_like(None)}
             return
         users, problems = parse_password_file(text)
         for number, problem in problems:
             self._log.error("%s:%d: %s (line skipped)", self.path, number, problem,
                             extra={"event": "auth-config", "path": self.path})
+        classes: dict[tuple[Any, ...], str] = {}
+        for hashed in users.values():
+            classes.setdefault(cost_class(hashed), dummy_hash_like(hashed))
         self._users, self.readable = users, True
-        self._dummy = dummy_hash_like(next(iter(users.values()), None))
+        self._classes = classes or {cost_class(None): dummy_hash_like(None)}
+        if len(classes) > 1:
+            self._log.info("password file %s: %d hash cost classes; every check verifies "
+                           "one hash of each (so timing does not reveal users)",
+                           self.path, len(classes), extra={"event": "auth-config"})
 
-    async def verify(self, username: str, password: str) -> PasswordCheck:
-        """Check ``password`` in a worker thread; unknown users cost the same as known ones."""
+    def plan(self, username: str) -> tuple[str, ...]:
+        """The hashes a check for ``username`` verifies: one per cost class, in order."""
         hashed = self._users.get(username)
-        target = hashed if hashed is not None else self._dummy
-        ok = await trio.to_thread.run_sync(check_password, target, password,
-                                           limiter=self._limiter)
+        own = cost_class(hashed) if hashed is not None else None
+        return tuple(hashed if klass == own and hashed is not None else dummy
+                     for klass, dummy in self._classes.items())
+
+    async def verify(self, username: str, password: str, *, source: str = "") -> PasswordCheck:
+        """Check ``password`` in a worker thread; every user costs the same.
+
+        ``source`` is the client's address key (one check per source at a time); raises
+        :class:`~.hashing.HashQueueFull` when the check is refused at once.
+        """
+        hashed, readable = self._users.get(username), self.readable
+        plan = self.plan(username)
+        results = await self.hashing.run(source, _check_all, plan, password)
         if hashed is None:
-            why = "password file unreadable" if not self.readable else "unknown user"
+            why = "password file unreadable" if not readable else "unknown user"
             return PasswordCheck(False, why)
+        ok = any(ok for target, ok in zip(plan, results, strict=True) if target == hashed)
         return PasswordCheck(ok, "password matches" if ok else "wrong password")
+
+
+def _check_all(targets: tuple[str, ...], password: str) -> list[bool]:
+    return [check_password(target, password) for target in targets]
