@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -44,6 +45,7 @@ import attrs
 from asyncssh.constants import MSG_CHANNEL_WINDOW_ADJUST
 from asyncssh.packet import SSHPacket, UInt32
 
+from ..gateway.limits import Admission, Refusal, SignalBucket, Ticket, open_fds, report_refusal
 from ..gateway.session import (
     AbortExec,
     Action,
@@ -81,6 +83,9 @@ class ExecTarget:
     """Trio-flavoured: waits up to N seconds for the pod-loss watcher and returns why
     the pod is gone, or None. Asked when a stream ends without a status or with 137
     (SIGKILL), which is what eviction and a killed pod look like from the exec."""
+    throttle: Callable[[], Awaitable[None]] | None = None
+    """Asyncio-flavoured: waits for the API client's ``qps``/``burst`` rate limiter;
+    awaited before every exec open (sessions and signals alike)."""
 
 
 KILLED = 137
@@ -150,9 +155,15 @@ class GatewayChannel(asyncssh.SSHServerChannel):  # type: ignore[type-arg]
 class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     """One session channel: callbacks in, actions out, and the exec pump."""
 
-    def __init__(self, portal: ConnectionPortal, machine: SessionMachine) -> None:
+    def __init__(self, portal: ConnectionPortal, machine: SessionMachine, *,
+                 signals: SignalBucket | None = None,
+                 refused: Callable[[Refusal], None] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         self.portal = portal
         self.machine = machine
+        self._signals = signals
+        self._refused = refused or (lambda refusal: None)
+        self._on_close = on_close
         self.abort: Callable[[], None] = lambda: None
         """Set by the trio session task: cancels it (the channel is gone)."""
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
@@ -194,6 +205,11 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._apply(self.machine.window_change(width, height, pixwidth, pixheight))
 
     def signal_requested(self, name: str) -> bool:
+        if self._signals is not None:
+            refusal = self._signals.take(time.monotonic())
+            if refusal is not None:  # refused, not queued: the client sees a channel failure
+                self._refused(refusal)
+                return False
         return self._apply(self.machine.signal(name))
 
     def break_received(self, msec: int) -> bool:
@@ -222,6 +238,9 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._writable.set()
         self._apply(self.machine.closed())
         self._chan = None
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
     # -- OutputSink for the exec pump --------------------------------------
     def write_stdout(self, data: bytes) -> None:
@@ -274,7 +293,7 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         try:
             stream = await open_exec(
                 target.ws_client, target.namespace, target.pod, plan.container or target.container,
-                plan.argv, tty=plan.tty, stdin=plan.stdin)
+                plan.argv, tty=plan.tty, stdin=plan.stdin, throttle=target.throttle)
         except Exception as exc:  # the error boundary of one session
             self.fail(f"cannot start the command in pod {target.pod}: {exc}")
             return None
@@ -333,12 +352,17 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
 
 class GatewaySSHServer(asyncssh.SSHServer):
-    """One SSH connection: authentication hooks and session channels."""
+    """One SSH connection: authentication hooks and session channels.
+
+    With an :class:`~kuberun_trio.gateway.limits.Admission`, the connection is admitted (or
+    dropped at once) when TCP connects, must log in within ``loginGraceTime``, is counted
+    for its user once the login is proven, and opens sessions and signals within limits.
+    """
 
     _chan_ids = itertools.count()
 
     def __init__(self, make_portal: Callable[[GatewaySSHServer], ConnectionPortal],
-                 auth: Any, connection_id: str) -> None:
+                 auth: Any, connection_id: str, admission: Admission | None = None) -> None:
         self._make_portal = make_portal
         self.auth = auth
         """The :class:`~kuberun_trio.gateway.auth.Authenticator` (trio-flavoured)."""
@@ -348,13 +372,54 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self.portal: ConnectionPortal | None = None
         self.username = ""
         self.peer: tuple[str, int] = ("", 0)
+        self.admission = admission
+        self.ticket: Ticket | None = None
+        self._grace_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1]))
+        if self.admission is None:
+            return
+        verdict = self.admission.accept(self.peer[0], open_fds())
+        if isinstance(verdict, Refusal):
+            # Called before asyncssh sends its version: disconnect right after it, before
+            # any key exchange is computed (MSG_DISCONNECT may precede KEXINIT).
+            self.refused(verdict)
+            asyncio.get_running_loop().call_soon(self._disconnect, verdict)
+            return
+        self.ticket = verdict
+        grace = self.admission.limits.login_grace_time
+        self._grace_timer = asyncio.get_running_loop().call_later(
+            grace, self._grace_expired, grace)
+
+    def _grace_expired(self, grace: float) -> None:
+        self._grace_timer = None
+        if self.ticket is not None and self.ticket.authenticating:
+            refusal = Refusal("login-grace-time", f"no login within {grace:g} s")
+            self.refused(refusal)
+            self._disconnect(refusal, asyncssh.DISC_BY_APPLICATION)
+
+    def refused(self, refusal: Refusal) -> None:
+        """Log a refusal of this connection (or of one of its requests)."""
+        host, port = self.peer
+        report_refusal(refusal, connection_id=self.connection_id, client=f"{host}:{port}",
+                       username=self.username)
+
+    def _disconnect(self, refusal: Refusal,
+                    code: int = asyncssh.DISC_TOO_MANY_CONNECTIONS) -> None:
+        if self.conn is not None:
+            self.conn.disconnect(code, f"kuberun: {refusal.message}")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+        if self.ticket is not None:
+            self.ticket.release()
+            if exc is not None and "keepalive" in str(exc):
+                self.refused(Refusal("client-alive", "the client stopped answering keepalives"))
         if self.portal is not None:
             self.portal.closed()
 
@@ -387,15 +452,34 @@ class GatewaySSHServer(asyncssh.SSHServer):
         return True
 
     def auth_completed(self) -> None:
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+        if self.ticket is not None and self.conn is not None:
+            username = str(self.conn.get_extra_info("username") or self.username)
+            refusal = self.ticket.authenticated(username)
+            if refusal is not None:
+                self.refused(refusal)
+                self._disconnect(refusal)
+                return
         self.portal = self._make_portal(self)
 
     def session_requested(self) -> Any:
         if self.portal is None or self.conn is None:
             return False
+        ticket, signals = self.ticket, None
+        if ticket is not None and self.admission is not None:
+            refusal = ticket.open_session()
+            if refusal is not None:
+                self.refused(refusal)
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                                f"kuberun: {refusal.message}")
+            signals = SignalBucket(self.admission.limits.max_signals_per_second)
         machine = self.portal.new_session(next(self._chan_ids))
         chan = self.conn.create_server_channel(encoding=None)
         chan.__class__ = GatewayChannel  # adds request handlers only, no state
-        return chan, GatewaySession(self.portal, machine)
+        return chan, GatewaySession(self.portal, machine, signals=signals, refused=self.refused,
+                                    on_close=ticket.close_session if ticket else None)
 
     def close(self, message: str = "") -> None:
         if self.conn is not None:
@@ -424,7 +508,8 @@ async def run_command(target: ExecTarget, argv: tuple[str, ...],
                       container: str | None = None) -> ExecResult:
     """Run ``argv`` in the pod without stdin; the result's message holds stderr on failure."""
     stream = await open_exec(target.ws_client, target.namespace, target.pod,
-                             container or target.container, argv, tty=False, stdin=False)
+                             container or target.container, argv, tty=False, stdin=False,
+                             throttle=target.throttle)
     sink = _Collector()
     result = await stream.run(sink)
     if result.exit_code != 0 and sink.stderr:

@@ -48,6 +48,7 @@ from ..aio.kube import KubeClient, open_kube_client
 from .auth import Authenticator, AuthResult
 from .config import KubernetesConfig
 from .connection import ConnectionRuntime
+from .limits import Admission, Limits, fd_limit, open_fds
 from .pod import ConnectedPod, ConnectionHandler
 from .podtemplate import label_selector_for_instance
 from .podwatch import PodWatchHub
@@ -79,6 +80,8 @@ class GatewayOptions:
     """0 picks a free port (see the address reported by ``task_status``)."""
     instance: str = attrs.field(factory=socket.gethostname)
     """This gateway's name, written into every pod's labels (orphan clean-up)."""
+    limits: Limits = attrs.Factory(Limits)
+    """Connection, session and signal limits (:mod:`kuberun_trio.gateway.limits`)."""
 
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
@@ -123,11 +126,15 @@ class _Server:
         """Set once a graceful shutdown is complete: serve_gateway returns."""
         self._changed = trio.Event()
         self._scopes: set[trio.CancelScope] = set()
+        self.admission = Admission(options.limits, fd_limit=fd_limit(),
+                                   fds_at_start=open_fds() or 0)
+        """Counts connections, users and sessions against ``options.limits``."""
 
     def ssh_server(self) -> sshserver.GatewaySSHServer:
         """asyncssh's server factory: one per TCP connection."""
         return sshserver.GatewaySSHServer(self.make_portal, self.options.authenticator,
-                                          connection_id=secrets.token_hex(8))
+                                          connection_id=secrets.token_hex(8),
+                                          admission=self.admission)
 
     def make_portal(self, ssh: sshserver.GatewaySSHServer) -> ConnectionRuntime:
         """Called on handshake success: start the connection's task."""
@@ -151,7 +158,8 @@ class _Server:
         return runtime
 
     def _target(self, pod: ConnectedPod) -> sshserver.ExecTarget:
-        return sshserver.ExecTarget(self.kube.exec_client, pod.namespace, pod.name, pod.container)
+        return sshserver.ExecTarget(self.kube.exec_client, pod.namespace, pod.name, pod.container,
+                                    throttle=self.kube.exec_throttle)
 
     async def _run_connection(self, runtime: ConnectionRuntime) -> None:
         started = trio.current_time()
@@ -223,9 +231,13 @@ async def serve_gateway(
             kube, label_selector_for_instance(options.instance)).run)
         server = _Server(options, kube, nursery, hub)
         keys = [sshserver.load_host_key(k) for k in options.host_keys]
+        interval, count = options.limits.keepalive()
+        # The login grace time is the server's own timer (it tells the client why).
+        ssh_options = {"login_timeout": None, "keepalive_interval": interval,
+                       "keepalive_count_max": count}
         server.acceptor = await run_aio(functools.partial(
             sshserver.listen, options.host, options.port, host_keys=keys,
-            server_factory=server.ssh_server))
+            server_factory=server.ssh_server, options=ssh_options))
         try:
             sockname = server.acceptor.sockets[0].getsockname()
             server.gateway.address = (str(sockname[0]), int(sockname[1]))
