@@ -448,6 +448,12 @@ class GatewaySSHServer(asyncssh.SSHServer):
                                 remote_address=remote)
         if result is None:
             return False
+        if self.admission is not None:  # the user's limits: say so now, not after success
+            refusal = self.admission.user_refusal(username)
+            if refusal is not None:
+                self.refused(refusal)
+                self._disconnect(refusal)
+                return False
         self.auth_result = result
         return True
 

@@ -211,6 +211,20 @@ class Admission:
             return None
         return max(1, (self.fd_limit - self.fds_at_start - self.limits.fd_reserve) // 2)
 
+    def user_refusal(self, username: str) -> Refusal | None:
+        """Why another connection of ``username`` would be refused now (None: it would not).
+
+        A check only; :meth:`Ticket.authenticated` counts (and checks again).
+        """
+        limit = self.limits.max_connections_per_user
+        if self.by_user[username] >= limit:
+            return Refusal("max-connections-per-user",
+                           f"too many connections for user {username!r} (limit {limit})")
+        share = self.fd_share()
+        if share is not None and self.units_by_user[username] + 1 > share:
+            return Refusal("fd-share", f"user {username!r} holds too many gateway resources")
+        return None
+
     def accept(self, address: str, fds_in_use: int | None = None) -> Ticket | Refusal:
         """A TCP connection from ``address`` arrived: admit it (a :class:`Ticket`) or not."""
         limits = self.limits
@@ -269,13 +283,9 @@ class Ticket:
         a = self._admission
         self._leave_unauthenticated()
         self._state = "refused"
-        limit = a.limits.max_connections_per_user
-        if a.by_user[username] >= limit:
-            return Refusal("max-connections-per-user",
-                           f"too many connections for user {username!r} (limit {limit})")
-        share = a.fd_share()
-        if share is not None and a.units_by_user[username] + 1 > share:
-            return Refusal("fd-share", f"user {username!r} holds too many gateway resources")
+        refusal = a.user_refusal(username)
+        if refusal is not None:
+            return refusal
         self._state = "authenticated"
         self.username = username
         a.by_user[username] += 1
