@@ -54,8 +54,8 @@ async def open_limits_rig(tmp_path: Path, limits: Limits,
 
 
 def refusals(caplog: pytest.LogCaptureFixture, reason: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records
-            if getattr(r, "event", None) == "limit-refused" and getattr(r, "reason", None) == reason]
+    return [r for r in caplog.records if getattr(r, "event", None) == "limit-refused"
+            and getattr(r, "reason", None) == reason]
 
 
 async def test_1000_channels_on_one_connection_get_exactly_max_sessions(
@@ -141,7 +141,7 @@ async def test_signal_flood_is_refused_not_queued(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async with open_limits_rig(tmp_path, Limits(max_signals_per_second=5)) as rig:
         conn = await rig.connect()
-        chan, session = await aio(open_raw, conn, "trap 'echo got' USR1; "
+        chan, _session = await aio(open_raw, conn, "trap 'echo got' USR1; "
                                   "while :; do sleep 0.1; done")
         with trio.fail_after(30):
             while True:  # the exec runs once the pod is ready
