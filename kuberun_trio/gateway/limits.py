@@ -157,7 +157,7 @@ class Refusal:
 def report_refusal(refusal: Refusal, *, connection_id: str = "", client: str = "",
                    **fields: Any) -> None:
     """Log one refusal (event ``limit-refused``). Every limit's refusal goes through here."""
-    log.warning("%s refused (%s): %s", refusal.scope, refusal.reason, refusal.message, extra={
+    log.warning("limit %s (%s): %s", refusal.reason, refusal.scope, refusal.message, extra={
         "event": "limit-refused", "reason": refusal.reason, "scope": refusal.scope,
         "connection_id": connection_id, "client": client, **fields})
 
