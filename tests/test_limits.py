@@ -204,3 +204,10 @@ def test_report_refusal_logs_event_and_reason(caplog: pytest.LogCaptureFixture) 
     (record,) = caplog.records
     assert (record.event, record.reason, record.scope, record.connection_id) == (  # type: ignore[attr-defined]
         "limit-refused", "max-sessions", "session", "c1")
+
+
+def test_limits_refuse_values_out_of_range() -> None:
+    for bad in ({"max_sessions": 0}, {"login_grace_time": 0.0}, {"fd_reserve": -1},
+                {"max_signals_per_second": 0.0}, {"client_alive_count_max": 0}):
+        with pytest.raises(ValueError):
+            Limits(**bad)  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -254,6 +255,14 @@ async def test_max_startups_drops_unauthenticated_connections(
         assert len(refusals(caplog, "max-startups")) == 1
         with pytest.raises(asyncssh.DisconnectError, match="too many unauthenticated"):
             await rig.connect()
+        if shutil.which("ssh"):  # what the OpenSSH client shows
+            ssh = await trio.run_process(
+                ["ssh", "-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o",
+                 "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-p", str(rig.port),
+                 "alice@127.0.0.1", "true"], capture_stdout=True, capture_stderr=True,
+                check=False)
+            assert ssh.returncode == 255
+            assert b"kuberun: too many unauthenticated connections" in ssh.stderr, ssh.stderr
         await idle[0].aclose()
         await trio.sleep(0.3)
         conn = await rig.connect()  # room again

@@ -107,28 +107,31 @@ class MaxStartups:
 
 @attrs.frozen
 class Limits:
-    """Every limit of the gateway (``ssh.*`` and ``security.*`` in the server's config)."""
+    """Every limit of the gateway (``ssh.*`` and ``security.*`` in the server's config).
 
-    login_grace_time: float = 60.0
+    Values out of range raise ``ValueError`` (the server's config reports them by key first).
+    """
+
+    login_grace_time: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
     """Seconds from TCP accept to a completed login; then the client is disconnected."""
     max_startups: MaxStartups = MaxStartups()
     """Random early drop of unauthenticated connections (``ssh.maxStartups``)."""
-    max_startups_per_address: int = 10
+    max_startups_per_address: int = attrs.field(default=10, validator=attrs.validators.ge(1))
     """Unauthenticated connections from one source address at once."""
-    client_alive_interval: float = 15.0
+    client_alive_interval: float = attrs.field(default=15.0, validator=attrs.validators.gt(0))
     """Seconds of silence before the gateway probes the client (``keepalive@openssh.com``)."""
-    client_alive_count_max: int = 3
+    client_alive_count_max: int = attrs.field(default=3, validator=attrs.validators.ge(1))
     """Unanswered probes before the connection is closed: a vanished client frees its pod
     within ``client_alive_interval * client_alive_count_max`` seconds."""
-    max_connections: int = 1000
+    max_connections: int = attrs.field(default=1000, validator=attrs.validators.ge(1))
     """Open connections at once, authenticated or not."""
-    max_sessions: int = 10
+    max_sessions: int = attrs.field(default=10, validator=attrs.validators.ge(1))
     """Session channels open at once on one connection."""
-    max_connections_per_user: int = 10
+    max_connections_per_user: int = attrs.field(default=10, validator=attrs.validators.ge(1))
     """Connections of one (authenticated) username at once, in this gateway process."""
-    max_signals_per_second: float = 5.0
+    max_signals_per_second: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     """``signal`` requests one session may make per second (a burst of as many)."""
-    fd_reserve: int = 64
+    fd_reserve: int = attrs.field(default=64, validator=attrs.validators.ge(0))
     """File descriptors kept free: new TCP connections are refused below this."""
 
     def keepalive(self) -> tuple[float, int]:
