@@ -29,6 +29,15 @@ Env requests: asyncssh accepts every ``env`` request and has no callback for
 it, so :class:`GatewayChannel` overrides its request handler to ask the
 session machine (refusing env after start and invalid names with a channel
 failure). The same goes for ``signal``, whose default handler always succeeds.
+
+Limits (:mod:`kuberun_trio.gateway.limits` decides, this module carries out):
+a TCP connection is admitted in :meth:`GatewaySSHServer.connection_made` or
+disconnected right after the version exchange, before any key exchange is
+computed; the login grace timer runs from there to ``auth_completed``, where
+the login is counted for its user (or refused with a disconnect); session
+channels over ``maxSessions`` fail to open with the reason; each session's
+signals pass a :class:`~kuberun_trio.gateway.limits.SignalBucket`. Keepalive
+probes are asyncssh's (``keepalive_interval``/``keepalive_count_max``).
 """
 
 from __future__ import annotations
