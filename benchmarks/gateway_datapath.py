@@ -150,6 +150,7 @@ def gateway_main(key_file: str, pub_file: str, kubeconfig: str | None,
     from kuberun_trio.gateway.serve import GatewayOptions, open_gateway
 
     from .procstats import raise_fd_limit
+    from .soak import BENCH_LIMITS
 
     raise_fd_limit()
     public_key, host_key = Path(pub_file).read_text(), Path(key_file).read_bytes()
@@ -160,7 +161,7 @@ def gateway_main(key_file: str, pub_file: str, kubeconfig: str | None,
         options = GatewayOptions(
             kubernetes=parse_config(section),
             authenticator=PublicKeyAuthenticator([public_key]),
-            host_keys=(host_key,), port=0, instance="bench")
+            host_keys=(host_key,), port=0, instance="bench", limits=BENCH_LIMITS)
         async with open_gateway(options) as gateway:
             print(gateway.address[1], flush=True)
             await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)

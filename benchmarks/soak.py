@@ -55,7 +55,14 @@ from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.cluster import EmbeddedCluster, open_embedded_cluster
 from kuberun_trio.gateway.auth import PublicKeyAuthenticator
 from kuberun_trio.gateway.config import parse_config
+from kuberun_trio.gateway.limits import Limits, MaxStartups
 from kuberun_trio.gateway.serve import Gateway, GatewayOptions, open_gateway
+
+BENCH_LIMITS = Limits(max_startups=MaxStartups.parse("100000"), max_startups_per_address=100_000,
+                      max_connections=100_000, max_connections_per_user=100_000,
+                      max_sessions=1000)
+"""Limits far above what a benchmark's fleet (one user, one address) opens: the harnesses
+measure the data path and leaks, not the limits (``benchmarks.abuse_limits`` does that)."""
 
 CLIENT_DEADLINE = 60.0
 """Seconds one client command may take before it counts as failed."""
@@ -295,7 +302,7 @@ async def soak_main(args: argparse.Namespace) -> dict[str, Any]:
                 kubernetes=kube, authenticator=PublicKeyAuthenticator(
                     [client_key.export_public_key("openssh").decode()]),
                 host_keys=(host_key.export_private_key("openssh"),), port=0,
-                instance="soak")
+                instance="soak", limits=BENCH_LIMITS)
             async with open_gateway(options) as gateway:
                 soak = Soak(args, cluster, gateway, workdir, key_file)
                 # Warm up: one connection opens the API client's keep-alive pool, which

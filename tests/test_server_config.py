@@ -13,6 +13,7 @@ import pytest
 
 from kuberun_trio.cli import build_parser
 from kuberun_trio.errors import ConfigError, ConfigErrors
+from kuberun_trio.gateway.limits import Limits, MaxStartups
 from kuberun_trio.server.config import (
     AuthConfig,
     WebhookConfig,
@@ -310,3 +311,46 @@ def test_text_logs_one_line_per_event(restore_logging: None) -> None:
     assert lines[0].endswith(
         'kuberun_trio.test: auth decision event=auth connection_id=c1 reason="no such key"')
     assert lines[1].endswith('failed connection_id=c2 error="ValueError: boom"')
+
+
+def test_limit_defaults_and_keys() -> None:
+    assert parse_server_config({}, instance="gw").limits == Limits()
+    config = parse_server_config({
+        "ssh": {"loginGraceTime": "30s", "maxStartups": "5:50:20", "maxStartupsPerAddress": 3,
+                "clientAliveInterval": "1m", "clientAliveCountMax": 2, "maxConnections": 50},
+        "security": {"maxSessions": 4, "maxConnectionsPerUser": 2, "maxSignalsPerSecond": 0.5,
+                     "fdReserve": 0},
+    }, instance="gw")
+    assert config.limits == Limits(
+        login_grace_time=30.0, max_startups=MaxStartups(5, 50, 20), max_startups_per_address=3,
+        client_alive_interval=60.0, client_alive_count_max=2, max_connections=50,
+        max_sessions=4, max_connections_per_user=2, max_signals_per_second=0.5, fd_reserve=0)
+    # OpenSSH's single-number form, also as a YAML number
+    assert parse_server_config({"ssh": {"maxStartups": 7}}, instance="gw").limits.max_startups \
+        == MaxStartups(7, 100, 7)
+
+
+def test_limit_errors_name_the_key() -> None:
+    found = problems({
+        "ssh": {"maxStartups": "20:30:10", "maxStartupsPerAddress": 0, "clientAliveCountMax": 0,
+                "maxConnections": -1},
+        "security": {"maxSessions": 0, "maxConnectionsPerUser": 0, "maxSignalsPerSecond": 0,
+                     "fdReserve": -1},
+    })
+    assert found == {
+        "ssh.maxStartups": "need 1 <= start <= full and 1 <= rate <= 100, got '20:30:10'",
+        "ssh.maxStartupsPerAddress": "must be at least 1, got 0",
+        "ssh.clientAliveCountMax": "must be at least 1, got 0",
+        "ssh.maxConnections": "must be at least 1, got -1",
+        "security.maxSessions": "must be at least 1, got 0",
+        "security.maxConnectionsPerUser": "must be at least 1, got 0",
+        "security.maxSignalsPerSecond": "must be positive, got 0",
+        "security.fdReserve": "must be at least 0, got -1",
+    }
+    found = problems({"ssh": {"loginGraceTime": "0s", "maxStartups": True},
+                      "security": {"maxSession": 3, "maxSessions": "3"}, "securty": {}})
+    assert found["ssh.loginGraceTime"] == "must be a positive duration, got '0s'"
+    assert found["ssh.maxStartups"] == "expected a string, got boolean"
+    assert found["security.maxSession"] == "unknown key (did you mean maxSessions?)"
+    assert found["security.maxSessions"] == "expected an integer, got string"
+    assert found["securty"] == "unknown key (did you mean security?)"

@@ -47,7 +47,7 @@ import asyncio
 import collections
 import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import aiohttp
@@ -243,9 +243,18 @@ async def open_exec(
     *,
     tty: bool,
     stdin: bool = True,
+    throttle: Callable[[], Awaitable[None]] | None = None,
 ) -> ExecStream:
-    """Open an exec WebSocket. Asyncio-flavoured; raises :class:`ExecError` on refusal."""
+    """Open an exec WebSocket. Asyncio-flavoured; raises :class:`ExecError` on refusal.
+
+    ``throttle`` (asyncio-flavoured) is awaited first: the API client's rate limiter
+    (:meth:`kuberun_trio.aio.kube.KubeClient.exec_throttle`), so exec opens count against
+    ``qps``/``burst`` like every other request.
+    """
     from kubernetes_asyncio.client import CoreV1Api
+
+    if throttle is not None:
+        await throttle()
 
     v1: Any = CoreV1Api(ws_client)
     try:

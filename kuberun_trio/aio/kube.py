@@ -586,6 +586,11 @@ class KubeClient:
         """The kubernetes-asyncio ``WsApiClient`` for exec streams (asyncio-side object)."""
         return self._t.ws_client
 
+    @property
+    def exec_throttle(self) -> Callable[[], Awaitable[None]]:
+        """Asyncio-flavoured: take a token from the ``qps``/``burst`` rate limiter (exec opens)."""
+        return self._t._throttle
+
     def statistics(self) -> KubeClientStatistics:
         """Counters since the client was opened."""
         return KubeClientStatistics(**attrs.asdict(self._t.counters))

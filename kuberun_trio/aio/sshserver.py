@@ -29,6 +29,15 @@ Env requests: asyncssh accepts every ``env`` request and has no callback for
 it, so :class:`GatewayChannel` overrides its request handler to ask the
 session machine (refusing env after start and invalid names with a channel
 failure). The same goes for ``signal``, whose default handler always succeeds.
+
+Limits (:mod:`kuberun_trio.gateway.limits` decides, this module carries out):
+a TCP connection is admitted in :meth:`GatewaySSHServer.connection_made` or
+disconnected right after the version exchange, before any key exchange is
+computed; the login grace timer runs from there to ``auth_completed``, where
+the login is counted for its user (or refused with a disconnect); session
+channels over ``maxSessions`` fail to open with the reason; each session's
+signals pass a :class:`~kuberun_trio.gateway.limits.SignalBucket`. Keepalive
+probes are asyncssh's (``keepalive_interval``/``keepalive_count_max``).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -47,6 +57,8 @@ from asyncssh.packet import SSHPacket, UInt32
 from asyncssh.public_key import decode_ssh_public_key
 
 from ..gateway.auth import AuthResult
+from ..gateway.limits import Admission, SignalBucket, Ticket, open_fds, report_refusal
+from ..gateway.limits import Refusal as LimitRefusal
 from ..gateway.login import LoginGate, Refusal
 from ..gateway.session import (
     AbortExec,
@@ -85,6 +97,9 @@ class ExecTarget:
     """Trio-flavoured: waits up to N seconds for the pod-loss watcher and returns why
     the pod is gone, or None. Asked when a stream ends without a status or with 137
     (SIGKILL), which is what eviction and a killed pod look like from the exec."""
+    throttle: Callable[[], Awaitable[None]] | None = None
+    """Asyncio-flavoured: waits for the API client's ``qps``/``burst`` rate limiter;
+    awaited before every exec open (sessions and signals alike)."""
 
 
 KILLED = 137
@@ -154,9 +169,15 @@ class GatewayChannel(asyncssh.SSHServerChannel):  # type: ignore[type-arg]
 class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     """One session channel: callbacks in, actions out, and the exec pump."""
 
-    def __init__(self, portal: ConnectionPortal, machine: SessionMachine) -> None:
+    def __init__(self, portal: ConnectionPortal, machine: SessionMachine, *,
+                 signals: SignalBucket | None = None,
+                 refused: Callable[[LimitRefusal], None] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
         self.portal = portal
         self.machine = machine
+        self._signals = signals
+        self._refused = refused or (lambda refusal: None)
+        self._on_close = on_close
         self.abort: Callable[[], None] = lambda: None
         """Set by the trio session task: cancels it (the channel is gone)."""
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
@@ -198,6 +219,11 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._apply(self.machine.window_change(width, height, pixwidth, pixheight))
 
     def signal_requested(self, name: str) -> bool:
+        if self._signals is not None:
+            refusal = self._signals.take(time.monotonic())
+            if refusal is not None:  # refused, not queued: the client sees a channel failure
+                self._refused(refusal)
+                return False
         return self._apply(self.machine.signal(name))
 
     def break_received(self, msec: int) -> bool:
@@ -226,6 +252,9 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._writable.set()
         self._apply(self.machine.closed())
         self._chan = None
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
     # -- OutputSink for the exec pump --------------------------------------
     def write_stdout(self, data: bytes) -> None:
@@ -278,7 +307,7 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         try:
             stream = await open_exec(
                 target.ws_client, target.namespace, target.pod, plan.container or target.container,
-                plan.argv, tty=plan.tty, stdin=plan.stdin)
+                plan.argv, tty=plan.tty, stdin=plan.stdin, throttle=target.throttle)
         except Exception as exc:  # the error boundary of one session
             self.fail(f"cannot start the command in pod {target.pod}: {exc}")
             return None
@@ -356,13 +385,16 @@ class GatewaySSHServer(asyncssh.SSHServer):
     """One SSH connection: authentication hooks and session channels.
 
     Authentication goes through the gateway's :class:`~kuberun_trio.gateway.login.LoginGate`
-    (limiter turn first, then the credential; only a proven login completes it).
+    (limiter turn first, then the credential; only a proven login completes it). With an
+    :class:`~kuberun_trio.gateway.limits.Admission`, the connection is admitted (or dropped
+    at once) when TCP connects, must log in within ``loginGraceTime``, is counted for its
+    user once the login is proven, and opens sessions and signals within limits.
     """
 
     _chan_ids = itertools.count()
 
     def __init__(self, make_portal: Callable[[GatewaySSHServer], ConnectionPortal],
-                 auth: LoginGate, connection_id: str) -> None:
+                 auth: LoginGate, connection_id: str, admission: Admission | None = None) -> None:
         self._make_portal = make_portal
         self.auth = auth
         """The gateway's login gate (trio-flavoured)."""
@@ -376,6 +408,9 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self.login = auth.connection(connection_id, "", 0)
         self._key_check: AuthResult | Refusal | None = None
         self._signed = False
+        self.admission = admission
+        self.ticket: Ticket | None = None
+        self._grace_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         conn.__class__ = GatewayServerConnection  # overrides one method, adds no state
@@ -385,8 +420,59 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self.login = self.auth.connection(self.connection_id, *self.peer)
         if not self.auth.admit_connection(self.login):  # before the costly key exchange
             asyncio.get_running_loop().call_soon(conn.abort)
+            return
+        if self.admission is None:
+            return
+        verdict = self.admission.accept(self.peer[0], open_fds())
+        if isinstance(verdict, LimitRefusal):
+            # Called before asyncssh sends its version: disconnect right after it, before
+            # any key exchange is computed (MSG_DISCONNECT may precede KEXINIT).
+            self.refused(verdict)
+            asyncio.get_running_loop().call_soon(self._disconnect, verdict)
+            return
+        self.ticket = verdict
+        grace = self.admission.limits.login_grace_time
+        self._grace_timer = asyncio.get_running_loop().call_later(
+            grace, self._grace_expired, grace)
+
+    def _grace_expired(self, grace: float) -> None:
+        self._grace_timer = None
+        if self.ticket is not None and self.ticket.authenticating:
+            refusal = LimitRefusal("login-grace-time", f"no login within {grace:g} s")
+            self.refused(refusal)
+            self._disconnect(refusal, asyncssh.DISC_BY_APPLICATION)
+
+    def refused(self, refusal: LimitRefusal) -> None:
+        """Log a refusal of this connection (or of one of its requests)."""
+        host, port = self.peer
+        report_refusal(refusal, connection_id=self.connection_id, client=f"{host}:{port}",
+                       username=self.username)
+
+    def _disconnect(self, refusal: LimitRefusal,
+                    code: int = asyncssh.DISC_TOO_MANY_CONNECTIONS) -> None:
+        if self.conn is not None:
+            self.conn.disconnect(code, f"kuberun: {refusal.message}")
+
+    def _user_refused(self, username: str) -> bool:
+        """The user's limits, checked once a credential is proven: say so now, not later."""
+        if self.admission is None:
+            return False
+        refusal = self.admission.user_refusal(username)
+        if refusal is None:
+            return False
+        self.refused(refusal)
+        self._disconnect(refusal)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+        if self.ticket is not None:
+            self.ticket.release()
+            if exc is not None and "keepalive" in str(exc):
+                self.refused(LimitRefusal("client-alive",
+                                          "the client stopped answering keepalives"))
         if self.portal is not None:
             self.portal.closed()
 
@@ -433,7 +519,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
         fingerprint = _fingerprint(key_data)
         if ok and check is not None:
             self.auth.proven_key(self.login, check, fingerprint)
-            return True
+            return not self._user_refused(username)
         self._refused(self.auth.bad_signature(self.login, username, fingerprint)
                       if check is not None else
                       self.auth.failed(self.login, username, "publickey"))
@@ -450,9 +536,12 @@ class GatewaySSHServer(asyncssh.SSHServer):
         if isinstance(outcome, Refusal):
             self._refused(outcome)
             return False
-        return True
+        return not self._user_refused(username)
 
     def auth_completed(self) -> None:
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
         result = self.auth.completed(self.login, self.username)
         if result is None:  # no proven credential (cannot happen through asyncssh's methods)
             if self.conn is not None:
@@ -461,15 +550,30 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self.auth_result = result
         if result.username is not None:
             self.username = result.username
+        if self.ticket is not None and self.conn is not None:
+            refusal = self.ticket.authenticated(self.username)
+            if refusal is not None:
+                self.refused(refusal)
+                self._disconnect(refusal)
+                return
         self.portal = self._make_portal(self)
 
     def session_requested(self) -> Any:
         if self.portal is None or self.conn is None:
             return False
+        ticket, signals = self.ticket, None
+        if ticket is not None and self.admission is not None:
+            refusal = ticket.open_session()
+            if refusal is not None:
+                self.refused(refusal)
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                                f"kuberun: {refusal.message}")
+            signals = SignalBucket(self.admission.limits.max_signals_per_second)
         machine = self.portal.new_session(next(self._chan_ids))
         chan = self.conn.create_server_channel(encoding=None)
         chan.__class__ = GatewayChannel  # adds request handlers only, no state
-        return chan, GatewaySession(self.portal, machine)
+        return chan, GatewaySession(self.portal, machine, signals=signals, refused=self.refused,
+                                    on_close=ticket.close_session if ticket else None)
 
     def close(self, message: str = "") -> None:
         if self.conn is not None:
@@ -505,7 +609,8 @@ async def run_command(target: ExecTarget, argv: tuple[str, ...],
                       container: str | None = None) -> ExecResult:
     """Run ``argv`` in the pod without stdin; the result's message holds stderr on failure."""
     stream = await open_exec(target.ws_client, target.namespace, target.pod,
-                             container or target.container, argv, tty=False, stdin=False)
+                             container or target.container, argv, tty=False, stdin=False,
+                             throttle=target.throttle)
     sink = _Collector()
     result = await stream.run(sink)
     if result.exit_code != 0 and sink.stderr:

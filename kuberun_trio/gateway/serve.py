@@ -66,6 +66,7 @@ from .lease import (
     default_instance,
     holder_identity,
 )
+from .limits import Admission, Limits, fd_limit, open_fds
 from .login import LoginGate
 from .pod import ConnectedPod, ConnectionHandler
 from .podtemplate import label_selector_for_instance
@@ -108,6 +109,8 @@ class GatewayOptions:
     """The reaper and the orphan sweeps."""
     login: LoginPolicy = attrs.Factory(LoginPolicy)
     """Login throttling and tries per connection (one limiter per gateway; :mod:`.throttle`)."""
+    limits: Limits = attrs.Factory(Limits)
+    """Connection, session and signal limits (:mod:`kuberun_trio.gateway.limits`)."""
 
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
@@ -162,11 +165,15 @@ class _Server:
         self._scopes: set[trio.CancelScope] = set()
         self.login = LoginGate(options.authenticator, options.login)
         """Every login attempt of every connection waits its turn here."""
+        self.admission = Admission(options.limits, fd_limit=fd_limit(),
+                                   fds_at_start=open_fds() or 0)
+        """Counts connections, users and sessions against ``options.limits``."""
 
     def ssh_server(self) -> sshserver.GatewaySSHServer:
         """asyncssh's server factory: one per TCP connection."""
         return sshserver.GatewaySSHServer(self.make_portal, self.login,
-                                          connection_id=secrets.token_hex(8))
+                                          connection_id=secrets.token_hex(8),
+                                          admission=self.admission)
 
     def make_portal(self, ssh: sshserver.GatewaySSHServer) -> ConnectionRuntime:
         """Called on handshake success: start the connection's task."""
@@ -190,7 +197,8 @@ class _Server:
         return runtime
 
     def _target(self, pod: ConnectedPod) -> sshserver.ExecTarget:
-        return sshserver.ExecTarget(self.kube.exec_client, pod.namespace, pod.name, pod.container)
+        return sshserver.ExecTarget(self.kube.exec_client, pod.namespace, pod.name, pod.container,
+                                    throttle=self.kube.exec_throttle)
 
     async def _run_connection(self, runtime: ConnectionRuntime) -> None:
         started = trio.current_time()
@@ -223,9 +231,13 @@ class _Server:
 
     async def listen(self, port: int) -> None:
         keys = [sshserver.load_host_key(k) for k in self.options.host_keys]
+        interval, count = self.options.limits.keepalive()
+        # The login grace time is the server's own timer (it tells the client why).
+        ssh_options = {"login_timeout": None, "keepalive_interval": interval,
+                       "keepalive_count_max": count}
         self.acceptor = await run_aio(functools.partial(
             sshserver.listen, self.options.host, port, host_keys=keys,
-            server_factory=self.ssh_server))
+            server_factory=self.ssh_server, options=ssh_options))
         sockname = self.acceptor.sockets[0].getsockname()
         self.gateway.address = (str(sockname[0]), int(sockname[1]))
         self.gateway.accepting = True

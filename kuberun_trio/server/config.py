@@ -1,9 +1,10 @@
-"""The server's YAML configuration: ``ssh``, ``auth``, ``kubernetes``, ``log``, ``lease``, ``gc``
+"""The server's YAML configuration: ``ssh``, ``auth``, ``security``, ``kubernetes``, ``log``,
+``lease``, ``gc``
 (and ``instance``).
 
 Theory of operation
 -------------------
-One file, six sections plus a top-level ``instance`` name. Each section is a frozen attrs
+One file, seven sections plus a top-level ``instance`` name. Each section is a frozen attrs
 class structured by the strict converter of :mod:`kuberun_trio.configtools` (camelCase
 keys, unknown keys refused, no coercion); the ``kubernetes`` section *is*
 :func:`kuberun_trio.gateway.config.parse_config`. :func:`parse_server_config` collects the
@@ -41,6 +42,7 @@ from ..configtools import duration as duration_field
 from ..errors import ConfigError, ConfigErrors
 from ..gateway.config import KubernetesConfig, parse_config
 from ..gateway.lease import default_instance
+from ..gateway.limits import Limits, MaxStartups
 from ..gateway.podtemplate import dns1123_label_problem
 from ..gateway.throttle import LoginPolicy
 
@@ -116,11 +118,37 @@ class SSHConfig:
     """``HOST:PORT`` (``[::1]:2222`` for IPv6; port 0 picks a free one)."""
     host_keys: tuple[str, ...] = ()
     """Host private key files (OpenSSH or PEM). None: an ed25519 key in the state dir."""
+    login_grace_time: float = duration(60.0)
+    """Time from TCP connect to a completed login; then the client is disconnected."""
+    max_startups: str = "10:30:100"
+    """OpenSSH's ``start:rate:full``: random early drop of unauthenticated connections."""
+    max_startups_per_address: int = 10
+    """Unauthenticated connections from one source address at once."""
+    client_alive_interval: float = duration(15.0)
+    """Silence after which the gateway probes the client (``keepalive@openssh.com``)."""
+    client_alive_count_max: int = 3
+    """Unanswered probes before the connection is closed (and its pod deleted)."""
+    max_connections: int = 1000
+    """Open connections at once, authenticated or not."""
 
     @property
     def address(self) -> tuple[str, int]:
         """``listen`` as (host, port); the value was checked when it was loaded."""
         return parse_listen(self.listen)
+
+
+@attrs.frozen
+class SecurityConfig:
+    """Limits for authenticated users (``security``; ContainerSSH's keys where it has them)."""
+
+    max_sessions: int = 10
+    """Session channels open at once on one connection."""
+    max_connections_per_user: int = 10
+    """Connections of one username at once (counted in this gateway process)."""
+    max_signals_per_second: float = 5.0
+    """``signal`` requests one session may make per second; the excess is refused."""
+    fd_reserve: int = 64
+    """File descriptors kept free: new TCP connections are refused below this."""
 
 
 @attrs.frozen
@@ -175,6 +203,23 @@ class ServerConfig:
     instance: str = attrs.Factory(default_instance)
     """This gateway's name, written into every pod's labels (orphan clean-up, ``gc``);
     default ``POD_NAME`` in a cluster, else the host name."""
+    security: SecurityConfig = attrs.Factory(SecurityConfig)
+
+    @property
+    def limits(self) -> Limits:
+        """The gateway's :class:`~kuberun_trio.gateway.limits.Limits` (``ssh`` + ``security``)."""
+        ssh, sec = self.ssh, self.security
+        return Limits(
+            login_grace_time=ssh.login_grace_time,
+            max_startups=MaxStartups.parse(ssh.max_startups),
+            max_startups_per_address=ssh.max_startups_per_address,
+            client_alive_interval=ssh.client_alive_interval,
+            client_alive_count_max=ssh.client_alive_count_max,
+            max_connections=ssh.max_connections,
+            max_sessions=sec.max_sessions,
+            max_connections_per_user=sec.max_connections_per_user,
+            max_signals_per_second=sec.max_signals_per_second,
+            fd_reserve=sec.fd_reserve)
 
 
 _LISTEN = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]+)")
@@ -196,11 +241,13 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 _CONVERTER = make_converter()
-_SECTIONS = ("ssh", "auth", "kubernetes", "log", "lease", "gc", "instance")
+_SECTIONS = ("ssh", "auth", "security", "kubernetes", "log", "lease", "gc", "instance")
 _HINTS = {
     "authorized_keys": "the key is authorizedKeys",
     "hostKey": "the key is hostKeys (a list)",
     "authorizedKey": "the key is authorizedKeys (a list)",
+    "MaxStartups": "the key is maxStartups",
+    "maxSessionsPerConnection": "the key is security.maxSessions",
 }
 
 
@@ -212,12 +259,22 @@ def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None)
     """
     problems = ConfigProblems()
     check_keys(data, _SECTIONS, "", problems, _HINTS)
-    ssh = structure_section(_CONVERTER, data.get("ssh"), SSHConfig, "ssh", problems, _HINTS)
+    raw_ssh = data.get("ssh")
+    if isinstance(raw_ssh, Mapping) and isinstance(raw_ssh.get("maxStartups"), int) and \
+            not isinstance(raw_ssh.get("maxStartups"), bool):
+        # YAML reads an unquoted 10 as a number; OpenSSH's "10" form means start=full=10.
+        raw_ssh = {**raw_ssh, "maxStartups": str(raw_ssh["maxStartups"])}
+    ssh = structure_section(_CONVERTER, raw_ssh, SSHConfig, "ssh", problems, _HINTS)
     if ssh is not None:
         try:
             parse_listen(ssh.listen)
         except InvalidValue as exc:
             problems.add("ssh.listen", str(exc))
+        _check_ssh_limits(ssh, problems)
+    security = structure_section(_CONVERTER, data.get("security"), SecurityConfig, "security",
+                                 problems, _HINTS)
+    if security is not None:
+        _check_security(security, problems)
     auth = structure_section(_CONVERTER, data.get("auth"), AuthConfig, "auth", problems, _HINTS)
     if auth is not None and auth.webhook is not None:
         _check_webhook(auth.webhook, problems)
@@ -248,9 +305,9 @@ def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None)
         problems.add("instance", "must be a non-empty string")
     problems.raise_if_any()
     assert ssh is not None and auth is not None and log is not None and kubernetes is not None
-    assert lease is not None and gc is not None
+    assert lease is not None and gc is not None and security is not None
     return ServerConfig(ssh=ssh, auth=auth, kubernetes=kubernetes, log=log, lease=lease, gc=gc,
-                        instance=str(name))
+                        instance=str(name), security=security)
 
 
 def _check_lease(lease: LeaseConfig, problems: ConfigProblems) -> None:
@@ -266,6 +323,30 @@ def load_server_config(path: str | os.PathLike[str], *,
                        instance: str | None = None) -> ServerConfig:
     """The configuration in the YAML file at ``path`` (see :func:`parse_server_config`)."""
     return parse_server_config(read_yaml_mapping(path), instance=instance)
+
+
+def _at_least(problems: ConfigProblems, key: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        problems.add(key, f"must be at least {minimum:g}, got {value:g}")
+
+
+def _check_ssh_limits(ssh: SSHConfig, problems: ConfigProblems) -> None:
+    try:
+        MaxStartups.parse(ssh.max_startups)
+    except ValueError as exc:
+        problems.add("ssh.maxStartups", str(exc))
+    _at_least(problems, "ssh.maxStartupsPerAddress", ssh.max_startups_per_address, 1)
+    _at_least(problems, "ssh.clientAliveCountMax", ssh.client_alive_count_max, 1)
+    _at_least(problems, "ssh.maxConnections", ssh.max_connections, 1)
+
+
+def _check_security(security: SecurityConfig, problems: ConfigProblems) -> None:
+    _at_least(problems, "security.maxSessions", security.max_sessions, 1)
+    _at_least(problems, "security.maxConnectionsPerUser", security.max_connections_per_user, 1)
+    if not security.max_signals_per_second > 0:
+        problems.add("security.maxSignalsPerSecond",
+                     f"must be positive, got {security.max_signals_per_second:g}")
+    _at_least(problems, "security.fdReserve", security.fd_reserve, 0)
 
 
 def _check_webhook(webhook: WebhookConfig, problems: ConfigProblems) -> None:

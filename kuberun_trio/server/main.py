@@ -204,6 +204,7 @@ async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Au
                                  host_keys=tuple(k.data for k in host_keys), host=host,
                                  port=port, instance=settings.config.instance,
                                  login=settings.config.auth.login_policy(),
+                                 limits=settings.config.limits,
                                  **gateway_options(settings.config, kubernetes))
         with state.serve_scope:
             async with trio.open_nursery() as nursery:
