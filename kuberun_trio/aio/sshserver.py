@@ -460,6 +460,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
         refusal = self.admission.user_refusal(username)
         if refusal is None:
             return False
+        self.auth.completed(self.login, username)  # the credential is proven all the same
         self.refused(refusal)
         self._disconnect(refusal)
         return True
