@@ -41,9 +41,11 @@ from typing import Any, Protocol
 
 import asyncssh
 import attrs
-from asyncssh.constants import MSG_CHANNEL_WINDOW_ADJUST
+from asyncssh.constants import MSG_CHANNEL_WINDOW_ADJUST, OPEN_ADMINISTRATIVELY_PROHIBITED
 from asyncssh.packet import SSHPacket, UInt32
 
+from ..errors import client_message
+from ..gateway.audit import AuditPolicy, ConnectionAudit, format_address
 from ..gateway.session import (
     AbortExec,
     Action,
@@ -59,10 +61,13 @@ from ..gateway.session import (
     SignalPlan,
     StartExec,
 )
-from .bridge import run_trio
+from .bridge import run_trio, translate
 from .execstream import ExecResult, ExecStream, open_exec
 
 log = logging.getLogger(__name__)
+
+FORWARDING_DISABLED = "forwarding is disabled on this gateway"
+"""The reason every port, agent and X11 forwarding request is refused with."""
 
 PENDING_INPUT_LIMIT = 256 * 1024
 """Bytes of client input held while the exec is being opened before reading pauses."""
@@ -134,6 +139,8 @@ class GatewayChannel(asyncssh.SSHServerChannel):  # type: ignore[type-arg]
         try:
             name, text = key.decode("utf-8"), value.decode("utf-8")
         except UnicodeDecodeError:
+            self._session.audit.refused("env", "name or value is not UTF-8",
+                                        name=key.decode("utf-8", "replace"))
             return False
         return self._session.env_requested(name, text)
 
@@ -143,16 +150,29 @@ class GatewayChannel(asyncssh.SSHServerChannel):  # type: ignore[type-arg]
         try:
             name = raw.decode("ascii")
         except UnicodeDecodeError:
+            self._session.audit.refused("signal", "signal name is not ASCII")
             return False
         return self._session.signal_requested(name)
+
+    def _process_x11_req_request(self, packet: SSHPacket) -> bool:
+        self._session.audit.refused("x11-forwarding", FORWARDING_DISABLED)
+        return False
+
+    def _process_auth_agent_req_at_openssh_dot_com_request(  # type: ignore[override]
+            self, packet: SSHPacket) -> bool:
+        self._session.audit.refused("agent-forwarding", FORWARDING_DISABLED)
+        return False
 
 
 class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     """One session channel: callbacks in, actions out, and the exec pump."""
 
-    def __init__(self, portal: ConnectionPortal, machine: SessionMachine) -> None:
+    def __init__(self, portal: ConnectionPortal, machine: SessionMachine,
+                 audit: ConnectionAudit | None = None) -> None:
         self.portal = portal
         self.machine = machine
+        self.audit = audit or ConnectionAudit("?", "?")
+        """The connection's audit record: refusals are logged there, bytes counted."""
         self.abort: Callable[[], None] = lambda: None
         """Set by the trio session task: cancels it (the channel is gone)."""
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
@@ -172,34 +192,40 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._chan = chan
 
     def env_requested(self, name: str, value: str) -> bool:
-        return self._apply(self.machine.env(name, value))
+        return self._answer("env", self.machine.env(name, value), name=name,
+                            value_bytes=len(value.encode("utf-8", "surrogateescape")))
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
                       term_modes: Mapping[int, int]) -> bool:
         width, height, pw, ph = term_size
         outcome = self.machine.pty_request(term_type, width, height, pw, ph, dict(term_modes))
-        return self._apply(outcome)
+        return self._answer("pty-req", outcome, term=term_type[:64])
 
     def shell_requested(self) -> bool:
-        return self._apply(self.machine.shell())
+        return self._answer("shell", self.machine.shell())
 
     def exec_requested(self, command: str) -> bool:
-        return self._apply(self.machine.exec(command))
+        outcome = self.machine.exec(command)
+        if outcome.accepted:
+            return self._apply(outcome)
+        return self._answer("exec", outcome, **self.audit.policy.command_fields(command))
 
     def subsystem_requested(self, subsystem: str) -> bool:
-        return self._apply(self.machine.subsystem(subsystem))
+        return self._answer("subsystem", self.machine.subsystem(subsystem),
+                            subsystem=subsystem[:64])
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int,
                               pixheight: int) -> None:
         self._apply(self.machine.window_change(width, height, pixwidth, pixheight))
 
     def signal_requested(self, name: str) -> bool:
-        return self._apply(self.machine.signal(name))
+        return self._answer("signal", self.machine.signal(name), signal=name[:32])
 
     def break_received(self, msec: int) -> bool:
         return False
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.audit.bytes_from_client += len(data)
         if self._stream is not None:
             self._stream.send_stdin(data)
             return
@@ -226,16 +252,24 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     # -- OutputSink for the exec pump --------------------------------------
     def write_stdout(self, data: bytes) -> None:
         if self._chan is not None:
+            self.audit.bytes_to_client += len(data)
             self._chan.write(data)
 
     def write_stderr(self, data: bytes) -> None:
         if self._chan is not None:
+            self.audit.bytes_to_client += len(data)
             self._chan.write_stderr(data)
 
     async def wait_writable(self) -> None:
         await self._writable.wait()
 
     # -- actions ---------------------------------------------------------------
+    def _answer(self, request: str, outcome: Outcome, **fields: Any) -> bool:
+        """Carry out ``outcome``; a refusal is logged with the machine's reason."""
+        if not outcome.accepted:
+            self.audit.refused(request, self.machine.refusal or "refused", **fields)
+        return self._apply(outcome)
+
     def _apply(self, outcome: Outcome) -> bool:
         for action in outcome.actions:
             self._do(action)
@@ -258,7 +292,7 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         elif chan is None:
             return
         elif isinstance(action, SendStderr):
-            chan.write_stderr(action.text.encode())
+            self.write_stderr(action.text.encode())
         elif isinstance(action, SendExitStatus):
             chan.exit(action.code)
         elif isinstance(action, SendExitSignal):
@@ -276,7 +310,13 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                 target.ws_client, target.namespace, target.pod, plan.container or target.container,
                 plan.argv, tty=plan.tty, stdin=plan.stdin)
         except Exception as exc:  # the error boundary of one session
-            self.fail(f"cannot start the command in pod {target.pod}: {exc}")
+            # The client hears a short reason; the detail (URLs, library text) is logged.
+            ours = translate(exc) or exc
+            told = client_message(ours)
+            self.audit.emit(logging.WARNING, "exec-failed", "cannot start the command in "
+                            "pod %s: %s", target.pod, ours, pod=target.pod, reason=told,
+                            error=f"{type(exc).__name__}: {ours}")
+            self.fail(f"cannot start the command in pod {target.pod}: {told}")
             return None
         self._stream = stream
         chan = self._chan
@@ -338,11 +378,14 @@ class GatewaySSHServer(asyncssh.SSHServer):
     _chan_ids = itertools.count()
 
     def __init__(self, make_portal: Callable[[GatewaySSHServer], ConnectionPortal],
-                 auth: Any, connection_id: str) -> None:
+                 auth: Any, connection_id: str, *,
+                 audit_policy: AuditPolicy | None = None) -> None:
         self._make_portal = make_portal
         self.auth = auth
         """The :class:`~kuberun_trio.gateway.auth.Authenticator` (trio-flavoured)."""
         self.connection_id = connection_id
+        self.audit = ConnectionAudit(connection_id, "?", audit_policy)
+        """The connection's audit record (its address is filled in on connection_made)."""
         self.auth_result: Any = None
         self.conn: asyncssh.SSHServerConnection | None = None
         self.portal: ConnectionPortal | None = None
@@ -353,10 +396,14 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1]))
+        self.audit.remote_address = format_address(*self.peer)
+        self.audit.accepted()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.portal is not None:
             self.portal.closed()
+        else:
+            self.audit.pre_auth_end(pre_auth_reason(exc))
 
     def begin_auth(self, username: str) -> bool:
         self.username = username
@@ -377,16 +424,15 @@ class GatewaySSHServer(asyncssh.SSHServer):
 
     async def _decide(self, check: Callable[..., Awaitable[Any]], username: str,
                       credential: str) -> bool:
-        host, port = self.peer
-        remote = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         result = await run_trio(check, self.connection_id, username, credential,
-                                remote_address=remote)
+                                remote_address=self.audit.remote_address)
         if result is None:
             return False
         self.auth_result = result
         return True
 
     def auth_completed(self) -> None:
+        self.audit.username = self.username
         self.portal = self._make_portal(self)
 
     def session_requested(self) -> Any:
@@ -395,11 +441,45 @@ class GatewaySSHServer(asyncssh.SSHServer):
         machine = self.portal.new_session(next(self._chan_ids))
         chan = self.conn.create_server_channel(encoding=None)
         chan.__class__ = GatewayChannel  # adds request handlers only, no state
-        return chan, GatewaySession(self.portal, machine)
+        return chan, GatewaySession(self.portal, machine, self.audit)
+
+    # -- forwarding: refused, logged, and said so ("administratively prohibited") ------
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> Any:
+        self.audit.refused("port-forwarding", FORWARDING_DISABLED, kind="direct-tcpip",
+                           destination=format_address(dest_host[:256], dest_port))
+        raise asyncssh.ChannelOpenError(OPEN_ADMINISTRATIVELY_PROHIBITED, FORWARDING_DISABLED)
+
+    def unix_connection_requested(self, dest_path: str) -> Any:
+        self.audit.refused("port-forwarding", FORWARDING_DISABLED,
+                           kind="direct-streamlocal", destination=dest_path[:256])
+        raise asyncssh.ChannelOpenError(OPEN_ADMINISTRATIVELY_PROHIBITED, FORWARDING_DISABLED)
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        self.audit.refused("port-forwarding", FORWARDING_DISABLED, kind="tcpip-forward",
+                           listen=format_address(listen_host[:256], listen_port))
+        return False
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        self.audit.refused("port-forwarding", FORWARDING_DISABLED,
+                           kind="streamlocal-forward", listen=listen_path[:256])
+        return False
 
     def close(self, message: str = "") -> None:
         if self.conn is not None:
             self.conn.close()
+
+
+def pre_auth_reason(exc: Exception | None) -> str:
+    """Why a connection ended before login, from asyncssh's ``connection_lost`` argument."""
+    if exc is None:
+        return "client disconnected"
+    text = str(exc).strip()
+    if isinstance(exc, asyncssh.ConnectionLost) and "timeout" in text.lower():
+        return "login grace time exceeded"
+    if isinstance(exc, asyncssh.DisconnectError):
+        return f"disconnected: {text[:200]}" if text else "disconnected"
+    return f"connection lost: {type(exc).__name__}"
 
 
 class _Collector:

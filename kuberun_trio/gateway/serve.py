@@ -45,6 +45,7 @@ import trio
 from ..aio import sshserver
 from ..aio.bridge import ensure_aio_loop, run_aio
 from ..aio.kube import KubeClient, open_kube_client
+from .audit import AuditPolicy
 from .auth import Authenticator, AuthResult
 from .config import KubernetesConfig
 from .connection import ConnectionRuntime
@@ -79,6 +80,8 @@ class GatewayOptions:
     """0 picks a free port (see the address reported by ``task_status``)."""
     instance: str = attrs.field(factory=socket.gethostname)
     """This gateway's name, written into every pod's labels (orphan clean-up)."""
+    audit: AuditPolicy = attrs.field(factory=AuditPolicy)
+    """What the audit log records of client input (commands: on, cut at 1024 bytes)."""
 
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
@@ -127,25 +130,28 @@ class _Server:
     def ssh_server(self) -> sshserver.GatewaySSHServer:
         """asyncssh's server factory: one per TCP connection."""
         return sshserver.GatewaySSHServer(self.make_portal, self.options.authenticator,
-                                          connection_id=secrets.token_hex(8))
+                                          connection_id=secrets.token_hex(8),
+                                          audit_policy=self.options.audit)
 
     def make_portal(self, ssh: sshserver.GatewaySSHServer) -> ConnectionRuntime:
         """Called on handshake success: start the connection's task."""
         cid = ssh.connection_id
-        client = f"{ssh.peer[0]}:{ssh.peer[1]}"
-        adapter = logging.LoggerAdapter(log, {"connection_id": cid})
+        client = ssh.audit.remote_address
+        adapter = logging.LoggerAdapter(log, ssh.audit.fields)
         handler = ConnectionHandler(self.options.kubernetes, cid, client,
                                     adapter, kube=self.kube, instance=self.options.instance,
                                     hub=self.hub)
         auth: AuthResult = ssh.auth_result or AuthResult()
         runtime = ConnectionRuntime(handler, self.session_config, username=ssh.username,
-                                    auth=auth, make_target=self._target, close_connection=ssh.close)
+                                    auth=auth, make_target=self._target, close_connection=ssh.close,
+                                    audit=ssh.audit)
         if self.closing is not None:  # authenticated while the gateway shuts down
             runtime.abort(self.closing)
+            ssh.audit.connection_end(self.closing)
             return runtime
         log.info("connection %s: %r from %s authenticated (%s)", cid, ssh.username, client,
-                 auth.method or "?", extra={"event": "connection-start", "connection_id": cid,
-                                            "username": ssh.username, "client": client})
+                 auth.method or "?", extra={"event": "connection-start", **ssh.audit.fields,
+                                            "username": ssh.username})
         self.gateway.connections[cid] = runtime
         self.nursery.start_soon(self._run_connection, runtime)
         return runtime
@@ -154,7 +160,6 @@ class _Server:
         return sshserver.ExecTarget(self.kube.exec_client, pod.namespace, pod.name, pod.container)
 
     async def _run_connection(self, runtime: ConnectionRuntime) -> None:
-        started = trio.current_time()
         try:
             # Shielded: the server's own cancellation must not reach the sessions before
             # abort_all() has told them why; abort_all() then cancels this scope.
@@ -165,10 +170,8 @@ class _Server:
             self._scopes.discard(scope)
             self.gateway.connections.pop(runtime.connection_id, None)
             self._changed.set()
-            took = round(1000 * (trio.current_time() - started))
-            log.info("connection %s ended after %d ms", runtime.connection_id, took, extra={
-                "event": "connection-end", "connection_id": runtime.connection_id,
-                "duration_ms": took})
+            runtime.audit.connection_end(runtime.end_reason or "ended",
+                                         username=runtime.username)
 
     async def _wait_connections_gone(self) -> None:
         while self.gateway.connections:

@@ -197,7 +197,8 @@ async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Au
         host, port = settings.config.ssh.address
         options = GatewayOptions(kubernetes=kubernetes, authenticator=authenticator,
                                  host_keys=tuple(k.data for k in host_keys), host=host,
-                                 port=port, instance=settings.config.instance)
+                                 port=port, instance=settings.config.instance,
+                                 audit=settings.config.log.audit)
         with state.serve_scope:
             async with trio.open_nursery() as nursery:
                 gateway: Gateway = await nursery.start(serve_gateway, options)
