@@ -140,7 +140,7 @@ class GatewayChannel(asyncssh.SSHServerChannel):  # type: ignore[type-arg]
             name, text = key.decode("utf-8"), value.decode("utf-8")
         except UnicodeDecodeError:
             self._session.audit.refused("env", "name or value is not UTF-8",
-                                        name=key.decode("utf-8", "replace"))
+                                        env_name=key[:256].decode("utf-8", "replace"))
             return False
         return self._session.env_requested(name, text)
 
@@ -192,7 +192,7 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._chan = chan
 
     def env_requested(self, name: str, value: str) -> bool:
-        return self._answer("env", self.machine.env(name, value), name=name,
+        return self._answer("env", self.machine.env(name, value), env_name=name[:256],
                             value_bytes=len(value.encode("utf-8", "surrogateescape")))
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
@@ -403,7 +403,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
         if self.portal is not None:
             self.portal.closed()
         else:
-            self.audit.pre_auth_end(pre_auth_reason(exc))
+            self.audit.pre_auth_end(pre_auth_reason(exc), username=self.username)
 
     def begin_auth(self, username: str) -> bool:
         self.username = username
@@ -475,8 +475,8 @@ def pre_auth_reason(exc: Exception | None) -> str:
     if exc is None:
         return "client disconnected"
     text = str(exc).strip()
-    if isinstance(exc, asyncssh.ConnectionLost) and "timeout" in text.lower():
-        return "login grace time exceeded"
+    if isinstance(exc, asyncssh.ConnectionLost):
+        return "login grace time exceeded" if "timeout" in text.lower() else "client disconnected"
     if isinstance(exc, asyncssh.DisconnectError):
         return f"disconnected: {text[:200]}" if text else "disconnected"
     return f"connection lost: {type(exc).__name__}"

@@ -13,8 +13,10 @@ on the logger ``kuberun_trio.audit`` whose ``extra`` always holds ``event``,
 * :meth:`refused` -- ``request-refused`` with ``request`` (``port-forwarding``,
   ``agent-forwarding``, ``x11-forwarding``, ``env``, ``exec``, ``subsystem``, ...) and
   ``reason``: a client request the gateway said no to;
-* :meth:`pre_auth_end` -- ``pre-auth-end`` with ``reason`` and ``duration_ms``: the
-  connection ended before a login succeeded (timeout, client disconnect, a limit);
+* :meth:`pre_auth_end` -- ``pre-auth-end`` with ``reason``, ``duration_ms`` and the
+  ``username`` tried (if any): the connection ended before a login succeeded (login
+  grace time, client disconnect, a limit such as ``maxStartups`` -- which calls
+  :func:`log_pre_auth_end` or this method before it drops the connection);
 * :meth:`connection_end` -- ``connection-end`` with ``reason``, ``duration_ms``,
   ``bytes_from_client`` and ``bytes_to_client``.
 
@@ -42,6 +44,8 @@ import attrs
 log = logging.getLogger("kuberun_trio.audit")
 
 DEFAULT_MAX_COMMAND_BYTES = 1024
+_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime"}
 
 
 @attrs.frozen
@@ -101,8 +105,15 @@ class ConnectionAudit:
         return round(1000 * (time.monotonic() - self.started))
 
     def emit(self, level: int, event: str, message: str, *args: Any, **fields: Any) -> None:
-        """One log line of this connection: ``event``, the id and the address, ``fields``."""
-        self.log.log(level, message, *args, extra={"event": event, **self.fields, **fields})
+        """One log line of this connection: ``event``, the id and the address, ``fields``.
+
+        A field named like a :class:`logging.LogRecord` attribute (``name``, ``args``) gets
+        a ``field_`` prefix: ``logging`` would raise, inside an asyncssh callback.
+        """
+        extra = {"event": event, **self.fields}
+        for key, value in fields.items():
+            extra[f"field_{key}" if key in _RESERVED else key] = value
+        self.log.log(level, message, *args, extra=extra)
 
     def accepted(self) -> None:
         self.emit(logging.INFO, "connection-accepted", "connection %s accepted from %s",
@@ -113,14 +124,18 @@ class ConnectionAudit:
         self.emit(logging.INFO, "request-refused", "%s request refused: %s", request, reason,
                   request=request, reason=reason, **fields)
 
-    def pre_auth_end(self, reason: str) -> None:
-        """The connection ended before a login succeeded (once; later calls do nothing)."""
+    def pre_auth_end(self, reason: str, *, username: str = "") -> None:
+        """The connection ended before a login succeeded (once; later calls do nothing).
+
+        ``username`` is the one the client asked to log in as, if it got that far.
+        """
         if self.ended:
             return
         self.ended = True
         took = self.duration_ms()
+        more = {"username": username} if username else {}
         self.emit(logging.INFO, "pre-auth-end", "connection %s ended before login: %s",
-                  self.connection_id, reason, reason=reason, duration_ms=took)
+                  self.connection_id, reason, reason=reason, duration_ms=took, **more)
 
     def connection_end(self, reason: str, **fields: Any) -> None:
         """The connection ended (once; later calls do nothing)."""

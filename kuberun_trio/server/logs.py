@@ -21,7 +21,9 @@ character (C0, DEL, C1), every Unicode line or paragraph separator (U+2028, U+20
 is C1) and every bidirectional override (U+202A-U+202E, U+2066-U+2069) is written as a JSON
 escape (``\\r``, ``\\u2028``), and so is the backslash itself, so the escaped text is
 unambiguous; a value that needed any escape, or holds whitespace, ``"`` or ``=``, is
-written as a quoted JSON string. JSON output escapes the same characters inside its
+written as a quoted JSON string, and so is a message that holds ``=`` or ``"`` (so that
+client text quoted in a message cannot pass for a ``key=value`` field, nor open a quote
+that swallows the real ones). JSON output escapes the same characters inside its
 strings, which stays lossless (``json.loads`` gives back the original text) while no
 line splitter -- ``str.splitlines`` included -- sees a break inside a record.
 """
@@ -95,6 +97,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         message = escape_text(record.getMessage())
+        if "=" in message or '"' in message:  # no fake key=value, no quote that hides fields
+            message = '"' + message.replace('"', '\\"') + '"'
         fields = " ".join(f"{k}={_text_value(v)}" for k, v in record_fields(record).items())
         line = f"{_timestamp(record)} {record.levelname} {record.name}: {message}"
         line = f"{line} {fields}" if fields else line
