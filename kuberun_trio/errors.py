@@ -100,9 +100,13 @@ _STATUS_REASON = re.compile(r"[A-Z][A-Za-z]{1,40}")
 _HANDSHAKE = re.compile(r"exec handshake refused with HTTP \d{3}")
 
 
+def status_reason(text: str) -> str:
+    """``text`` if it is a Kubernetes ``StatusReason`` word (safe to show a client), else ""."""
+    return text if _STATUS_REASON.fullmatch(text or "") else ""
+
+
 def _http(error: KubernetesError) -> str:
-    reason = error.reason if _STATUS_REASON.fullmatch(error.reason or "") else ""
-    return f"HTTP {error.status} {reason}".rstrip()
+    return f"HTTP {error.status} {status_reason(error.reason)}".rstrip()
 
 
 def client_message(exc: BaseException) -> str:

@@ -29,6 +29,18 @@ Env requests: asyncssh accepts every ``env`` request and has no callback for
 it, so :class:`GatewayChannel` overrides its request handler to ask the
 session machine (refusing env after start and invalid names with a channel
 failure). The same goes for ``signal``, whose default handler always succeeds.
+
+Audit: every TCP connection gets a :class:`~kuberun_trio.gateway.audit.ConnectionAudit`
+on ``connection_made`` (``connection-accepted``); ``connection_lost`` before login writes
+``pre-auth-end``. Refused channel requests are logged with the session machine's reason.
+Forwarding is never offered: ``direct-tcpip`` / ``direct-streamlocal`` opens are refused
+with ``administratively prohibited`` (not asyncssh's misleading ``Connection refused``),
+``tcpip-forward`` / ``streamlocal-forward`` and the ``x11-req`` / ``auth-agent-req``
+channel requests fail -- each with a ``request-refused`` line. Session payload bytes are
+counted on the audit record where they already flow (one integer addition per chunk).
+What a client reads on stderr after a failure is
+:func:`~kuberun_trio.errors.client_message` -- never URLs, addresses or library text;
+those go to the ``exec-failed`` / ``exec-ended`` log lines.
 """
 
 from __future__ import annotations
@@ -44,7 +56,7 @@ import attrs
 from asyncssh.constants import MSG_CHANNEL_WINDOW_ADJUST, OPEN_ADMINISTRATIVELY_PROHIBITED
 from asyncssh.packet import SSHPacket, UInt32
 
-from ..errors import client_message
+from ..errors import client_message, status_reason
 from ..gateway.audit import AuditPolicy, ConnectionAudit, format_address
 from ..gateway.session import (
     AbortExec,
@@ -336,8 +348,14 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             if reason is not None:  # the pod is gone: say so, not "killed by a signal"
                 self.fail(reason)
                 return result
-        if result.exit_code is None:
-            self.fail(f"the command's stream ended: {result.message}")
+        if result.exit_code is None:  # the status message may name nodes: log it only
+            self.audit.emit(logging.WARNING, "exec-ended", "the command's stream in pod %s "
+                            "ended without an exit status: %s", target.pod,
+                            result.message or "(no status)", pod=target.pod,
+                            reason=result.reason or "NoStatus", error=result.message)
+            shown = status_reason(result.reason)
+            self.fail("the command's stream ended without an exit status"
+                      + (f" ({shown})" if shown else ""))
         else:
             self._apply(self.machine.exited(result.exit_code))
         return result

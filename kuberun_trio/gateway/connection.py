@@ -36,9 +36,16 @@ the connection or the server. A session or signal task that starts after the
 connection's teardown began does nothing (no exec is opened behind the
 teardown's back, so every exec stream is closed before the pod DELETE).
 
-Log lines (logger ``kuberun_trio.gateway.connection``) carry ``event`` and
-``connection_id``: ``session-start``, ``session-exit`` (``exit_status``),
-``session-error``, ``pod-lost``, ``pod-start-failed``, ``connection-error``.
+Log lines (logger ``kuberun_trio.gateway.connection``) carry ``event``,
+``connection_id`` and ``remote_address``: ``session-start`` (``kind``; for ``exec`` the
+``command`` as the :class:`~.audit.AuditPolicy` allows, else the ``program``),
+``session-exit`` (``exit_status``), ``session-error``, ``pod-lost``, ``pod-start-failed``,
+``connection-error`` (``reason``: what the client was told; ``error``: the detail).
+The client never reads an API server's address or a client library's exception text:
+it is told :func:`~kuberun_trio.errors.client_message` and the connection id, which
+finds the detail in the log. :attr:`ConnectionRuntime.end_reason` (the first cause:
+client disconnected, pod lost, pod start failed, shutdown) goes into the
+``connection-end`` line the server writes when ``run`` returns.
 """
 
 from __future__ import annotations
