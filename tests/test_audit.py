@@ -505,3 +505,55 @@ def _listening(address: str) -> bool:
     except OSError:
         return False
 
+
+
+async def test_login_grace_time_ends_before_login(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A client that never logs in is cut off by asyncssh's login timer: ``pre-auth-end``
+    says so (embedding API; the timer is 1 s here instead of the default)."""
+    from gatewaykit import open_rig
+
+    from kuberun_trio.aio import sshserver
+
+    monkeypatch.setitem(sshserver.SSH_OPTIONS, "login_timeout", 1)
+    caplog.set_level(logging.INFO, logger="kuberun_trio")
+    async with open_rig(tmp_path) as rig:
+        with trio.fail_after(20):
+            stream = await trio.open_tcp_stream("127.0.0.1", rig.port)
+            async with stream:
+                assert (await stream.receive_some(64)).startswith(b"SSH-2.0-")
+                await stream.send_all(b"SSH-2.0-silent\r\n")
+                while await stream.receive_some(65536):  # until the gateway hangs up
+                    pass
+            while not [r for r in caplog.records if getattr(r, "event", "") == "pre-auth-end"]:
+                await trio.sleep(0.05)
+    (end,) = [r for r in caplog.records if getattr(r, "event", "") == "pre-auth-end"]
+    (accepted,) = [r for r in caplog.records
+                   if getattr(r, "event", "") == "connection-accepted"]
+    assert end.reason == "login grace time exceeded"  # type: ignore[attr-defined]
+    assert end.connection_id == accepted.connection_id  # type: ignore[attr-defined]
+    assert 1000 <= end.duration_ms < 10_000  # type: ignore[attr-defined]
+
+
+async def test_a_cut_stream_is_told_briefly_and_logged(tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """An exec stream that ends without a status (fault: cut after 5 bytes)."""
+    from gatewaykit import open_rig
+
+    caplog.set_level(logging.INFO, logger="kuberun_trio")
+    async with open_rig(tmp_path) as rig:
+        conn = await rig.connect()
+
+        async def run() -> Any:
+            return await conn.run("head -c 100000 /dev/zero", check=False, encoding=None)
+
+        try:
+            rig.cluster.faults.cut_exec(after_bytes=5)
+            result = await trio_asyncio.aio_as_trio(run)()
+        finally:
+            conn.close()
+    assert result.exit_status == 255
+    assert re.fullmatch(rb"kuberun: the command's stream ended without an exit status"
+                        rb"( \([A-Za-z]+\))?\n", result.stderr), result.stderr
+    (ended,) = [r for r in caplog.records if getattr(r, "event", "") == "exec-ended"]
+    assert ended.pod.startswith("kuberun-")  # type: ignore[attr-defined]
