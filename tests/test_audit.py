@@ -557,3 +557,33 @@ async def test_a_cut_stream_is_told_briefly_and_logged(tmp_path: Path,
                         rb"( \([A-Za-z]+\))?\n", result.stderr), result.stderr
     (ended,) = [r for r in caplog.records if getattr(r, "event", "") == "exec-ended"]
     assert ended.pod.startswith("kuberun-")  # type: ignore[attr-defined]
+
+
+async def test_a_request_flood_is_counted_not_logged(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """300 refused env requests cost 20 log lines and one warning, and the total is kept."""
+    from gatewaykit import open_rig
+
+    from kuberun_trio.gateway.audit import REFUSALS_LOGGED
+
+    caplog.set_level(logging.INFO, logger="kuberun_trio")
+    async with open_rig(tmp_path) as rig:
+        conn = await rig.connect()
+
+        async def run() -> Any:
+            return await conn.run("true", env={f"1BAD{i}": "x" for i in range(300)},
+                                  check=False)
+
+        try:
+            assert (await trio_asyncio.aio_as_trio(run)()).exit_status == 0
+        finally:
+            conn.close()
+        with trio.fail_after(20):
+            while not [r for r in caplog.records
+                       if getattr(r, "event", "") == "connection-end"]:
+                await trio.sleep(0.05)
+    events = [getattr(r, "event", "") for r in caplog.records]
+    assert events.count("request-refused") == REFUSALS_LOGGED == 20
+    assert events.count("request-refused-suppressed") == 1
+    (end,) = [r for r in caplog.records if getattr(r, "event", "") == "connection-end"]
+    assert end.requests_refused == 300  # type: ignore[attr-defined]

@@ -12,13 +12,16 @@ on the logger ``kuberun_trio.audit`` whose ``extra`` always holds ``event``,
 * :meth:`accepted` -- ``connection-accepted``;
 * :meth:`refused` -- ``request-refused`` with ``request`` (``port-forwarding``,
   ``agent-forwarding``, ``x11-forwarding``, ``env``, ``exec``, ``subsystem``, ...) and
-  ``reason``: a client request the gateway said no to;
+  ``reason``: a client request the gateway said no to. The first
+  :data:`REFUSALS_LOGGED` per connection are logged, the rest only counted (one
+  ``request-refused-suppressed`` line says so): a client cannot turn a flood of
+  requests into a flood of log lines;
 * :meth:`pre_auth_end` -- ``pre-auth-end`` with ``reason``, ``duration_ms`` and the
   ``username`` tried (if any): the connection ended before a login succeeded (login
   grace time, client disconnect, a limit such as ``maxStartups`` -- which calls
   :func:`log_pre_auth_end` or this method before it drops the connection);
 * :meth:`connection_end` -- ``connection-end`` with ``reason``, ``duration_ms``,
-  ``bytes_from_client`` and ``bytes_to_client``.
+  ``bytes_from_client``, ``bytes_to_client`` and ``requests_refused``.
 
 At most one of the two end events is written per connection.
 
@@ -44,6 +47,9 @@ import attrs
 log = logging.getLogger("kuberun_trio.audit")
 
 DEFAULT_MAX_COMMAND_BYTES = 1024
+REFUSALS_LOGGED = 20
+"""``request-refused`` lines per connection; further refusals are only counted (a client
+can send env or signal requests without end, and each must not cost a log line)."""
 _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message", "asctime"}
 
@@ -90,6 +96,8 @@ class ConnectionAudit:
         """Session channel payload sent to the client (stdout and stderr)."""
         self.username = ""
         """Set once a login succeeded."""
+        self.refusals = 0
+        """Client requests refused so far (all of them, logged or not)."""
         self.ended = False
 
     def __repr__(self) -> str:
@@ -120,9 +128,19 @@ class ConnectionAudit:
                   self.connection_id, self.remote_address)
 
     def refused(self, request: str, reason: str, **fields: Any) -> None:
-        """A client request was refused: ``request`` names it, ``reason`` says why."""
-        self.emit(logging.INFO, "request-refused", "%s request refused: %s", request, reason,
-                  request=request, reason=reason, **fields)
+        """A client request was refused: ``request`` names it, ``reason`` says why.
+
+        Only the first :data:`REFUSALS_LOGGED` of a connection are logged, then one
+        ``request-refused-suppressed`` line; ``connection-end`` gives the total.
+        """
+        self.refusals += 1
+        if self.refusals <= REFUSALS_LOGGED:
+            self.emit(logging.INFO, "request-refused", "%s request refused: %s", request,
+                      reason, request=request, reason=reason, **fields)
+        elif self.refusals == REFUSALS_LOGGED + 1:
+            self.emit(logging.WARNING, "request-refused-suppressed",
+                      "more than %d requests refused: further refusals are only counted",
+                      REFUSALS_LOGGED, request=request, reason=reason)
 
     def pre_auth_end(self, reason: str, *, username: str = "") -> None:
         """The connection ended before a login succeeded (once; later calls do nothing).
@@ -133,7 +151,9 @@ class ConnectionAudit:
             return
         self.ended = True
         took = self.duration_ms()
-        more = {"username": username} if username else {}
+        more: dict[str, Any] = {"username": username} if username else {}
+        if self.refusals:
+            more["requests_refused"] = self.refusals
         self.emit(logging.INFO, "pre-auth-end", "connection %s ended before login: %s",
                   self.connection_id, reason, reason=reason, duration_ms=took, **more)
 
@@ -148,7 +168,8 @@ class ConnectionAudit:
                   self.connection_id, took, reason, self.bytes_from_client,
                   self.bytes_to_client, reason=reason, duration_ms=took,
                   bytes_from_client=self.bytes_from_client,
-                  bytes_to_client=self.bytes_to_client, **fields)
+                  bytes_to_client=self.bytes_to_client, requests_refused=self.refusals,
+                  **fields)
 
 
 def log_pre_auth_end(connection_id: str, remote_address: str, reason: str) -> None:
