@@ -32,7 +32,7 @@ import trio
 import trio_asyncio
 
 from kuberun_trio.aio.bridge import open_aio_loop
-from kuberun_trio.aio.sshserver import pre_auth_reason
+from kuberun_trio.aio.sshserver import lost_reason
 from kuberun_trio.cluster import EmbeddedCluster, open_embedded_cluster
 from kuberun_trio.errors import ExecError, KubernetesError, PodStartError, client_message
 from kuberun_trio.gateway.audit import AuditPolicy
@@ -157,13 +157,17 @@ def test_client_messages_hold_no_internal_detail() -> None:
         "internal error in the gateway")
 
 
-def test_pre_auth_reasons() -> None:
-    assert pre_auth_reason(None) == "client disconnected"
-    assert pre_auth_reason(asyncssh.ConnectionLost("Connection lost")) == "client disconnected"
-    assert pre_auth_reason(asyncssh.ConnectionLost("Login timeout expired")) == (
+def test_lost_reasons() -> None:
+    assert lost_reason(None) == "client disconnected"
+    assert lost_reason(asyncssh.ConnectionLost("Connection lost")) == "client disconnected"
+    assert lost_reason(asyncssh.ConnectionLost("Login timeout expired")) == (
         "login grace time exceeded")
-    assert pre_auth_reason(asyncssh.PermissionDenied("Too many auth failures")) == (
+    assert lost_reason(asyncssh.PermissionDenied("Too many auth failures")) == (
         "disconnected: Too many auth failures")
+    assert lost_reason(asyncssh.ConnectionLost("Client not responding to keepalive")) == (
+        "client not responding to keepalive")
+    assert lost_reason(ConnectionResetError()) == "connection lost: ConnectionResetError"
+    assert lost_reason(KeyError("name")) == "internal error in the gateway: KeyError"
 
 
 # == the gateway process ======================================================================
@@ -587,3 +591,36 @@ async def test_a_request_flood_is_counted_not_logged(tmp_path: Path,
     assert events.count("request-refused-suppressed") == 1
     (end,) = [r for r in caplog.records if getattr(r, "event", "") == "connection-end"]
     assert end.requests_refused == 300  # type: ignore[attr-defined]
+
+
+async def test_a_bug_in_a_callback_shows_in_the_audit_trail(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """asyncssh drops a connection whose callback raised and logs that at debug level
+    only; the gateway writes it as an error and as the connection's end reason."""
+    from gatewaykit import open_rig
+
+    from kuberun_trio.aio import sshserver
+
+    def broken(self: Any, name: str, value: str) -> bool:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(sshserver.GatewaySession, "env_requested", broken)
+    caplog.set_level(logging.INFO, logger="kuberun_trio")
+    async with open_rig(tmp_path) as rig:
+        conn = await rig.connect()
+
+        async def run() -> Any:
+            return await conn.run("true", env={"LANG": "C"}, check=False)
+
+        with pytest.raises((asyncssh.Error, OSError)):
+            await trio_asyncio.aio_as_trio(run)()
+        conn.close()
+        with trio.fail_after(20):
+            while not [r for r in caplog.records
+                       if getattr(r, "event", "") == "connection-end"]:
+                await trio.sleep(0.05)
+    (error,) = [r for r in caplog.records if getattr(r, "event", "") == "connection-error"]
+    assert error.levelno == logging.ERROR and error.exc_info is not None
+    (end,) = [r for r in caplog.records if getattr(r, "event", "") == "connection-end"]
+    assert end.reason == "internal error in the gateway: RuntimeError"  # type: ignore[attr-defined]

@@ -418,10 +418,17 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self.audit.accepted()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        reason = lost_reason(exc)
+        if exc is not None and not isinstance(exc, asyncssh.Error | OSError):
+            # asyncssh closes a connection whose callback raised, and logs it at debug
+            # level only: a bug in the gateway must show in the audit trail.
+            self.audit.emit(logging.ERROR, "connection-error", "connection %s: %s",
+                            self.connection_id, reason, exc_info=exc, reason=reason)
         if self.portal is not None:
+            self.audit.lost_reason = reason
             self.portal.closed()
         else:
-            self.audit.pre_auth_end(pre_auth_reason(exc), username=self.username)
+            self.audit.pre_auth_end(reason, username=self.username)
 
     def begin_auth(self, username: str) -> bool:
         self.username = username
@@ -488,16 +495,22 @@ class GatewaySSHServer(asyncssh.SSHServer):
             self.conn.close()
 
 
-def pre_auth_reason(exc: Exception | None) -> str:
-    """Why a connection ended before login, from asyncssh's ``connection_lost`` argument."""
+def lost_reason(exc: Exception | None) -> str:
+    """Why the SSH connection went away, from asyncssh's ``connection_lost`` argument."""
     if exc is None:
         return "client disconnected"
     text = str(exc).strip()
     if isinstance(exc, asyncssh.ConnectionLost):
-        return "login grace time exceeded" if "timeout" in text.lower() else "client disconnected"
+        if "login timeout" in text.lower():
+            return "login grace time exceeded"
+        if "keepalive" in text.lower():
+            return "client not responding to keepalive"
+        return "client disconnected"
     if isinstance(exc, asyncssh.DisconnectError):
         return f"disconnected: {text[:200]}" if text else "disconnected"
-    return f"connection lost: {type(exc).__name__}"
+    if isinstance(exc, OSError):
+        return f"connection lost: {type(exc).__name__}"
+    return f"internal error in the gateway: {type(exc).__name__}"
 
 
 class _Collector:

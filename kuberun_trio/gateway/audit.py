@@ -96,6 +96,8 @@ class ConnectionAudit:
         """Session channel payload sent to the client (stdout and stderr)."""
         self.username = ""
         """Set once a login succeeded."""
+        self.lost_reason: str | None = None
+        """Why the SSH side went away (set by the SSH layer; e.g. a keepalive timeout)."""
         self.refusals = 0
         """Client requests refused so far (all of them, logged or not)."""
         self.ended = False
@@ -112,7 +114,8 @@ class ConnectionAudit:
     def duration_ms(self) -> int:
         return round(1000 * (time.monotonic() - self.started))
 
-    def emit(self, level: int, event: str, message: str, *args: Any, **fields: Any) -> None:
+    def emit(self, level: int, event: str, message: str, *args: Any,
+             exc_info: BaseException | None = None, **fields: Any) -> None:
         """One log line of this connection: ``event``, the id and the address, ``fields``.
 
         A field named like a :class:`logging.LogRecord` attribute (``name``, ``args``) gets
@@ -121,7 +124,7 @@ class ConnectionAudit:
         extra = {"event": event, **self.fields}
         for key, value in fields.items():
             extra[f"field_{key}" if key in _RESERVED else key] = value
-        self.log.log(level, message, *args, extra=extra)
+        self.log.log(level, message, *args, extra=extra, exc_info=exc_info)
 
     def accepted(self) -> None:
         self.emit(logging.INFO, "connection-accepted", "connection %s accepted from %s",

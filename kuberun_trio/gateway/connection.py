@@ -150,7 +150,7 @@ class ConnectionRuntime:
             self._nursery.start_soon(self._run_signal, plan)
 
     def closed(self) -> None:
-        self.end_reason = self.end_reason or "client disconnected"
+        self.end_reason = self.end_reason or self.audit.lost_reason or "client disconnected"
         self._scope.cancel()
         self._told.set()  # nobody left to tell
 
