@@ -115,11 +115,12 @@ def client_message(exc: BaseException) -> str:
         return f"{exc.reason}: {exc.message}"
     if isinstance(exc, ExecError):
         shown = _HANDSHAKE.search(str(exc))
+        if shown is not None:
+            return shown.group()
         cause = exc.__cause__
-        if shown is None and isinstance(cause, KubernetesError):
-            return f"the command could not be started: {client_message(cause)}"
-        return "the command could not be started" + (
-            f" ({shown.group()})" if shown is not None else "")
+        if isinstance(cause, KubernetesError):
+            return client_message(cause)
+        return "the exec stream could not be opened"
     if isinstance(exc, KubernetesError):
         if exc.status == 0:
             return "the Kubernetes API is unreachable"
