@@ -110,11 +110,15 @@ def test_json_format_is_lossless_and_one_line_per_record(restore_logging: None) 
     log = logging.getLogger("kuberun_trio.test")
     for brk in BREAKS:
         log.info("%s", brk, extra={"event": "e", "command": "x" + brk + FORGED})
+    log.info("%s", "\udc80", extra={"event": "e", "path": "/tmp/\udcff"})  # surrogateescape
     text = out.getvalue()
-    assert len(text.splitlines()) == len(BREAKS)
-    for brk, line in zip(BREAKS, text.splitlines(), strict=True):
+    text.encode("utf-8")  # nothing a UTF-8 stream cannot write
+    assert len(text.splitlines()) == len(BREAKS) + 1
+    for brk, line in zip([*BREAKS, "\udc80"], text.splitlines(), strict=True):
         doc = json.loads(line)
-        assert (doc["message"], doc["command"]) == (brk, "x" + brk + FORGED)
+        assert doc["message"] == brk
+        assert doc.get("command", "x" + brk + FORGED) == "x" + brk + FORGED
+    assert doc["path"] == "/tmp/\udcff"
 
 
 def test_command_policy_cuts_at_a_character_boundary() -> None:

@@ -59,9 +59,11 @@ def record_fields(record: logging.LogRecord) -> dict[str, Any]:
     return ordered
 
 
-_UNSAFE = re.compile("[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-"""What text output escapes: backslash, C0, DEL, C1, line/paragraph separators, bidi overrides."""
-_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_UNSAFE = re.compile(
+    "[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+"""What text output escapes: backslash, C0, DEL, C1, line/paragraph separators, bidi overrides
+(and lone surrogates, which no UTF-8 stream can write)."""
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 """What ``json.dumps(ensure_ascii=False)`` leaves raw but a line reader might split or hide."""
 _SHORT = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
