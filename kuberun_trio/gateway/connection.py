@@ -302,8 +302,6 @@ class ConnectionRuntime:
                           extra={"event": "signal-failed", **self.audit.fields})
 
 
-
-
 def _detail(exc: BaseException) -> str:
     """The whole story of ``exc`` for the log: its chain of causes, innermost last."""
     parts, seen = [], 0
