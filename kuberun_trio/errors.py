@@ -15,10 +15,16 @@ original stays visible in tracebacks.
     ├── ExecError              a pods/exec stream could not be opened or broke
     ├── AuthError              the gateway refused a client
     └── ClusterError           the embedded cluster could not do what was asked
+
+What a *client* may read of an error is :func:`client_message`: a short reason that never
+holds the API server's address, URLs or a client library's exception text (those go to
+the log only). Only a :class:`PodStartError` is told as it is: its reason and message are
+what the cluster said about the user's own pod (an image that does not pull, a timeout).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 
@@ -87,3 +93,42 @@ class AuthError(KuberunError):
 
 class ClusterError(KuberunError):
     """The embedded cluster could not do what was asked."""
+
+
+_STATUS_REASON = re.compile(r"[A-Z][A-Za-z]{1,40}")
+"""A Kubernetes ``StatusReason`` (``Forbidden``, ``AlreadyExists``): safe to show."""
+_HANDSHAKE = re.compile(r"exec handshake refused with HTTP \d{3}")
+
+
+def status_reason(text: str) -> str:
+    """``text`` if it is a Kubernetes ``StatusReason`` word (safe to show a client), else ""."""
+    return text if _STATUS_REASON.fullmatch(text or "") else ""
+
+
+def _http(error: KubernetesError) -> str:
+    return f"HTTP {error.status} {status_reason(error.reason)}".rstrip()
+
+
+def client_message(exc: BaseException) -> str:
+    """What an SSH client may be told about ``exc``: a short reason, no internal detail."""
+    if isinstance(exc, PodStartError):
+        return f"{exc.reason}: {exc.message}"
+    if isinstance(exc, ExecError):
+        shown = _HANDSHAKE.search(str(exc))
+        if shown is not None:
+            return shown.group()
+        cause = exc.__cause__
+        if isinstance(cause, KubernetesError):
+            return client_message(cause)
+        return "the exec stream could not be opened"
+    if isinstance(exc, KubernetesError):
+        if exc.status == 0:
+            return "the Kubernetes API is unreachable"
+        if exc.status in (401, 403):
+            return f"the gateway is not allowed to do this in the cluster ({_http(exc)})"
+        if exc.status == 429:
+            return f"the cluster is busy, try again later ({_http(exc)})"
+        if exc.status >= 500:
+            return f"the Kubernetes API failed ({_http(exc)})"
+        return f"the cluster refused the request ({_http(exc)})"
+    return "internal error in the gateway"

@@ -309,7 +309,7 @@ def test_text_logs_one_line_per_event(restore_logging: None) -> None:
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
     assert lines[0].endswith(
-        'kuberun_trio.test: auth decision event=auth connection_id=c1 reason="no such key"')
+        'kuberun_trio.test: auth\\ndecision event=auth connection_id=c1 reason="no such key"')
     assert lines[1].endswith('failed connection_id=c2 error="ValueError: boom"')
 
 

@@ -267,7 +267,10 @@ async def open_exec(
         ours = translate(exc)
         if ours is None:
             raise
-        raise (ours if isinstance(ours, ExecError) else ExecError(str(ours))) from exc
+        if isinstance(ours, ExecError):
+            raise ours from exc
+        ours.__cause__ = exc
+        raise ExecError(str(ours)) from ours
     response = getattr(ws, "_response", None)
     protocol = response.headers.get("Sec-WebSocket-Protocol") if response is not None else None
     return ExecStream(ws, protocol)

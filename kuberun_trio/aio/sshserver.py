@@ -38,6 +38,18 @@ the login is counted for its user (or refused with a disconnect); session
 channels over ``maxSessions`` fail to open with the reason; each session's
 signals pass a :class:`~kuberun_trio.gateway.limits.SignalBucket`. Keepalive
 probes are asyncssh's (``keepalive_interval``/``keepalive_count_max``).
+
+Audit: every TCP connection gets a :class:`~kuberun_trio.gateway.audit.ConnectionAudit`
+on ``connection_made`` (``connection-accepted``); ``connection_lost`` before login writes
+``pre-auth-end``. Refused channel requests are logged with the session machine's reason.
+Forwarding is never offered: ``direct-tcpip`` / ``direct-streamlocal`` opens are refused
+with ``administratively prohibited`` (not asyncssh's misleading ``Connection refused``),
+``tcpip-forward`` / ``streamlocal-forward`` and the ``x11-req`` / ``auth-agent-req``
+channel requests fail -- each with a ``request-refused`` line. Session payload bytes are
+counted on the audit record where they already flow (one integer addition per chunk).
+What a client reads on stderr after a failure is
+:func:`~kuberun_trio.errors.client_message` -- never URLs, addresses or library text;
+those go to the ``exec-failed`` / ``exec-ended`` log lines.
 """
 
 from __future__ import annotations
@@ -52,10 +64,12 @@ from typing import Any, Protocol
 
 import asyncssh
 import attrs
-from asyncssh.constants import MSG_CHANNEL_WINDOW_ADJUST
+from asyncssh.constants import MSG_CHANNEL_WINDOW_ADJUST, OPEN_ADMINISTRATIVELY_PROHIBITED
 from asyncssh.packet import SSHPacket, UInt32
 from asyncssh.public_key import decode_ssh_public_key
 
+from ..errors import client_message, status_reason
+from ..gateway.audit import AuditPolicy, ConnectionAudit, format_address
 from ..gateway.auth import AuthResult
 from ..gateway.limits import Admission, SignalBucket, Ticket, open_fds, report_refusal
 from ..gateway.limits import Refusal as LimitRefusal
@@ -75,10 +89,13 @@ from ..gateway.session import (
     SignalPlan,
     StartExec,
 )
-from .bridge import run_trio
+from .bridge import run_trio, translate
 from .execstream import ExecResult, ExecStream, open_exec
 
 log = logging.getLogger(__name__)
+
+FORWARDING_DISABLED = "forwarding is disabled on this gateway"
+"""The reason every port, agent and X11 forwarding request is refused with."""
 
 PENDING_INPUT_LIMIT = 256 * 1024
 """Bytes of client input held while the exec is being opened before reading pauses."""
@@ -153,6 +170,8 @@ class GatewayChannel(asyncssh.SSHServerChannel):  # type: ignore[type-arg]
         try:
             name, text = key.decode("utf-8"), value.decode("utf-8")
         except UnicodeDecodeError:
+            self._session.audit.refused("env", "name or value is not UTF-8",
+                                        env_name=key[:256].decode("utf-8", "replace"))
             return False
         return self._session.env_requested(name, text)
 
@@ -162,19 +181,32 @@ class GatewayChannel(asyncssh.SSHServerChannel):  # type: ignore[type-arg]
         try:
             name = raw.decode("ascii")
         except UnicodeDecodeError:
+            self._session.audit.refused("signal", "signal name is not ASCII")
             return False
         return self._session.signal_requested(name)
+
+    def _process_x11_req_request(self, packet: SSHPacket) -> bool:
+        self._session.audit.refused("x11-forwarding", FORWARDING_DISABLED)
+        return False
+
+    def _process_auth_agent_req_at_openssh_dot_com_request(  # type: ignore[override]
+            self, packet: SSHPacket) -> bool:
+        self._session.audit.refused("agent-forwarding", FORWARDING_DISABLED)
+        return False
 
 
 class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     """One session channel: callbacks in, actions out, and the exec pump."""
 
-    def __init__(self, portal: ConnectionPortal, machine: SessionMachine, *,
+    def __init__(self, portal: ConnectionPortal, machine: SessionMachine,
+                 audit: ConnectionAudit | None = None, *,
                  signals: SignalBucket | None = None,
                  refused: Callable[[LimitRefusal], None] | None = None,
                  on_close: Callable[[], None] | None = None) -> None:
         self.portal = portal
         self.machine = machine
+        self.audit = audit or ConnectionAudit("?", "?")
+        """The connection's audit record: refusals are logged there, bytes counted."""
         self._signals = signals
         self._refused = refused or (lambda refusal: None)
         self._on_close = on_close
@@ -197,22 +229,27 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._chan = chan
 
     def env_requested(self, name: str, value: str) -> bool:
-        return self._apply(self.machine.env(name, value))
+        return self._answer("env", self.machine.env(name, value), env_name=name[:256],
+                            value_bytes=len(value.encode("utf-8", "surrogateescape")))
 
     def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int],
                       term_modes: Mapping[int, int]) -> bool:
         width, height, pw, ph = term_size
         outcome = self.machine.pty_request(term_type, width, height, pw, ph, dict(term_modes))
-        return self._apply(outcome)
+        return self._answer("pty-req", outcome, term=term_type[:64])
 
     def shell_requested(self) -> bool:
-        return self._apply(self.machine.shell())
+        return self._answer("shell", self.machine.shell())
 
     def exec_requested(self, command: str) -> bool:
-        return self._apply(self.machine.exec(command))
+        outcome = self.machine.exec(command)
+        if outcome.accepted:
+            return self._apply(outcome)
+        return self._answer("exec", outcome, **self.audit.policy.command_fields(command))
 
     def subsystem_requested(self, subsystem: str) -> bool:
-        return self._apply(self.machine.subsystem(subsystem))
+        return self._answer("subsystem", self.machine.subsystem(subsystem),
+                            subsystem=subsystem[:64])
 
     def terminal_size_changed(self, width: int, height: int, pixwidth: int,
                               pixheight: int) -> None:
@@ -224,12 +261,13 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             if refusal is not None:  # refused, not queued: the client sees a channel failure
                 self._refused(refusal)
                 return False
-        return self._apply(self.machine.signal(name))
+        return self._answer("signal", self.machine.signal(name), signal=name[:32])
 
     def break_received(self, msec: int) -> bool:
         return False
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.audit.bytes_from_client += len(data)
         if self._stream is not None:
             self._stream.send_stdin(data)
             return
@@ -259,16 +297,24 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     # -- OutputSink for the exec pump --------------------------------------
     def write_stdout(self, data: bytes) -> None:
         if self._chan is not None:
+            self.audit.bytes_to_client += len(data)
             self._chan.write(data)
 
     def write_stderr(self, data: bytes) -> None:
         if self._chan is not None:
+            self.audit.bytes_to_client += len(data)
             self._chan.write_stderr(data)
 
     async def wait_writable(self) -> None:
         await self._writable.wait()
 
     # -- actions ---------------------------------------------------------------
+    def _answer(self, request: str, outcome: Outcome, **fields: Any) -> bool:
+        """Carry out ``outcome``; a refusal is logged with the machine's reason."""
+        if not outcome.accepted:
+            self.audit.refused(request, self.machine.refusal or "refused", **fields)
+        return self._apply(outcome)
+
     def _apply(self, outcome: Outcome) -> bool:
         for action in outcome.actions:
             self._do(action)
@@ -291,7 +337,7 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         elif chan is None:
             return
         elif isinstance(action, SendStderr):
-            chan.write_stderr(action.text.encode())
+            self.write_stderr(action.text.encode())
         elif isinstance(action, SendExitStatus):
             chan.exit(action.code)
         elif isinstance(action, SendExitSignal):
@@ -309,7 +355,13 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                 target.ws_client, target.namespace, target.pod, plan.container or target.container,
                 plan.argv, tty=plan.tty, stdin=plan.stdin, throttle=target.throttle)
         except Exception as exc:  # the error boundary of one session
-            self.fail(f"cannot start the command in pod {target.pod}: {exc}")
+            # The client hears a short reason; the detail (URLs, library text) is logged.
+            ours = translate(exc) or exc
+            told = client_message(ours)
+            self.audit.emit(logging.WARNING, "exec-failed", "cannot start the command in "
+                            "pod %s: %s", target.pod, ours, pod=target.pod, reason=told,
+                            error=f"{type(exc).__name__}: {ours}")
+            self.fail(f"cannot start the command in pod {target.pod}: {told}")
             return None
         self._stream = stream
         chan = self._chan
@@ -329,8 +381,14 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             if reason is not None:  # the pod is gone: say so, not "killed by a signal"
                 self.fail(reason)
                 return result
-        if result.exit_code is None:
-            self.fail(f"the command's stream ended: {result.message}")
+        if result.exit_code is None:  # the status message may name nodes: log it only
+            self.audit.emit(logging.WARNING, "exec-ended", "the command's stream in pod %s "
+                            "ended without an exit status: %s", target.pod,
+                            result.message or "(no status)", pod=target.pod,
+                            reason=result.reason or "NoStatus", error=result.message)
+            shown = status_reason(result.reason)
+            self.fail("the command's stream ended without an exit status"
+                      + (f" ({shown})" if shown else ""))
         else:
             self._apply(self.machine.exited(result.exit_code))
         return result
@@ -394,11 +452,14 @@ class GatewaySSHServer(asyncssh.SSHServer):
     _chan_ids = itertools.count()
 
     def __init__(self, make_portal: Callable[[GatewaySSHServer], ConnectionPortal],
-                 auth: LoginGate, connection_id: str, admission: Admission | None = None) -> None:
+                 auth: LoginGate, connection_id: str, admission: Admission | None = None, *,
+                 audit_policy: AuditPolicy | None = None) -> None:
         self._make_portal = make_portal
         self.auth = auth
         """The gateway's login gate (trio-flavoured)."""
         self.connection_id = connection_id
+        self.audit = ConnectionAudit(connection_id, "?", audit_policy)
+        """The connection's audit record (its address is filled in on connection_made)."""
         self.auth_result: Any = None
         self.conn: asyncssh.SSHServerConnection | None = None
         self.portal: ConnectionPortal | None = None
@@ -417,6 +478,8 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1]))
+        self.audit.remote_address = format_address(*self.peer)
+        self.audit.accepted()
         self.login = self.auth.connection(self.connection_id, *self.peer)
         if not self.auth.admit_connection(self.login):  # before the costly key exchange
             asyncio.get_running_loop().call_soon(conn.abort)
@@ -466,6 +529,12 @@ class GatewaySSHServer(asyncssh.SSHServer):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        reason = lost_reason(exc)
+        if exc is not None and not isinstance(exc, asyncssh.Error | OSError):
+            # asyncssh closes a connection whose callback raised, and logs it at debug
+            # level only: a bug in the gateway must show in the audit trail.
+            self.audit.emit(logging.ERROR, "connection-error", "connection %s: %s",
+                            self.connection_id, reason, exc_info=exc, reason=reason)
         if self._grace_timer is not None:
             self._grace_timer.cancel()
             self._grace_timer = None
@@ -475,7 +544,10 @@ class GatewaySSHServer(asyncssh.SSHServer):
                 self.refused(LimitRefusal("client-alive",
                                           "the client stopped answering keepalives"))
         if self.portal is not None:
+            self.audit.lost_reason = reason
             self.portal.closed()
+        else:
+            self.audit.pre_auth_end(reason, username=self.username)
 
     def begin_auth(self, username: str) -> bool:
         self.username = username
@@ -551,6 +623,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self.auth_result = result
         if result.username is not None:
             self.username = result.username
+        self.audit.username = self.username
         if self.ticket is not None and self.conn is not None:
             refusal = self.ticket.authenticated(self.username)
             if refusal is not None:
@@ -573,8 +646,31 @@ class GatewaySSHServer(asyncssh.SSHServer):
         machine = self.portal.new_session(next(self._chan_ids))
         chan = self.conn.create_server_channel(encoding=None)
         chan.__class__ = GatewayChannel  # adds request handlers only, no state
-        return chan, GatewaySession(self.portal, machine, signals=signals, refused=self.refused,
+        return chan, GatewaySession(self.portal, machine, self.audit, signals=signals,
+                                    refused=self.refused,
                                     on_close=ticket.close_session if ticket else None)
+
+    # -- forwarding: refused, logged, and said so ("administratively prohibited") ------
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> Any:
+        self.audit.refused("port-forwarding", FORWARDING_DISABLED, kind="direct-tcpip",
+                           destination=format_address(dest_host[:256], dest_port))
+        raise asyncssh.ChannelOpenError(OPEN_ADMINISTRATIVELY_PROHIBITED, FORWARDING_DISABLED)
+
+    def unix_connection_requested(self, dest_path: str) -> Any:
+        self.audit.refused("port-forwarding", FORWARDING_DISABLED,
+                           kind="direct-streamlocal", destination=dest_path[:256])
+        raise asyncssh.ChannelOpenError(OPEN_ADMINISTRATIVELY_PROHIBITED, FORWARDING_DISABLED)
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        self.audit.refused("port-forwarding", FORWARDING_DISABLED, kind="tcpip-forward",
+                           listen=format_address(listen_host[:256], listen_port))
+        return False
+
+    def unix_server_requested(self, listen_path: str) -> bool:
+        self.audit.refused("port-forwarding", FORWARDING_DISABLED,
+                           kind="streamlocal-forward", listen=listen_path[:256])
+        return False
 
     def close(self, message: str = "") -> None:
         if self.conn is not None:
@@ -586,6 +682,24 @@ def _fingerprint(key_data: bytes) -> str:
         return str(decode_ssh_public_key(key_data).get_fingerprint("sha256"))
     except asyncssh.KeyImportError:
         return "?"
+
+
+def lost_reason(exc: Exception | None) -> str:
+    """Why the SSH connection went away, from asyncssh's ``connection_lost`` argument."""
+    if exc is None:
+        return "client disconnected"
+    text = str(exc).strip()
+    if isinstance(exc, asyncssh.ConnectionLost):
+        if "login timeout" in text.lower():
+            return "login grace time exceeded"
+        if "keepalive" in text.lower():
+            return "client not responding to keepalive"
+        return "client disconnected"
+    if isinstance(exc, asyncssh.DisconnectError):
+        return f"disconnected: {text[:200]}" if text else "disconnected"
+    if isinstance(exc, OSError):
+        return f"connection lost: {type(exc).__name__}"
+    return f"internal error in the gateway: {type(exc).__name__}"
 
 
 class _Collector:

@@ -36,9 +36,16 @@ the connection or the server. A session or signal task that starts after the
 connection's teardown began does nothing (no exec is opened behind the
 teardown's back, so every exec stream is closed before the pod DELETE).
 
-Log lines (logger ``kuberun_trio.gateway.connection``) carry ``event`` and
-``connection_id``: ``session-start``, ``session-exit`` (``exit_status``),
-``session-error``, ``pod-lost``, ``pod-start-failed``, ``connection-error``.
+Log lines (logger ``kuberun_trio.gateway.connection``) carry ``event``,
+``connection_id`` and ``remote_address``: ``session-start`` (``kind``; for ``exec`` the
+``command`` as the :class:`~.audit.AuditPolicy` allows, else the ``program``),
+``session-exit`` (``exit_status``), ``session-error``, ``pod-lost``, ``pod-start-failed``,
+``connection-error`` (``reason``: what the client was told; ``error``: the detail).
+The client never reads an API server's address or a client library's exception text:
+it is told :func:`~kuberun_trio.errors.client_message` and the connection id, which
+finds the detail in the log. :attr:`ConnectionRuntime.end_reason` (the first cause:
+client disconnected, pod lost, pod start failed, shutdown) goes into the
+``connection-end`` line the server writes when ``run`` returns.
 """
 
 from __future__ import annotations
@@ -52,7 +59,8 @@ import attrs
 import trio
 
 from ..aio.bridge import run_aio
-from ..errors import KuberunError, PodStartError
+from ..errors import KuberunError, PodStartError, client_message
+from .audit import ConnectionAudit
 from .auth import AuthResult
 from .pod import ConnectedPod, ConnectionHandler
 from .session import SessionConfig, SessionMachine, SignalPlan
@@ -76,8 +84,13 @@ class ConnectionRuntime:
     def __init__(self, handler: ConnectionHandler, session_config: SessionConfig, *,
                  username: str, auth: AuthResult,
                  make_target: Callable[[ConnectedPod], ExecTarget],
-                 close_connection: Callable[[], None]) -> None:
+                 close_connection: Callable[[], None],
+                 audit: ConnectionAudit | None = None) -> None:
         self.handler = handler
+        self.audit = audit or ConnectionAudit(handler.connection_id, handler.client_address)
+        """The connection's audit record (address, policy for commands, byte counters)."""
+        self.end_reason: str | None = None
+        """Why the connection ended (the first cause wins), for the ``connection-end`` line."""
         self.session_config = session_config
         self.username = username
         self.auth = auth
@@ -137,6 +150,7 @@ class ConnectionRuntime:
             self._nursery.start_soon(self._run_signal, plan)
 
     def closed(self) -> None:
+        self.end_reason = self.end_reason or self.audit.lost_reason or "client disconnected"
         self._scope.cancel()
         self._told.set()  # nobody left to tell
 
@@ -151,6 +165,7 @@ class ConnectionRuntime:
 
     def abort(self, reason: str) -> None:
         """End now: ``reason`` and exit status 255 on every session, close, cancel ``run``."""
+        self.end_reason = self.end_reason or reason
         if self._failure is None:
             self._end(reason)
         self._told.set()  # no lingering for a session to tell (see _fail)
@@ -159,8 +174,7 @@ class ConnectionRuntime:
 
     def _info(self, message: str, *args: Any, event: str, level: int = logging.INFO,
               **fields: Any) -> None:
-        log.log(level, message, *args,
-                extra={"event": event, "connection_id": self.connection_id, **fields})
+        log.log(level, message, *args, extra={"event": event, **self.audit.fields, **fields})
 
     # -- the connection task ------------------------------------------------
     async def run(self) -> None:
@@ -187,15 +201,18 @@ class ConnectionRuntime:
         except PodStartError as exc:
             self._info("pod start failed: %s", exc, event="pod-start-failed",
                        level=logging.WARNING, pod=exc.pod, reason=exc.reason)
-            await self._fail(f"{exc.reason}: {exc.message}")
+            await self._fail(client_message(exc))
         except KuberunError as exc:
+            # The client hears a short reason; the detail (API address, library text) is
+            # for the log only.
+            told = client_message(exc)
             self._info("connection failed: %s", exc, event="connection-error",
-                       level=logging.ERROR)
-            await self._fail(str(exc))
+                       level=logging.ERROR, reason=told, error=_detail(exc))
+            await self._fail(f"cannot start your pod: {told} (connection {self.connection_id})")
         except Exception:
             log.exception("connection crashed", extra={
-                "event": "connection-error", "connection_id": self.connection_id})
-            await self._fail("internal error in the gateway")
+                "event": "connection-error", **self.audit.fields})
+            await self._fail(f"internal error in the gateway (connection {self.connection_id})")
         finally:
             self._nursery = None
             self.finished.set()
@@ -208,6 +225,7 @@ class ConnectionRuntime:
 
     def _end(self, reason: str, *, close: bool = True) -> None:
         """Tell every session why the connection ends, then close it."""
+        self.end_reason = self.end_reason or reason
         self._failure = reason
         for session in [*self._pending, *self._sessions]:
             session.fail(reason)
@@ -239,9 +257,13 @@ class ConnectionRuntime:
         session_id = self._session_ids.pop(session.machine, "?")
         plan = session.machine.plan
         kind = plan.kind if plan is not None else "?"
-        command = " ".join(plan.command) if plan is not None else ""
-        self._info("session %s started: %s %s", session_id, kind, command,
-                   event="session-start", session_id=session_id, kind=kind)
+        what: dict[str, Any] = {}
+        if plan is not None and kind == "exec":
+            what = self.audit.policy.command_fields(plan.command[-1])
+        elif plan is not None:
+            what = {"program": " ".join(plan.command)}
+        self._info("session %s started: %s", session_id, kind,
+                   event="session-start", session_id=session_id, kind=kind, **what)
         started = trio.current_time()
         result = None
         with trio.CancelScope() as scope:
@@ -250,9 +272,9 @@ class ConnectionRuntime:
                 result = await run_aio(session.serve_exec, self._target)
             except Exception as exc:  # one session's error boundary
                 log.exception("session %s failed", session_id, extra={
-                    "event": "session-error", "connection_id": self.connection_id,
-                    "session_id": session_id})
-                session.fail(f"internal error: {type(exc).__name__}")
+                    "event": "session-error", **self.audit.fields, "session_id": session_id,
+                    "error": _detail(exc)})
+                session.fail(f"internal error in the gateway (connection {self.connection_id})")
             finally:
                 self._sessions.discard(session)
                 status = result.exit_code if result is not None else None
@@ -276,7 +298,15 @@ class ConnectionRuntime:
                     self._info("signal %s not delivered: %s", plan.signal, result.message,
                                event="signal-failed", level=logging.WARNING)
         except Exception:
-            log.exception("signal exec failed", extra={
-                "event": "signal-failed", "connection_id": self.connection_id})
+            log.exception("signal exec failed",
+                          extra={"event": "signal-failed", **self.audit.fields})
 
 
+def _detail(exc: BaseException) -> str:
+    """The whole story of ``exc`` for the log: its chain of causes, innermost last."""
+    parts, seen = [], 0
+    current: BaseException | None = exc
+    while current is not None and seen < 5:
+        parts.append(f"{type(current).__name__}: {current}")
+        current, seen = current.__cause__, seen + 1
+    return " <- ".join(parts)

@@ -55,6 +55,7 @@ import trio
 from ..aio import sshserver
 from ..aio.bridge import ensure_aio_loop, run_aio
 from ..aio.kube import KubeClient, open_kube_client
+from .audit import AuditPolicy
 from .auth import Authenticator, AuthResult
 from .config import KubernetesConfig
 from .connection import ConnectionRuntime
@@ -111,6 +112,8 @@ class GatewayOptions:
     """Login throttling and tries per connection (one limiter per gateway; :mod:`.throttle`)."""
     limits: Limits = attrs.Factory(Limits)
     """Connection, session and signal limits (:mod:`kuberun_trio.gateway.limits`)."""
+    audit: AuditPolicy = attrs.field(factory=AuditPolicy)
+    """What the audit log records of client input (commands: on, cut at 1024 bytes)."""
 
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
@@ -173,25 +176,28 @@ class _Server:
         """asyncssh's server factory: one per TCP connection."""
         return sshserver.GatewaySSHServer(self.make_portal, self.login,
                                           connection_id=secrets.token_hex(8),
-                                          admission=self.admission)
+                                          admission=self.admission,
+                                          audit_policy=self.options.audit)
 
     def make_portal(self, ssh: sshserver.GatewaySSHServer) -> ConnectionRuntime:
         """Called on handshake success: start the connection's task."""
         cid = ssh.connection_id
-        client = f"{ssh.peer[0]}:{ssh.peer[1]}"
-        adapter = logging.LoggerAdapter(log, {"connection_id": cid})
+        client = ssh.audit.remote_address
+        adapter = logging.LoggerAdapter(log, ssh.audit.fields)
         handler = ConnectionHandler(self.options.kubernetes, cid, client,
                                     adapter, kube=self.kube, instance=self.options.instance,
                                     hub=self.hub, reaper=self.reaper)
         auth: AuthResult = ssh.auth_result or AuthResult()
         runtime = ConnectionRuntime(handler, self.session_config, username=ssh.username,
-                                    auth=auth, make_target=self._target, close_connection=ssh.close)
+                                    auth=auth, make_target=self._target, close_connection=ssh.close,
+                                    audit=ssh.audit)
         if self.closing is not None:  # authenticated while the gateway shuts down
             runtime.abort(self.closing)
+            ssh.audit.connection_end(self.closing)
             return runtime
         log.info("connection %s: %r from %s authenticated (%s)", cid, ssh.username, client,
-                 auth.method or "?", extra={"event": "connection-start", "connection_id": cid,
-                                            "username": ssh.username, "client": client})
+                 auth.method or "?", extra={"event": "connection-start", **ssh.audit.fields,
+                                            "username": ssh.username})
         self.gateway.connections[cid] = runtime
         self.nursery.start_soon(self._run_connection, runtime)
         return runtime
@@ -201,7 +207,6 @@ class _Server:
                                     throttle=self.kube.exec_throttle)
 
     async def _run_connection(self, runtime: ConnectionRuntime) -> None:
-        started = trio.current_time()
         try:
             # Shielded: the server's own cancellation must not reach the sessions before
             # abort_all() has told them why; abort_all() then cancels this scope.
@@ -212,10 +217,8 @@ class _Server:
             self._scopes.discard(scope)
             self.gateway.connections.pop(runtime.connection_id, None)
             self._changed.set()
-            took = round(1000 * (trio.current_time() - started))
-            log.info("connection %s ended after %d ms", runtime.connection_id, took, extra={
-                "event": "connection-end", "connection_id": runtime.connection_id,
-                "duration_ms": took})
+            runtime.audit.connection_end(runtime.end_reason or "ended",
+                                         username=runtime.username)
 
     async def _wait_connections_gone(self) -> None:
         while self.gateway.connections:

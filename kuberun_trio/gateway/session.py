@@ -383,6 +383,8 @@ class SessionMachine:
         self._pending_eof = False
         self._signals_sent: list[str] = []
         self._exit_code: int | None = None
+        self.refusal: str | None = None
+        """Why the latest refused client request was refused (for the audit log)."""
 
     # ---- bookkeeping
 
@@ -423,27 +425,42 @@ class SessionMachine:
     def _allowed(self, event: Input) -> bool:
         return event in TRANSITIONS[self.state]
 
+    def _refuse(self, reason: str) -> Outcome:
+        self.refusal = reason
+        return _REFUSED
+
+    def _not_now(self, event: Input) -> Outcome:
+        return self._refuse(f"{event.value} is not allowed in state {self.state.value}")
+
     # ---- client requests (RFC 4254 §6)
 
     def env(self, name: str, value: str) -> Outcome:
         """An ``env`` request. Refused after start, for bad names/values, over the caps."""
-        if not self._allowed(Input.ENV) or not self._env_acceptable(name, value):
-            return _REFUSED
+        if not self._allowed(Input.ENV):
+            return self._not_now(Input.ENV)
+        problem = self._env_problem(name, value)
+        if problem is not None:
+            return self._refuse(problem)
         self._step(Input.ENV)
         self._env[name] = value
         return _OK
 
-    def _env_acceptable(self, name: str, value: str) -> bool:
+    def _env_problem(self, name: str, value: str) -> str | None:
+        """Why ``name=value`` cannot be set, or None if it can."""
         cfg = self._config
-        if not shellwrap.valid_env_name(name) or name in cfg.deny_env:
-            return False
+        if not shellwrap.valid_env_name(name):
+            return "invalid variable name"
+        if name in cfg.deny_env:
+            return "variable may not be set"
         if not shellwrap.argv_safe(value):
-            return False
+            return "value holds a NUL or invalid text"
         if name not in self._env and len(self._env) >= cfg.max_env_vars:
-            return False
+            return f"more than {cfg.max_env_vars} variables"
         pairs = dict(self._env, **{name: value})
         size = sum(len(k) + 1 + len(v.encode("utf-8")) for k, v in pairs.items())
-        return size <= cfg.max_env_bytes
+        if size > cfg.max_env_bytes:
+            return f"variables total {size} bytes, over the limit of {cfg.max_env_bytes}"
+        return None
 
     def pty_request(
         self,
@@ -458,9 +475,10 @@ class SessionMachine:
         (the runtime's pty defaults apply); they are accepted and dropped."""
         del pixel_width, pixel_height, modes
         if not self._allowed(Input.PTY) or self._pty:
-            return _REFUSED
+            return self._refuse("a pty was already requested" if self._pty
+                                else f"pty-req is not allowed in state {self.state.value}")
         if not shellwrap.argv_safe(term) or len(term) > 256:
-            return _REFUSED
+            return self._refuse("invalid terminal type")
         self._step(Input.PTY)
         self._pty = True
         self._term = term or None  # sshd: an empty TERM means "none"
@@ -496,21 +514,23 @@ class SessionMachine:
     def exec(self, command: str) -> Outcome:
         """An ``exec`` request: runs ``command_shell + (command,)``, like sshd."""
         if not shellwrap.argv_safe(command):
-            return _REFUSED
-        if len(command.encode("utf-8")) > self._config.max_command_bytes:
-            return _REFUSED
+            return self._refuse("command holds a NUL or invalid text")
+        size = len(command.encode("utf-8", "surrogateescape"))
+        if size > self._config.max_command_bytes:
+            return self._refuse(f"command is {size} bytes, over the limit of "
+                                f"{self._config.max_command_bytes}")
         return self._start("exec", (*self._config.command_shell, command))
 
     def subsystem(self, name: str) -> Outcome:
         """A ``subsystem`` request; only configured names are accepted."""
         argv = self._config.subsystems.get(name)
         if argv is None:
-            return _REFUSED
+            return self._refuse("unknown subsystem")
         return self._start("subsystem", argv)
 
     def _start(self, kind: Kind, command: tuple[str, ...]) -> Outcome:
         if not self._allowed(Input(kind)):
-            return _REFUSED
+            return self._not_now(Input(kind))
         env = dict(self._env)
         env.update(self._server_env)
         if self._term is not None:
@@ -520,7 +540,7 @@ class SessionMachine:
                 self._pid_files, env.items(), command, shell=self._config.wrapper_shell
             )
         except ValueError:  # a bad server_env or config entry: refuse, do not crash
-            return _REFUSED
+            return self._refuse("the command cannot be wrapped (invalid environment)")
         self._step(Input(kind))
         width, height = self._size
         self._plan = ExecPlan(
@@ -543,11 +563,13 @@ class SessionMachine:
     def signal(self, name: str) -> Outcome:
         """A ``signal`` request: refused before the exec runs, for subsystems
         (as sshd does) and for names outside RFC 4254 §6.10."""
-        if not self._allowed(Input.SIGNAL) or name not in shellwrap.SSH_SIGNALS:
-            return _REFUSED
+        if not self._allowed(Input.SIGNAL):
+            return self._not_now(Input.SIGNAL)
+        if name not in shellwrap.SSH_SIGNALS:
+            return self._refuse("unknown signal")
         assert self._plan is not None
         if self._plan.kind == "subsystem":
-            return _REFUSED
+            return self._refuse("signals are not delivered to subsystems")
         self._step(Input.SIGNAL)
         return Outcome(True, (self._send_signal(name),))
 

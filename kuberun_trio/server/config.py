@@ -40,6 +40,7 @@ from ..configtools import (
 )
 from ..configtools import duration as duration_field
 from ..errors import ConfigError, ConfigErrors
+from ..gateway.audit import DEFAULT_MAX_COMMAND_BYTES, AuditPolicy
 from ..gateway.config import KubernetesConfig, parse_config
 from ..gateway.lease import default_instance
 from ..gateway.limits import Limits, MaxStartups
@@ -50,6 +51,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 2222
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MAX_COMMAND_BYTES_LIMIT = 64 * 1024
+"""The largest ``log.maxCommandBytes`` (the longest command a session accepts at all)."""
 
 
 @attrs.frozen
@@ -159,6 +162,15 @@ class LogConfig:
     """``text`` (one readable line per event) or ``json`` (one JSON object per line)."""
     level: str = "INFO"
     """``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``."""
+    commands: bool = True
+    """Log the command of every ``exec`` session (false: commands appear in no line)."""
+    max_command_bytes: int = DEFAULT_MAX_COMMAND_BYTES
+    """Longest command logged, in UTF-8 bytes; longer ones are cut and marked."""
+
+    @property
+    def audit(self) -> AuditPolicy:
+        """The gateway's :class:`~kuberun_trio.gateway.audit.AuditPolicy` for these keys."""
+        return AuditPolicy(commands=self.commands, max_command_bytes=self.max_command_bytes)
 
 
 @attrs.frozen
@@ -288,6 +300,9 @@ def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None)
             problems.add("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {log.level!r}")
         else:
             log = attrs.evolve(log, level=log.level.upper())
+        if not 1 <= log.max_command_bytes <= MAX_COMMAND_BYTES_LIMIT:
+            problems.add("log.maxCommandBytes", f"must be 1..{MAX_COMMAND_BYTES_LIMIT}, "
+                         f"got {log.max_command_bytes}")
     lease = structure_section(_CONVERTER, data.get("lease"), LeaseConfig, "lease", problems,
                               _HINTS)
     if lease is not None:

@@ -14,12 +14,25 @@ new field needs no change here:
 
 Both keep each record on one line: an exception becomes ``error`` (type and message) plus,
 in JSON, ``traceback``; text shows the traceback (indented) only at ``DEBUG``.
+
+The log is the audit record, and its messages and values carry client input (usernames,
+commands, env names, webhook replies). No input may forge a line: in text, every control
+character (C0, DEL, C1), every Unicode line or paragraph separator (U+2028, U+2029; U+0085
+is C1) and every bidirectional override (U+202A-U+202E, U+2066-U+2069) is written as a JSON
+escape (``\\r``, ``\\u2028``), and so is the backslash itself, so the escaped text is
+unambiguous; a value that needed any escape, or holds whitespace, ``"`` or ``=``, is
+written as a quoted JSON string, and so is a message that holds ``=`` or ``"`` (so that
+client text quoted in a message cannot pass for a ``key=value`` field, nor open a quote
+that swallows the real ones). JSON output escapes the same characters inside its
+strings, which stays lossless (``json.loads`` gives back the original text) while no
+line splitter -- ``str.splitlines`` included -- sees a break inside a record.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 import traceback
@@ -46,10 +59,34 @@ def record_fields(record: logging.LogRecord) -> dict[str, Any]:
     return ordered
 
 
+_UNSAFE = re.compile(
+    "[\\\\\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+"""What text output escapes: backslash, C0, DEL, C1, line/paragraph separators, bidi overrides
+(and lone surrogates, which no UTF-8 stream can write)."""
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+"""What ``json.dumps(ensure_ascii=False)`` leaves raw but a line reader might split or hide."""
+_SHORT = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    return _SHORT.get(char) or f"\\u{ord(char):04x}"
+
+
+def escape_text(text: str) -> str:
+    """``text`` with every character :data:`_UNSAFE` written as a JSON escape."""
+    return _UNSAFE.sub(_escape_char, text)
+
+
+def _json_line(doc: dict[str, Any]) -> str:
+    return _JSON_UNSAFE.sub(_escape_char, json.dumps(doc, ensure_ascii=False, default=str))
+
+
 def _text_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    if not text or any(c.isspace() or c in '"=' for c in text):
-        return json.dumps(text, ensure_ascii=False)
+    escaped = escape_text(text)
+    if escaped != text or not text or any(c.isspace() or c in '"=' for c in text):
+        return '"' + escaped.replace('"', '\\"') + '"'
     return text
 
 
@@ -61,13 +98,15 @@ class TextFormatter(logging.Formatter):
         self.tracebacks = tracebacks
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage().replace("\n", " ")
+        message = escape_text(record.getMessage())
+        if "=" in message or '"' in message:  # no fake key=value, no quote that hides fields
+            message = '"' + message.replace('"', '\\"') + '"'
         fields = " ".join(f"{k}={_text_value(v)}" for k, v in record_fields(record).items())
         line = f"{_timestamp(record)} {record.levelname} {record.name}: {message}"
         line = f"{line} {fields}" if fields else line
         if self.tracebacks and record.exc_info:
             tb = "".join(traceback.format_exception(*record.exc_info)).rstrip()
-            line += "\n" + "\n".join("    " + t for t in tb.splitlines())
+            line += "\n" + "\n".join("    " + escape_text(t) for t in tb.split("\n"))
         return line
 
 
@@ -84,7 +123,7 @@ class JSONFormatter(logging.Formatter):
         doc.update(record_fields(record))
         if record.exc_info:
             doc["traceback"] = "".join(traceback.format_exception(*record.exc_info))
-        return json.dumps(doc, ensure_ascii=False, default=str)
+        return _json_line(doc)
 
 
 def configure_logging(fmt: str = "text", level: str = "INFO",

@@ -205,6 +205,7 @@ async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Au
                                  port=port, instance=settings.config.instance,
                                  login=settings.config.auth.login_policy(),
                                  limits=settings.config.limits,
+                                 audit=settings.config.log.audit,
                                  **gateway_options(settings.config, kubernetes))
         with state.serve_scope:
             async with trio.open_nursery() as nursery:
