@@ -15,6 +15,7 @@ from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.cluster import EmbeddedCluster, open_embedded_cluster
 from kuberun_trio.gateway.auth import PublicKeyAuthenticator
 from kuberun_trio.gateway.config import KubernetesConfig, parse_config
+from kuberun_trio.gateway.limits import Limits
 from kuberun_trio.gateway.serve import Gateway, GatewayOptions, open_gateway
 
 
@@ -52,7 +53,8 @@ def kube_config(cluster: EmbeddedCluster, **pod: Any) -> KubernetesConfig:
 
 
 @contextlib.asynccontextmanager
-async def open_rig(tmp_path: Path, **pod: Any) -> AsyncIterator[Rig]:
+async def open_rig(tmp_path: Path, limits: Limits | None = None,
+                   **pod: Any) -> AsyncIterator[Rig]:
     client_key = asyncssh.generate_private_key("ssh-ed25519")
     host_key = asyncssh.generate_private_key("ssh-ed25519")
     async with open_aio_loop(), open_embedded_cluster(
@@ -61,6 +63,7 @@ async def open_rig(tmp_path: Path, **pod: Any) -> AsyncIterator[Rig]:
             kubernetes=kube_config(cluster, **pod),
             authenticator=PublicKeyAuthenticator(
                 [client_key.export_public_key("openssh").decode()]),
-            host_keys=(host_key.export_private_key("openssh"),), port=0, instance="test-gw")
+            host_keys=(host_key.export_private_key("openssh"),), port=0, instance="test-gw",
+            limits=limits or Limits())
         async with open_gateway(options) as gateway:
             yield Rig(cluster, gateway, client_key, host_key)

@@ -519,15 +519,14 @@ def _listening(address: str) -> bool:
 
 async def test_login_grace_time_ends_before_login(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  caplog: pytest.LogCaptureFixture) -> None:
-    """A client that never logs in is cut off by asyncssh's login timer: ``pre-auth-end``
+    """A client that never logs in is cut off by the login grace timer: ``pre-auth-end``
     says so (embedding API; the timer is 1 s here instead of the default)."""
     from gatewaykit import open_rig
 
-    from kuberun_trio.aio import sshserver
+    from kuberun_trio.gateway.limits import Limits
 
-    monkeypatch.setitem(sshserver.SSH_OPTIONS, "login_timeout", 1)
     caplog.set_level(logging.INFO, logger="kuberun_trio")
-    async with open_rig(tmp_path) as rig:
+    async with open_rig(tmp_path, limits=Limits(login_grace_time=1.0)) as rig:
         with trio.fail_after(20):
             stream = await trio.open_tcp_stream("127.0.0.1", rig.port)
             async with stream:

@@ -472,6 +472,8 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self.admission = admission
         self.ticket: Ticket | None = None
         self._grace_timer: asyncio.TimerHandle | None = None
+        self._end_reason: str | None = None
+        """Why the gateway itself ended the connection before login (for ``pre-auth-end``)."""
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         conn.__class__ = GatewayServerConnection  # overrides one method, adds no state
@@ -482,6 +484,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self.audit.accepted()
         self.login = self.auth.connection(self.connection_id, *self.peer)
         if not self.auth.admit_connection(self.login):  # before the costly key exchange
+            self._end_reason = "dropped: too many failed logins from this address"
             asyncio.get_running_loop().call_soon(conn.abort)
             return
         if self.admission is None:
@@ -513,6 +516,9 @@ class GatewaySSHServer(asyncssh.SSHServer):
 
     def _disconnect(self, refusal: LimitRefusal,
                     code: int = asyncssh.DISC_TOO_MANY_CONNECTIONS) -> None:
+        if self._end_reason is None:
+            self._end_reason = ("login grace time exceeded" if refusal.reason == "login-grace-time"
+                                else f"refused ({refusal.reason}): {refusal.message}")
         if self.conn is not None:
             self.conn.disconnect(code, f"kuberun: {refusal.message}")
 
@@ -547,7 +553,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
             self.audit.lost_reason = reason
             self.portal.closed()
         else:
-            self.audit.pre_auth_end(reason, username=self.username)
+            self.audit.pre_auth_end(self._end_reason or reason, username=self.username)
 
     def begin_auth(self, username: str) -> bool:
         self.username = username
