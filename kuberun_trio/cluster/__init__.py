@@ -129,7 +129,7 @@ async def open_embedded_cluster(
                 url=url, kubeconfig_path=path, token=token,
                 ca_file=certs.ca_file if certs else None, faults=faults,
                 request_log=request_log, store=store, kubelet=kubelet)
-            log.info("embedded cluster serving at %s (kubeconfig %s)", url, path)
+            log.debug("embedded cluster serving at %s (kubeconfig %s)", url, path)  # owners say it
             try:
                 yield cluster
             finally:

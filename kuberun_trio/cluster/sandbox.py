@@ -351,7 +351,7 @@ class PodSandbox:
                 stdout=fds[1],
                 stderr=fds[2],
                 env=env,
-                start_new_session=not self.namespaces,
+                start_new_session=True,  # a terminal's Ctrl-C is the owner's, not the pod's
             )
         except BaseException:
             if master is not None:
@@ -524,6 +524,7 @@ async def _start_ns_init(name: str) -> tuple[trio.Process, int, int]:
             stdin=lifeline_read,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            start_new_session=True,  # a terminal's Ctrl-C is the owner's, not the pod's
         )
     except BaseException:
         os.close(lifeline)

@@ -54,7 +54,8 @@ from .settings import Settings
 log = logging.getLogger("kuberun_trio.server")
 
 DEFAULT_GRACE = 10.0
-SHUTDOWN_MESSAGE = "kuberun gateway is shutting down"
+SHUTDOWN_MESSAGE = "the gateway is shutting down"
+"""What each open session reads on stderr (the library prefixes ``kuberun: ``)."""
 EXIT_OK, EXIT_FORCED = 0, 1
 
 
@@ -192,7 +193,8 @@ async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Au
             kubernetes = attrs.evolve(kubernetes, connection=ConnectionConfig(
                 kubeconfig=str(cluster.kubeconfig_path)))
             log.info("embedded cluster serving at %s", cluster.url,
-                     extra={"event": "cluster-started"})
+                     extra={"event": "cluster-started",
+                            "kubeconfig": str(cluster.kubeconfig_path)})
         await sweep_orphans(kubernetes, settings.config.instance)
         host, port = settings.config.ssh.address
         options = GatewayOptions(kubernetes=kubernetes, authenticator=authenticator,
@@ -251,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args)
     configure_logging(settings.config.log.format, settings.config.log.level)
-    check_files(settings.config)
+    check_files(settings.config, cluster=not settings.demo)
     try:
         host_keys = load_host_keys(settings)
     except (OSError, ValueError) as exc:
