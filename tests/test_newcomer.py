@@ -7,13 +7,16 @@ The replay at the end runs the README's two commands and the tutorial's commands
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
+from kuberun_trio.cluster import EmbeddedCluster
 from kuberun_trio.gateway.config import ConnectionConfig
 from kuberun_trio.server.kubecheck import connection_problems
 
@@ -97,3 +100,66 @@ def test_no_kubeconfig_says_what_to_pass(tmp_path: Path, args: list[str]) -> Non
         "pass --kubeconfig FILE (or set $KUBECONFIG, or kubernetes.connection.kubeconfig in "
         "--config FILE)")
     assert "Expected key current-context" not in result.stderr
+
+
+# -- 10, 11: kubectl against the embedded cluster -----------------------------------------------
+
+def kubectl_binary(minor: int) -> str | None:
+    found = shutil.which("kubectl")
+    if found is None:
+        return None
+    path = Path(os.path.realpath(found)).parent / f"kubectl.1.{minor}"
+    return str(path) if path.exists() else None
+
+
+async def kubectl(minor: int, cluster: EmbeddedCluster,
+                  *args: str) -> subprocess.CompletedProcess[str]:
+    binary = kubectl_binary(minor)
+    if binary is None:
+        pytest.skip(f"kubectl.1.{minor} is not installed")
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig_path)}
+    with trio.fail_after(60):
+        result: subprocess.CompletedProcess[bytes] = await trio.run_process(
+            [binary, *args], capture_stdout=True, capture_stderr=True, check=False, env=env)
+    return subprocess.CompletedProcess(result.args, result.returncode,
+                                       result.stdout.decode(), result.stderr.decode())
+
+
+@pytest.mark.parametrize(("minor", "server"), [(33, "v1.33.0"), (30, "v1.31.0")])
+async def test_kubectl_version_has_no_skew_warning(cluster: EmbeddedCluster, minor: int,
+                                                   server: str) -> None:
+    result = await kubectl(minor, cluster, "version")
+    assert result.returncode == 0, result.stderr
+    assert f"Server Version: {server}" in result.stdout
+    assert "WARNING" not in result.stdout + result.stderr
+
+
+async def test_spdy_exec_is_told_why(cluster: EmbeddedCluster) -> None:
+    created = await kubectl(33, cluster, "run", "p", "--image=busybox", "--command", "--",
+                            "sleep", "300")
+    assert created.returncode == 0, created.stderr
+    waited = await kubectl(33, cluster, "wait", "--for=condition=Ready", "pod/p", "--timeout=30s")
+    assert waited.returncode == 0, waited.stderr
+    old = await kubectl(29, cluster, "exec", "p", "--", "echo", "hi")
+    assert (old.returncode, old.stdout) == (1, "")
+    assert old.stderr.strip() == (
+        "Error from server (BadRequest): unable to upgrade connection: this API server speaks "
+        "WebSocket streaming only; use kubectl ≥ 1.30")
+    new = await kubectl(30, cluster, "exec", "p", "--", "echo", "hi")
+    assert (new.returncode, new.stdout) == (0, "hi\n"), new.stderr
+
+
+# -- 9: the soak's --plot without matplotlib -----------------------------------------------------
+
+def test_soak_plot_without_matplotlib_says_which_extra(tmp_path: Path) -> None:
+    hide = ("import runpy, sys; sys.modules['matplotlib'] = None; "  # as if not installed
+            "sys.argv = ['soak', '--plot', sys.argv[1]]; "
+            "runpy.run_module('benchmarks.soak', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", hide, str(tmp_path / "p.png")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].endswith(
+        "error: --plot needs matplotlib: install the bench extra: pip install -e '.[bench]'")
+    assert "Traceback" not in result.stderr
+    assert "pip install -e '.[bench]'" in (ROOT / "docs/performance.md").read_text()
+    assert "matplotlib" in (ROOT / "pyproject.toml").read_text()
