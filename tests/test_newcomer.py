@@ -6,6 +6,7 @@ The replay at the end runs the README's two commands and the tutorial's commands
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -13,11 +14,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 import trio
 
 from kuberun_trio.cluster import EmbeddedCluster
+from kuberun_trio.errors import ConfigErrors
 from kuberun_trio.gateway.config import ConnectionConfig
+from kuberun_trio.server import authkeys
+from kuberun_trio.server.auth import build_authenticator
+from kuberun_trio.server.config import AuthConfig, parse_server_config
 from kuberun_trio.server.kubecheck import connection_problems
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,3 +169,72 @@ def test_soak_plot_without_matplotlib_says_which_extra(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert "pip install -e '.[bench]'" in (ROOT / "docs/performance.md").read_text()
     assert "matplotlib" in (ROOT / "pyproject.toml").read_text()
+
+
+# -- 13: %u, %h and %% in auth.authorizedKeys ---------------------------------------------------
+
+def public_key() -> str:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    return str(key.export_public_key("openssh").decode().strip())
+
+
+@pytest.mark.parametrize(("template", "user", "expanded"), [
+    ("/etc/kuberun/keys/%u", "alice", "/etc/kuberun/keys/alice"),
+    ("%h/.ssh/authorized_keys", "bob", "/home/bob/.ssh/authorized_keys"),
+    ("/k/100%%/%u.pub", "carol", "/k/100%/carol.pub"),
+    ("/k/%%u", "dave", "/k/%u"),
+    ("keys-%u", "erin", "keys-erin"),
+])
+def test_tokens_expand_as_openssh_does(template: str, user: str, expanded: str) -> None:
+    assert authkeys.expand(template, user) == expanded
+
+
+@pytest.mark.parametrize("user", ["..", ".", "", "a/b", "../../etc", "x\0y"])
+@pytest.mark.parametrize("template", ["/etc/kuberun/keys/%u", "%h/.ssh/authorized_keys",
+                                      "/k/%u.pub"])
+def test_a_username_cannot_leave_the_directory(template: str, user: str) -> None:
+    with pytest.raises(ValueError, match=r"cannot name a keys file|would leave"):
+        authkeys.expand(template, user)
+
+
+def test_unknown_tokens_are_configuration_errors() -> None:
+    with pytest.raises(ConfigErrors) as caught:
+        parse_server_config({"auth": {"authorizedKeys": ["/k/%u", "/k/%x"],
+                                      "homeDirectory": "/srv/%h"}})
+    assert [str(e) for e in caught.value.errors] == [
+        "auth.authorizedKeys[1]: unknown token %x in '/k/%x' (use %%, %u or %h)",
+        "auth.homeDirectory: %h cannot be used in its own definition"]
+    config = parse_server_config({"auth": {"authorizedKeys": ["/nonexistent/%u"]}},
+                                 files=True)  # a per-user file need not exist up front
+    assert config.auth.home_directory == "/home/%u"
+
+
+async def test_per_user_keys_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    alice_key, bob_key, shared_key = public_key(), public_key(), public_key()
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "alice").write_text(alice_key + "\n")
+    (tmp_path / "homes" / "bob" / ".ssh").mkdir(parents=True)
+    (tmp_path / "homes" / "bob" / ".ssh" / "authorized_keys").write_text(bob_key + "\n")
+    (tmp_path / "shared").write_text(shared_key + "\n")
+    (tmp_path / "alice").write_text(bob_key + "\n")  # one level up: must stay out of reach
+    auth = build_authenticator(AuthConfig(
+        authorized_keys=(str(tmp_path / "keys" / "%u"), "%h/.ssh/authorized_keys",
+                         str(tmp_path / "shared")),
+        home_directory=str(tmp_path / "homes" / "%u")), logger=logging.getLogger("t"))
+
+    async def allowed(user: str, key: str) -> bool:
+        return await auth.check_public_key("c", user, key, remote_address="127.0.0.1:1") \
+            is not None
+
+    assert await allowed("alice", alice_key)
+    assert not await allowed("bob", alice_key)  # alice's file is alice's only
+    assert await allowed("bob", bob_key)  # %h
+    assert not await allowed("carol", bob_key)  # no file for carol: no keys
+    assert await allowed("carol", shared_key)  # a plain file still lets anyone in
+    assert not await allowed("../alice", bob_key)
+    assert not await allowed("..", bob_key)
+    refusals = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert refusals == [
+        f"username {u!r} cannot name a keys file: refused for {tmp_path}/keys/%u"
+        for u in ("../alice", "..")]

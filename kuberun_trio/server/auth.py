@@ -110,7 +110,8 @@ class ServerAuthenticator:
                  throttle: ThrottlePolicy | None = None) -> None:
         self.config = config
         self._log = logger
-        self.keys = AuthorizedKeysFiles(config.authorized_keys, logger) \
+        self.keys = AuthorizedKeysFiles(config.authorized_keys, logger,
+                                        home=config.home_directory) \
             if config.authorized_keys else None
         self.passwords = PasswordFile(config.password_file, logger) \
             if config.password_file is not None else None
@@ -162,7 +163,7 @@ class ServerAuthenticator:
             return cached[0]
         reasons = []
         if self.keys is not None:
-            decision = self.keys.decide(line, remote_address)
+            decision = self.keys.decide(line, remote_address, username=username)
             if decision.key is not None:
                 result = AuthResult(environment=dict(decision.key.options.environment),
                                     method="publickey")

@@ -63,11 +63,15 @@ class AuthConfig:
     """Who may connect (``auth``). Deny by default: with nothing configured, nobody can."""
 
     authorized_keys: tuple[str, ...] = ()
-    """OpenSSH ``authorized_keys`` files; a key in any of them lets any username in."""
+    """OpenSSH ``authorized_keys`` files; a key in any of them lets any username in. A
+    path with ``%u`` (username), ``%h`` (``homeDirectory``) or ``%%`` is a per-user file
+    (OpenSSH ``AuthorizedKeysFile`` tokens): its keys let only that username in."""
     password_file: str | None = None
     """File of ``user:hash`` lines (argon2 or bcrypt hashes)."""
     webhook: WebhookConfig | None = None
     """Ask a webhook about passwords and public keys (after the local files said no)."""
+    home_directory: str = "/home/%u"
+    """What ``%h`` stands for: gateway users are not host users, so not the passwd entry."""
 
 
 @attrs.frozen
@@ -155,6 +159,8 @@ def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None,
     auth = structure_section(_CONVERTER, data.get("auth"), AuthConfig, "auth", problems, _HINTS)
     if auth is not None and auth.webhook is not None:
         _check_webhook(auth.webhook, problems)
+    if auth is not None:
+        _check_templates(auth, problems)
     log = structure_section(_CONVERTER, data.get("log"), LogConfig, "log", problems, _HINTS)
     if log is not None:
         if log.format not in LOG_FORMATS:
@@ -222,6 +228,19 @@ def load_server_config(path: str | os.PathLike[str], *,
     return parse_server_config(read_yaml_mapping(path), instance=instance)
 
 
+def _check_templates(auth: AuthConfig, problems: ConfigProblems) -> None:
+    from .authkeys import template_problem
+
+    for i, path in enumerate(auth.authorized_keys):
+        if (problem := template_problem(path)) is not None:
+            problems.add(key_path("auth.authorizedKeys", i), problem)
+    problem = template_problem(auth.home_directory)
+    if problem is None and "%h" in auth.home_directory:
+        problem = "%h cannot be used in its own definition"
+    if problem is not None:
+        problems.add("auth.homeDirectory", problem)
+
+
 def _check_webhook(webhook: WebhookConfig, problems: ConfigProblems) -> None:
     if not re.match(r"https?://[^/]", webhook.url):
         problems.add("auth.webhook.url",
@@ -260,7 +279,7 @@ def _file_problems(ssh: SSHConfig | None, auth: AuthConfig | None,
     if auth is None:
         return
     named = [(key_path("auth.authorizedKeys", i), p)
-             for i, p in enumerate(auth.authorized_keys)]
+             for i, p in enumerate(auth.authorized_keys) if "%" not in p]  # per-user: later
     if auth.password_file is not None:
         named.append(("auth.passwordFile", auth.password_file))
     if auth.webhook is not None and auth.webhook.cacert is not None:
