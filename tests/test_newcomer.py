@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncssh
+import attrs
 import pytest
 import trio
 
@@ -238,3 +247,257 @@ async def test_per_user_keys_files(tmp_path: Path, caplog: pytest.LogCaptureFixt
     assert refusals == [
         f"username {u!r} cannot name a keys file: refused for {tmp_path}/keys/%u"
         for u in ("../alice", "..")]
+
+
+# == the replay: the README's two commands and the tutorial, as written ==========================
+#
+# Marker convention (in the Markdown, on the line before a fenced ``sh`` block):
+#
+#   <!-- replay: run [cwd=repo] [args="..."] -->  run the block with bash to its end; it
+#                                                  must exit 0 (``args`` are appended to
+#                                                  its last line)
+#   <!-- replay: start [cwd=repo] -->              start the block in the background (its own
+#                                                  process group, as a terminal would) and go
+#                                                  on once it prints ``connect with:`` (the
+#                                                  gateway) or ``try: KUBECONFIG=`` (the
+#                                                  standalone embedded cluster)
+#   <!-- replay: stop -->                          (no block) Ctrl-C: SIGINT to the process
+#                                                  group last started; it must exit 0
+#   <!-- replay: interactive -->                   each line under ``script`` (a pty), typing
+#                                                  ``q`` where the line says "q to quit",
+#                                                  else ``exit``
+#
+# Blocks run in a fresh HOME (the "second terminal"), or with ``cwd=repo`` in the repository.
+# Assignments of earlier blocks (``STATE=...``) are carried into later ones, as in one shell.
+# Substitutions, so that parallel test runs never meet on a port: ``2222`` becomes a free
+# port, and a block that starts the gateway without ``--listen`` gets
+# ``--listen 127.0.0.1:PORT`` appended. Whatever is still running at the end is stopped as
+# ``stop`` does.
+
+MARKER = re.compile(r"^[ \t]*<!-- replay: (\w+)(.*?)-->[ \t]*\n"
+                    r"(?:\s*^[ \t]*```sh\n(.*?)^[ \t]*```)?", re.S | re.M)
+ASSIGNMENT = re.compile(r"""[A-Za-z_][A-Za-z0-9_]*=("[^"]*"|'[^']*'|\S+)\s*(#.*)?""")
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR) ")
+
+
+@attrs.frozen
+class Step:
+    kind: str
+    options: dict[str, str]
+    script: str
+
+
+def doc_commands(doc: str) -> list[Step]:
+    """The marked steps of ``doc`` (a path below the repository), in order."""
+    steps = []
+    for match in MARKER.finditer((ROOT / doc).read_text()):
+        options = {k: quoted or plain for k, quoted, plain in
+                   re.findall(r'(\w+)=(?:"([^"]*)"|(\S+))', match[2])}
+        steps.append(Step(match[1], options, textwrap.dedent(match[3] or "")))
+    return steps
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@attrs.define
+class Replay:
+    """Runs the steps of one document in a fresh HOME, as a newcomer would."""
+
+    home: Path
+    port: int = attrs.field(factory=free_port)
+    prelude: list[str] = attrs.field(factory=list)
+    started: list[tuple[subprocess.Popen[bytes], Path]] = attrs.field(factory=list)
+    outputs: list[tuple[str, str]] = attrs.field(factory=list)
+
+    def env(self) -> dict[str, str]:
+        return fresh_env(self.home)
+
+    def prepare(self, step: Step) -> tuple[str, Path]:
+        script = step.script.replace("2222", str(self.port))
+        lines = script.rstrip("\n").split("\n")
+        if step.kind == "start" and re.search(r"-m kuberun_trio(?! embedded-cluster)", script) \
+                and "--listen" not in script:
+            lines[-1] += f" --listen 127.0.0.1:{self.port}"
+        if "args" in step.options:
+            lines[-1] += " " + step.options["args"]
+        script = "\n".join([*self.prelude, *lines]) + "\n"
+        self.prelude += [line for line in lines if ASSIGNMENT.fullmatch(line.strip())]
+        return script, ROOT if step.options.get("cwd") == "repo" else self.home
+
+    def run(self, step: Step, timeout: float = 600) -> tuple[str, str]:
+        script, cwd = self.prepare(step)
+        out, err = self.home / f".replay-{len(self.outputs)}.out", \
+            self.home / f".replay-{len(self.outputs)}.err"
+        with out.open("wb") as o, err.open("wb") as e:  # files: background jobs may outlive bash
+            code = subprocess.run(["bash", "-c", script], cwd=cwd, env=self.env(), stdout=o,
+                                  stderr=e, stdin=subprocess.DEVNULL, timeout=timeout,
+                                  start_new_session=True).returncode
+        result = (out.read_text(), err.read_text())
+        self.outputs.append(result)
+        assert code == 0, f"{step.script}\nexit {code}\n{result}"
+        return result
+
+    def interactive(self, step: Step) -> None:
+        _, cwd = self.prepare(step)
+        prelude = list(self.prelude)
+        for number, line in enumerate(step.script.strip().split("\n")):
+            command = line.replace("2222", str(self.port)).split("#")[0].strip()
+            keys = b"q" if "q to quit" in line else b"exit\n"
+            program = shlex.quote("\n".join([*prelude, command]))
+            screen = self.home / f".replay-pty-{len(self.outputs)}-{number}"
+            with screen.open("wb") as sink:
+                proc = subprocess.Popen(["script", "-qfec", f"bash -c {program}", "/dev/null"],
+                                        stdin=subprocess.PIPE, stdout=sink, cwd=cwd,
+                                        env=self.env(), start_new_session=True)
+            try:
+                deadline = time.monotonic() + 60
+                while screen.stat().st_size == 0:  # the prompt, or top's first screen
+                    assert proc.poll() is None and time.monotonic() < deadline, line
+                    time.sleep(0.1)
+                time.sleep(1)
+                assert proc.stdin is not None
+                proc.stdin.write(keys)  # what a person types to leave
+                proc.stdin.close()
+                assert proc.wait(60) == 0, (line, screen.read_bytes()[-500:])
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            self.outputs.append((screen.read_text(errors="replace"), ""))
+
+    def start(self, step: Step, timeout: float = 600) -> str:
+        script, cwd = self.prepare(step)
+        log = self.home / f".replay-start-{len(self.started)}.log"
+        with log.open("wb") as sink:
+            proc = subprocess.Popen(["bash", "-c", script], cwd=cwd, env=self.env(),
+                                    stdout=sink, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.started.append((proc, log))
+        deadline = time.monotonic() + timeout
+        while not re.search(r"connect with:|try: KUBECONFIG=", log.read_text()):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        return log.read_text()
+
+    def stop(self) -> str:
+        proc, log = self.started.pop()
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in that terminal
+        try:
+            code = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        text = log.read_text()
+        assert code == 0, text
+        return text
+
+    def replay(self, doc: str) -> list[str]:
+        """Every step of ``doc``; returns the logs of the processes it stopped."""
+        stopped = []
+        try:
+            for step in doc_commands(doc):
+                if step.kind == "run":
+                    self.run(step)
+                elif step.kind == "start":
+                    self.start(step)
+                elif step.kind == "stop":
+                    stopped.append(self.stop())
+                else:
+                    assert step.kind == "interactive", step
+                    self.interactive(step)
+            while self.started:
+                stopped.append(self.stop())
+        finally:
+            for proc, _ in self.started:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        return stopped
+
+
+needs_openssh = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ("ssh", "sftp", "ssh-keygen", "script"))
+    or not Path("/usr/lib/openssh/sftp-server").exists(),
+    reason="needs openssh-client, openssh-sftp-server and util-linux script")
+
+
+@pytest.fixture
+def newcomer_home() -> Iterator[Path]:
+    """A fresh HOME with a short path (ssh's ControlPath must fit a unix socket name)."""
+    home = Path(tempfile.mkdtemp(prefix="kr-home-", dir="/tmp"))
+    try:
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_the_docs_mark_what_the_replay_runs() -> None:
+    kinds = [s.kind for s in doc_commands("README.md")]
+    assert kinds == ["start", "run"]
+    tutorial = doc_commands("docs/tutorial.md")
+    assert [s.kind for s in tutorial].count("stop") == 1
+    assert all(s.script.strip() for s in tutorial if s.kind != "stop")
+    assert "~/.ssh" not in (ROOT / "docs/tutorial.md").read_text()
+    assert "~/.ssh" not in (ROOT / "docs/embedding.md").read_text()
+
+
+@needs_openssh
+def test_readme_two_commands(newcomer_home: Path) -> None:
+    replay = Replay(newcomer_home)
+    start, tests = doc_commands("README.md")
+    banner = replay.start(start)
+    command = banner.split("connect with:\n", 1)[1].splitlines()[0].strip()
+    assert command.startswith("ssh -i ") and f"-p {replay.port} " in command
+    state = newcomer_home / ".local/state/kuberun-trio"
+    assert f"UserKnownHostsFile={state}/known_hosts" in command
+    hello = subprocess.run([*shlex.split(command), "-o", "BatchMode=yes", "echo hello"],
+                           capture_output=True, text=True, timeout=60,
+                           env=fresh_env(newcomer_home), stdin=subprocess.DEVNULL)
+    assert (hello.returncode, hello.stdout) == (0, "hello\n"), hello.stderr
+    out, _ = replay.run(tests)  # ./tests/run with "--co -q": the installation and linters run
+    assert re.search(r"\d+ tests collected", out), out
+    log = replay.stop()
+    assert "all connections closed" in log
+
+
+@needs_openssh
+def test_tutorial_as_written(newcomer_home: Path) -> None:
+    replay = Replay(newcomer_home)
+    demo_log, gateway_log, cluster_log = replay.replay("docs/tutorial.md")
+    out = "".join(o for o, _ in replay.outputs)
+    err = "".join(p.read_text() for p in sorted(newcomer_home.glob(".replay-*.err")))
+    for expected in ("hello from kuberun-", "out\n", "exit status 3", "3\n", "bar\n",
+                     "0\nnot in this machine's /tmp either", "kept\n", "kuberun.trio/instance"):
+        assert expected in out, (expected, out)
+    assert "err\n" in err and "Permission denied" not in err
+    assert (newcomer_home / "notes-back.txt").read_text() == "some data\n"
+    hostnames = [line for line in out.splitlines() if re.fullmatch(r"kuberun-\w{5}", line)]
+    assert len(hostnames) == 2 and hostnames[0] == hostnames[1]  # ControlMaster: one pod
+    # 7. Ctrl-C with a session open (the background 'sleep 60', whose stderr went on into
+    # its block's file after the block ended): one message, with one prefix
+    assert "kuberun: the gateway is shutting down" in err
+    assert "kuberun: kuberun" not in err
+    assert "shutting down: 1 connection, grace" in demo_log
+    assert demo_log.count("embedded cluster serving at") == 1
+    for log in (demo_log, gateway_log, cluster_log):
+        for line in log.splitlines():
+            if " kuberun_trio." in line:  # a log line, not the banner: the same format
+                assert TIMESTAMP.match(line), line
+    assert "received SIGINT" in cluster_log
+    # 3. outside demo mode the gateway prints an ssh command with the host key
+    fingerprint = re.search(r"host key (SHA256:\S+)", gateway_log)
+    assert fingerprint is not None
+    assert f"ssh -p {replay.port} USER@127.0.0.1   # ssh must show the host key " \
+        f"{fingerprint[1]}" in gateway_log
+    # 5. no session left its PID file behind (pods of the standalone cluster share /tmp)
+    connections = set(re.findall(r"connection_id=(\w+)", gateway_log + demo_log))
+    assert connections
+    left = [p for c in connections for p in Path("/tmp").glob(f".kuberun-{c}-*.pid")]
+    assert left == []
