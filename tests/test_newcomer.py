@@ -33,7 +33,6 @@ from kuberun_trio.gateway.config import ConnectionConfig
 from kuberun_trio.server import authkeys
 from kuberun_trio.server.auth import build_authenticator
 from kuberun_trio.server.config import AuthConfig, parse_server_config
-from kuberun_trio.server.kubecheck import connection_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBECONFIG = """\
@@ -63,6 +62,8 @@ def cli(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
 # -- 1, 2: the kubeconfig is checked before use, and a missing one is called missing ------------
 
 def test_kubeconfig_problems_name_what_is_wrong(tmp_path: Path) -> None:
+    from kuberun_trio.server.kubecheck import connection_problems
+
     def problems(env: dict[str, str], **conn: Any) -> list[str]:
         return [str(e) for e in connection_problems(ConnectionConfig(**conn), env)]
 
@@ -259,15 +260,18 @@ async def test_per_user_keys_files(tmp_path: Path, caplog: pytest.LogCaptureFixt
 #   <!-- replay: start [cwd=repo] -->              start the block in the background (its own
 #                                                  process group, as a terminal would) and go
 #                                                  on once it prints ``connect with:`` (the
-#                                                  gateway) or ``try: KUBECONFIG=`` (the
-#                                                  standalone embedded cluster)
+#                                                  gateway), ``try: KUBECONFIG=`` (the
+#                                                  standalone embedded cluster) or
+#                                                  ``listening on`` (embedding.md's program)
 #   <!-- replay: stop -->                          (no block) Ctrl-C: SIGINT to the process
 #                                                  group last started; it must exit 0
 #   <!-- replay: interactive -->                   each line under ``script`` (a pty), typing
 #                                                  ``q`` where the line says "q to quit",
 #                                                  else ``exit``
 #
-# Blocks run in a fresh HOME (the "second terminal"), or with ``cwd=repo`` in the repository.
+# Blocks run in a fresh HOME (the "second terminal"), or with ``cwd=repo`` in the repository
+# (for docs/embedding.md, whose example writes files there: a scratch directory with the
+# repository's ``.venv`` linked in).
 # Assignments of earlier blocks (``STATE=...``) are carried into later ones, as in one shell.
 # Substitutions, so that parallel test runs never meet on a port: ``2222`` becomes a free
 # port, and a block that starts the gateway without ``--listen`` gets
@@ -309,6 +313,8 @@ class Replay:
     """Runs the steps of one document in a fresh HOME, as a newcomer would."""
 
     home: Path
+    repo: Path = ROOT
+    """Where ``cwd=repo`` blocks run."""
     port: int = attrs.field(factory=free_port)
     prelude: list[str] = attrs.field(factory=list)
     started: list[tuple[subprocess.Popen[bytes], Path]] = attrs.field(factory=list)
@@ -327,7 +333,7 @@ class Replay:
             lines[-1] += " " + step.options["args"]
         script = "\n".join([*self.prelude, *lines]) + "\n"
         self.prelude += [line for line in lines if ASSIGNMENT.fullmatch(line.strip())]
-        return script, ROOT if step.options.get("cwd") == "repo" else self.home
+        return script, self.repo if step.options.get("cwd") == "repo" else self.home
 
     def run(self, step: Step, timeout: float = 600) -> tuple[str, str]:
         script, cwd = self.prepare(step)
@@ -379,7 +385,8 @@ class Replay:
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         self.started.append((proc, log))
         deadline = time.monotonic() + timeout
-        while not re.search(r"connect with:|try: KUBECONFIG=", log.read_text()):
+        ready = re.compile(r"^(connect with:|try: KUBECONFIG=|listening on )", re.M)
+        while not ready.search(log.read_text()):
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
@@ -501,3 +508,169 @@ def test_tutorial_as_written(newcomer_home: Path) -> None:
     assert connections
     left = [p for c in connections for p in Path("/tmp").glob(f".kuberun-{c}-*.pid")]
     assert left == []
+
+
+@needs_openssh
+def test_embedding_example_as_written(newcomer_home: Path) -> None:
+    workdir = newcomer_home / "checkout"
+    workdir.mkdir()
+    (workdir / ".venv").symlink_to(ROOT / ".venv")
+    text = (ROOT / "docs/embedding.md").read_text()
+    program = text.split("`serve_ssh.py`:\n\n```python\n", 1)[1].split("```", 1)[0]
+    (workdir / "serve_ssh.py").write_text(program)
+    replay = Replay(newcomer_home, repo=workdir)
+    (log,) = replay.replay("docs/embedding.md")
+    assert log.rstrip().endswith("stopped")
+    out = "".join(o for o, _ in replay.outputs)
+    assert re.search(r"^kuberun-\w{5}$", out, re.M), out
+
+
+# -- 6, 8, 12: one demo per state directory, a taken port, a missing sftp-server, the script ----
+
+def start_demo(home: Path, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+    log = home / f"demo-{time.monotonic_ns()}.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "kuberun_trio", *args], cwd=ROOT,
+                                env=fresh_env(home), stdout=sink, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while "connect with:" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    return proc, log
+
+
+def stop_demo(proc: subprocess.Popen[bytes]) -> int:
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_second_demo_is_refused_before_it_touches_the_state_dir(tmp_path: Path) -> None:
+    first, _ = start_demo(tmp_path, "--listen", "127.0.0.1:0")
+    try:
+        state = tmp_path / ".local/state/kuberun-trio"
+        before = {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()}
+        second = cli("--listen", "127.0.0.1:0", home=tmp_path)
+        assert second.returncode == 1
+        assert second.stderr.strip() == (
+            f"error: a demo is already running (pid {first.pid}) with the state directory "
+            f"{state}; use --state-dir and --listen for another")
+        after = {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()}
+        assert after == before  # embedded-kubeconfig above all
+        other = cli("--listen", "nowhere", "--state-dir", str(tmp_path / "other"), home=tmp_path)
+        assert other.returncode == 2  # (flags are checked before any lock is taken)
+    finally:
+        assert stop_demo(first) == 0
+    # the lock went with the process: the next demo starts
+    again, _ = start_demo(tmp_path, "--listen", "127.0.0.1:0")
+    assert stop_demo(again) == 0
+
+
+def test_a_taken_port_suggests_listen(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("--listen", f"127.0.0.1:{port}", home=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use; pass --listen "
+        "HOST:PORT for another address (port 0 picks a free one)")
+
+
+def test_demo_says_which_package_sftp_needs(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"  # stands in for a host without openssh-sftp-server
+    config.write_text("kubernetes: {pod: {subsystems: {sftp: /nonexistent/sftp-server}}}\n")
+    proc, log = start_demo(tmp_path, "--cluster", "embedded", "--config", str(config),
+                           "--listen", "127.0.0.1:0")
+    assert stop_demo(proc) == 0
+    warnings = [line for line in log.read_text().splitlines() if "sftp" in line]
+    assert len(warnings) == 1
+    assert "sftp and scp will fail: /nonexistent/sftp-server is missing on this host" in \
+        warnings[0] and "fix kubernetes.pod.subsystems.sftp" in warnings[0]
+    from kuberun_trio.gateway.config import KubernetesConfig
+    from kuberun_trio.server.main import check_demo_sftp
+
+    default = KubernetesConfig.default()
+    if not os.access("/usr/lib/openssh/sftp-server", os.X_OK):  # pragma: no cover
+        pytest.skip("this host lacks sftp-server: the default case is the one above")
+    assert check_demo_sftp(default) is None
+    pod = attrs.evolve(default.pod, subsystems={"sftp": str(tmp_path / "missing")})
+    message = check_demo_sftp(attrs.evolve(default, pod=pod))
+    assert message is not None and "fix kubernetes.pod.subsystems.sftp" in message
+    readme = (ROOT / "README.md").read_text()
+    first_command = readme.split("## Two commands", 1)[1].split("```sh\n", 1)[1].split("```")[0]
+    assert "openssh-sftp-server" in first_command
+
+
+def test_missing_default_sftp_server_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kuberun_trio.gateway.config import KubernetesConfig
+    from kuberun_trio.server import main
+
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)  # a host without the package
+    message = main.check_demo_sftp(KubernetesConfig.default())
+    assert message == (
+        "sftp and scp will fail: /usr/lib/openssh/sftp-server is missing on this host (the "
+        "demo's pods run on the host's files); install it: sudo apt-get install "
+        "openssh-sftp-server")
+
+
+def test_console_script_is_the_cli() -> None:
+    script = Path(sys.executable).parent / "kuberun-trio"
+    assert script.exists()
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True,
+                            timeout=60)
+    assert (result.returncode, result.stdout.split()[0]) == (0, "kuberun_trio")
+    assert "`kuberun-trio`" in (ROOT / "README.md").read_text()
+
+
+# -- 7: a terminal's Ctrl-C reaches the gateway, not its pods' plumbing ---------------------------
+
+async def test_pod_processes_are_out_of_the_owners_process_group() -> None:
+    from kuberun_trio.cluster.sandbox import PodSandbox
+
+    box = await PodSandbox.create("pg-test")
+    try:
+        proc = await box.exec(["sleep", "30"], env={}, cwd="/", tty=False, stdin=False,
+                              stdout=False, stderr=False)
+        mine = os.getpgid(0)
+        assert os.getpgid(box._init.pid) != mine  # unshare (or the fallback's sleeper)
+        assert os.getpgid(proc._process.pid) != mine  # nsenter / the process itself
+    finally:
+        await box.destroy()
+
+
+# -- 4: the demo's pods get a private /tmp -------------------------------------------------------
+
+async def test_private_tmp_is_the_pods_own() -> None:
+    from kuberun_trio.cluster.sandbox import PodSandbox, namespaces_supported
+
+    if not await namespaces_supported():
+        pytest.skip("no mount namespaces here: pods share the host's /tmp")
+    name = f"kr-private-{os.getpid()}"
+    boxes = [await PodSandbox.create("tmp-a", private_tmp=True),
+             await PodSandbox.create("tmp-b", private_tmp=True)]
+    try:
+        async def sh(box: PodSandbox, command: str) -> bytes:
+            proc = await box.exec(["sh", "-c", command], env={}, cwd="/", tty=False,
+                                  stdin=False, stdout=True, stderr=False)
+            assert proc.stdout is not None
+            out = b""
+            with trio.fail_after(10):
+                while chunk := await proc.stdout.receive_some():
+                    out += chunk
+                await proc.wait()
+            await proc.aclose()
+            return out
+
+        assert await sh(boxes[0], f"echo a > /tmp/{name}; cat /tmp/{name}") == b"a\n"
+        assert await sh(boxes[1], f"cat /tmp/{name} 2>/dev/null || echo absent") == b"absent\n"
+        assert not os.path.exists(f"/tmp/{name}")  # noqa: ASYNC240 -- one stat
+    finally:
+        for box in boxes:
+            await box.destroy()
