@@ -383,6 +383,18 @@ def report(args: argparse.Namespace, soak: Soak, baseline: Sample, end: Sample,
     }
 
 
+BENCH_EXTRA = "install the bench extra: pip install -e '.[bench]'"
+
+
+def plotting_available() -> bool:
+    """Whether matplotlib can be imported (it comes with the ``bench`` extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -450,8 +462,12 @@ def main() -> None:
     parser.add_argument("--scenarios", type=lambda v: v.split(","), default=list(SCENARIOS),
                         help=f"comma-separated subset of {','.join(SCENARIOS)}")
     parser.add_argument("--json", type=Path, help="write the report here")
-    parser.add_argument("--plot", type=Path, help="write a PNG plot over time here")
+    parser.add_argument("--plot", type=Path, nargs="?", const=Path("soak.png"), metavar="FILE",
+                        help="write a PNG plot over time here (default soak.png; needs "
+                             "matplotlib, from the bench extra)")
     args = parser.parse_args()
+    if args.plot and not plotting_available():  # before the run, not after minutes of it
+        parser.error(f"--plot needs matplotlib: {BENCH_EXTRA}")
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
     results = trio.run(soak_main, args)
     print_report(results)

@@ -70,11 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is not None:
-        import logging
+    if args.command is not None:  # subcommands log like the server (one timestamp format)
+        from .server.logs import configure_logging
 
-        logging.basicConfig(level=args.log_level or "INFO",
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging("text", args.log_level or "INFO")
     run: Command = args.run
     try:
         return run(args)

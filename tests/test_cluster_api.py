@@ -118,7 +118,7 @@ async def stream_lines(reply: Reply, limit: int | None = None) -> list[dict[str,
 async def test_version_and_legacy_discovery(ctx: api.ApiContext) -> None:
     code, version = await call_json(ctx, "GET", "/version?timeout=32s")
     assert code == 200
-    assert (version["major"], version["minor"], version["gitVersion"]) == ("1", "31", "v1.31.0")
+    assert (version["major"], version["minor"], version["gitVersion"]) == ("1", "33", "v1.33.0")
     assert version["platform"] == "linux/amd64" and version["goVersion"].startswith("go1.")
     _, versions = await call_json(ctx, "GET", "/api")
     assert versions == {

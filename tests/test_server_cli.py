@@ -27,17 +27,32 @@ from kuberun_trio.server.keys import ensure_private_key, known_hosts_line, publi
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/ssh"), reason="needs OpenSSH")
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = None
+    if home is not None:  # a fresh HOME: no ~/.kube/config, no $KUBECONFIG
+        env = {**{k: v for k, v in os.environ.items() if k != "KUBECONFIG"}, "HOME": str(home)}
     return subprocess.run([sys.executable, "-m", "kuberun_trio", *args], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env=env)
+
+
+KUBECONFIG = """\
+apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:6443"}}]
+users: [{name: u, user: {token: t}}]
+contexts: [{name: x, context: {cluster: c, user: u}}]
+current-context: x
+"""
 
 
 # -- check-config -------------------------------------------------------------------------------
 
 def test_check_config_ok(tmp_path: Path) -> None:
     path = tmp_path / "ok.yaml"
-    path.write_text("ssh: {listen: '0.0.0.0:2022'}\ninstance: gw\n")
-    result = cli("check-config", str(path))
+    (tmp_path / "kc").write_text(KUBECONFIG)
+    path.write_text("ssh: {listen: '0.0.0.0:2022'}\ninstance: gw\n"
+                    f"kubernetes: {{connection: {{kubeconfig: {tmp_path / 'kc'}}}}}\n")
+    result = cli("check-config", str(path), home=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
         f"{path}: OK (listen 0.0.0.0:2022, instance gw, cluster via kubeconfig)")
@@ -51,19 +66,18 @@ auth: {authorizedKeys: [/no/such/file], webhook: {url: "https://x", timeout: soo
 kubernetes: {timeouts: {podStart: 6x}, pod: {metadata: {namespace: Bad_NS}}}
 log: {level: chatty}
 """)
-    result = cli("check-config", str(path))
+    result = cli("check-config", str(path), home=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.splitlines()
-    assert lines[0] == f"{path}: 5 problems"
+    assert lines[0] == f"{path}: 8 problems"
+    # structure, the files it names and the kubeconfig: all in one run
     assert [line.split(":")[0].strip() for line in lines[1:]] == [
         "ssh.listen", "auth.webhook.timeout", "log.level", "kubernetes.pod.metadata.namespace",
-        "kubernetes.timeouts.podStart"]
-    # the structure is fine once fixed: the missing files are reported next
-    path.write_text("ssh: {hostKeys: [/no/such/key]}\nauth: {authorizedKeys: [/no/such/file]}\n")
-    result = cli("check-config", str(path))
-    assert result.returncode == 2
+        "kubernetes.timeouts.podStart", "ssh.hostKeys[0]", "auth.authorizedKeys[0]",
+        "kubernetes.connection.kubeconfig"]
     assert "ssh.hostKeys[0]: cannot read /no/such/key" in result.stderr
     assert "auth.authorizedKeys[0]: cannot read /no/such/file" in result.stderr
+    assert f"kubeconfig: file not found: {tmp_path}/.kube/config" in result.stderr
 
 
 def test_usage_and_config_errors_exit_2(tmp_path: Path) -> None:

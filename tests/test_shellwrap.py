@@ -349,7 +349,9 @@ async def test_machine_plans_end_to_end(tmp_path: Path) -> None:
     async with spawn(start.plan.argv, new_session=True) as proc:
         machine.started()
         out = await read_line(proc)
-        assert out == f"hello 'world' $(id)|xterm-kitty|{proc.pid}\n"
+        greeting, term, command_pid = out.rstrip("\n").split("|")
+        assert (greeting, term) == ("hello 'world' $(id)", "xterm-kitty")
+        assert os.getpgid(int(command_pid)) == proc.pid  # the wrapper leads its group
         assert read(pid_dir / ".kuberun-conn7-1.pid") == f"{proc.pid}\n"
         (send,) = machine.signal("TERM").actions
         assert isinstance(send, SendSignal)
@@ -361,3 +363,60 @@ async def test_machine_plans_end_to_end(tmp_path: Path) -> None:
         # the Kubernetes exec status reports a signal death as 128 + N
         outcome = machine.exited(128 - code)
         assert outcome.actions == (SendExitSignal("TERM", False, ""), Close())
+    assert read(pid_dir / ".kuberun-conn7-1.pid") is None  # removed by the wrapper
+
+
+# -- the PID file goes away with the process (issue 11, item 5) ----------------------------------
+
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        (("/bin/sh", "-c", "exit 0"), 0),
+        (("/bin/sh", "-c", "exit 42"), 42),
+        (("/nonexistent/program",), 127),
+        (("/bin/sh", "-c", 'kill -s TERM "$$"'), -signal.SIGTERM),
+        (("/bin/sh", "-c", 'kill -s KILL "$$"'), -signal.SIGKILL),
+        (("/bin/sh", "-c", 'kill -s INT "$$"'), -signal.SIGINT),
+    ],
+)
+async def test_group_leader_wrapper_removes_its_pid_file(
+    shell: str, tmp_path: Path, command: tuple[str, ...], code: int
+) -> None:
+    """As the runtime starts it (a session leader), the wrapper waits for the command,
+    removes its PID file and ends the way the command ended."""
+    files = pid_files(tmp_path)
+    Path(files[0]).parent.mkdir()
+    argv = shellwrap.wrap_argv(files, [("A", "1")], command, shell=shell)
+    async with spawn(argv, new_session=True) as proc:
+        with trio.fail_after(10):
+            assert await proc.wait() == code
+    assert read(files[0]) is None
+    assert not list(Path(files[0]).parent.iterdir())
+
+
+async def test_pid_file_removed_after_a_signal_from_ssh(shell: str, tmp_path: Path) -> None:
+    files = pid_files(tmp_path)
+    Path(files[0]).parent.mkdir()
+    command = ("/bin/sh", "-c", "echo ready; sleep 30")
+    argv = shellwrap.wrap_argv(files, [], command, shell=shell)
+    async with spawn(argv, new_session=True) as proc:
+        assert await read_line(proc) == "ready\n"
+        assert read(files[0]) == f"{proc.pid}\n"
+        result = await run(shellwrap.signal_argv("USR1", files, shell=shell))
+        assert result.returncode == 0, result.stderr
+        with trio.fail_after(5):
+            assert await proc.wait() == -signal.SIGUSR1
+    assert read(files[0]) is None
+
+
+async def test_env_cannot_redirect_the_pid_file_removal(shell: str, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    files = pid_files(tmp_path)
+    Path(files[0]).parent.mkdir()
+    argv = shellwrap.wrap_argv(files, [("__kuberun_pid", str(victim))], PRINT_PID, shell=shell)
+    async with spawn(argv, new_session=True) as proc:
+        with trio.fail_after(10):
+            assert await proc.wait() != 0  # the shell refuses; the session machine too
+    assert victim.read_text() == "keep"
+    assert "__kuberun_pid" in shellwrap.READONLY_SHELL_VARIABLES

@@ -83,13 +83,16 @@ async def open_embedded_cluster(
     backoff_base: float = 10.0,
     use_namespaces: bool | None = None,
     node_name: str = "kuberun-node",
+    private_tmp: bool = False,
 ) -> AsyncIterator[EmbeddedCluster]:
     """Run an embedded cluster for the duration of the ``async with`` block. Trio-flavoured.
 
     ``image_roots`` maps image names to root directories (default: every image
     runs on the host filesystem). ``backoff_base`` is the first crash-loop /
     image-pull back-off in seconds (the kubelet's is 10). ``use_namespaces``
-    forces (True) or forbids (False) Linux namespaces; None detects.
+    forces (True) or forbids (False) Linux namespaces; None detects. ``private_tmp``
+    gives every pod an empty ``/tmp`` of its own (a tmpfs in the pod's mount namespace),
+    so that files written there go away with the pod (the demo turns it on).
 
     ``authenticate`` (default: True for HTTPS, False for HTTP) requires the
     bearer token on every request (401 Status otherwise). Plain HTTP serves
@@ -101,7 +104,8 @@ async def open_embedded_cluster(
         token = token or secrets.token_urlsafe(24)
         store, faults, request_log = Store(), Faults(), RequestLog()
         kubelet = Kubelet(store, faults, node_name=node_name, image_roots=dict(image_roots or {}),
-                          backoff_base=backoff_base, use_namespaces=use_namespaces)
+                          backoff_base=backoff_base, use_namespaces=use_namespaces,
+                          private_tmp=private_tmp)
         faults.bind(expire=store.expire_history, evict=kubelet.evict, kill=kubelet.kill)
         api_ctx = ApiContext(store=store, logs=kubelet.logs, faults=faults)
         stream_ctx = StreamingContext(
@@ -129,7 +133,7 @@ async def open_embedded_cluster(
                 url=url, kubeconfig_path=path, token=token,
                 ca_file=certs.ca_file if certs else None, faults=faults,
                 request_log=request_log, store=store, kubelet=kubelet)
-            log.info("embedded cluster serving at %s (kubeconfig %s)", url, path)
+            log.debug("embedded cluster serving at %s (kubeconfig %s)", url, path)  # owners say it
             try:
                 yield cluster
             finally:

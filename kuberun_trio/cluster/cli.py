@@ -41,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="images matching this glob fail to pull (repeatable)")
     p.add_argument("--image-root", metavar="IMAGE=DIR", action="append", default=[],
                    help="give containers of IMAGE the root directory DIR (repeatable)")
+    p.add_argument("--private-tmp", action="store_true",
+                   help="give every pod an empty /tmp of its own (a tmpfs in its mount "
+                        "namespace; the demo does this), instead of the host's")
     p.set_defaults(run=run)
 
 
@@ -70,7 +73,7 @@ async def _main(args: argparse.Namespace, roots: dict[str, str]) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_embedded_cluster(
             https=args.https, port=args.port, kubeconfig_path=args.kubeconfig_out,
-            image_roots=roots,
+            image_roots=roots, private_tmp=args.private_tmp,
         ) as cluster:
             for pattern in args.fail_image:
                 cluster.faults.fail_image(pattern)

@@ -2,7 +2,8 @@
 
 Theory of operation
 -------------------
-:func:`serve_discovery` answers ``/version``, the health endpoints, ``/api``,
+:func:`serve_discovery` answers ``/version`` (:data:`GIT_VERSION`, or for an older kubectl
+the newest version within its skew, :func:`version_for`), the health endpoints, ``/api``,
 ``/api/v1`` and ``/apis`` (or returns None for every other path). The core
 group's resources (pods with their subresources, namespaces, events) are one
 table, :data:`RESOURCES`, rendered two ways: the legacy ``APIVersions`` /
@@ -17,12 +18,17 @@ which answers the generic NotFound so clients fall back.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .httptypes import Request, Response
 from .params import json_response, wants
 
-GIT_VERSION = "v1.31.0"
+GIT_VERSION = "v1.33.0"
+"""The version the stand-in reports: the newest minor of the kubectl we test with (1.33)."""
+OLDEST_MINOR = 30
+"""The oldest kubectl minor the stand-in serves fully (WebSocket streaming: exec, attach)."""
+_KUBECTL_AGENT = re.compile(r"kubectl[^/]*/v1\.(\d+)\.")
 _DISCOVERY_TYPE = "application/json;g=apidiscovery.k8s.io;v={v};as=APIGroupDiscoveryList"
 
 _POD_VERBS = ["create", "delete", "get", "list", "patch", "watch"]
@@ -194,11 +200,27 @@ def _aggregated(core: bool, version: str) -> dict[str, Any]:
     }
 
 
+def version_for(git_version: str, user_agent: str) -> str:
+    """``git_version``, or for an older kubectl the newest minor within its skew (+/-1).
+
+    kubectl warns on ``kubectl version`` when the server is more than one minor away, and
+    the stand-in implements what 1.30 to 1.33 have in common, so it tells each kubectl
+    1.N the newest version it could be: ``v1.(N+1).0`` (never below 1.30, never above
+    ``git_version``). Other clients get ``git_version``.
+    """
+    match = _KUBECTL_AGENT.match(user_agent)
+    major, minor, *_ = git_version.lstrip("v").split(".")
+    if match is None or major != "1" or not minor.isdigit():
+        return git_version
+    fitting = max(OLDEST_MINOR, min(int(minor), int(match[1]) + 1))
+    return git_version if fitting == int(minor) else f"v1.{fitting}.0"
+
+
 def serve_discovery(req: Request, git_version: str) -> Response | None:
     """The discovery document at ``req.path``; None if it is not a discovery path."""
     path = req.path.rstrip("/") or "/"
     if path == "/version":
-        return json_response(_version(git_version))
+        return json_response(_version(version_for(git_version, req.headers.get("user-agent", ""))))
     if path in ("/healthz", "/livez", "/readyz"):
         return Response(200, b"ok", content_type="text/plain; charset=utf-8")
     if path in ("/api", "/apis"):

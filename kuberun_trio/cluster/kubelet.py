@@ -116,11 +116,14 @@ class Kubelet:
         use_namespaces: bool | None = None,
         host_ip: str = "127.0.0.1",
         log_limit: int = 10 * 1024 * 1024,
+        private_tmp: bool = False,
     ) -> None:
         self.store, self.faults, self.node_name = store, faults, node_name
         self.image_roots = dict(image_roots or {})
         self.backoff_base, self.backoff_max = backoff_base, max(backoff_max, backoff_base)
         self.use_namespaces, self.host_ip, self.log_limit = use_namespaces, host_ip, log_limit
+        self.private_tmp = private_tmp
+        """Each pod gets its own empty ``/tmp`` (a tmpfs in its mount namespace)."""
         self.images: set[str] = set()
         """Images pulled so far (``IfNotPresent`` skips the pull for these)."""
         self._workers: dict[tuple[str, str], PodWorker] = {}

@@ -174,7 +174,8 @@ class PodWorker:
         self.sync()
         if not self.terminating:
             self.sandbox = await PodSandbox.create(
-                self.name, namespaces=k.use_namespaces, image_roots=k.image_roots
+                self.name, namespaces=k.use_namespaces, image_roots=k.image_roots,
+                private_tmp=k.private_tmp,
             )
             self.sync()
             async with trio.open_nursery() as outer:

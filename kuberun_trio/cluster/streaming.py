@@ -126,6 +126,11 @@ def _resolve_container(pod: dict[str, Any], name: str, pod_name: str) -> str:
     raise status.bad_request(message)
 
 
+SPDY_REFUSAL = ("unable to upgrade connection: this API server speaks WebSocket streaming "
+                "only; use kubectl ≥ 1.30")
+"""The Status message for an SPDY exec/attach upgrade (kubectl 1.29 and older)."""
+
+
 # -- the handler ---------------------------------------------------------------------
 async def handle_exec(req: Request, ctx: StreamingContext, kind: str) -> Reply:
     """``exec`` / ``attach`` / ``portforward``: a pre-upgrade error or the Upgrade."""
@@ -157,6 +162,8 @@ async def handle_exec(req: Request, ctx: StreamingContext, kind: str) -> Reply:
         forward = PortForward(ports, uid, ctx.idle_timeout)
         return Upgrade(run=streams.wrap(protocol, forward.run))
 
+    if not websocket:  # kubectl <= 1.29 speaks SPDY: say why, as a Status it can show
+        raise status.bad_request(SPDY_REFUSAL)
     opts = StreamOptions.from_request(req)
     argv = req.query.get("command", []) if kind == "exec" else []
     cut = functools.partial(ctx.faults.take_exec_cut, name) if kind == "exec" else None

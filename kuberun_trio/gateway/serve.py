@@ -277,8 +277,9 @@ class _Server:
     async def shutdown(self, grace: float, message: str) -> None:
         if self.closing is None:
             self.closing = message
-            log.info("shutting down: %d connections, grace %gs", len(self.gateway.connections),
-                     grace, extra={"event": "shutdown"})
+            count = len(self.gateway.connections)
+            log.info("shutting down: %d connection%s, grace %gs", count,
+                     "" if count == 1 else "s", grace, extra={"event": "shutdown"})
             await self.close_listener()
             for runtime in list(self.gateway.connections.values()):
                 runtime.drain(message)

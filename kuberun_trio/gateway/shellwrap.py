@@ -18,8 +18,15 @@ The wrapper
 2. ``export``\\ s every ``NAME=VALUE`` argument -- each one is a single argv
    element expanded as ``"$1"``, so quotes, newlines, ``$(...)`` and backticks
    are never parsed by any shell;
-3. ``exec``\\ s the real command argv. ``exec`` replaces the wrapper, so the PID
-   in the file *is* the command's PID and no extra process stays around.
+3. runs the real command argv and waits for it, then removes the PID file and
+   ends the way the command ended (its exit code; a death by signal N is passed on
+   by killing itself with N, so the runtime reports the signal as before). While it
+   waits it catches the SSH signals with an empty trap (a caught signal is reset to
+   the default in the command), so a signal to the session's process group reaches
+   the command and the wrapper survives to clean up. Where the wrapper is not a
+   process-group leader (a runtime that does not ``setsid``), or no PID file could
+   be written, it ``exec``\\ s the command instead, as before: then the PID in the
+   file is the command's own and the file stays.
 
 Signals (RFC 4254 ``signal`` requests) are a second pods/exec into the same
 container running :data:`SIGNAL_SCRIPT`::
@@ -41,11 +48,14 @@ Limits of the mechanism, on purpose and documented:
   only the PID itself is signalled: for SSH ``exec`` requests that is the
   ``/bin/sh -c COMMAND`` process, and dash does not ``exec`` the last command,
   so the command may survive a TERM sent to its shell.
-* PID reuse: the file is never removed (there is no ``rm`` builtin). The
-  session machine only signals between "started" and "exited", and session
-  ids must be unique within a pod's lifetime, so a stale file is never read;
-  a PID could still be reused in the instant between the process exiting and
-  the gateway learning about it.
+* PID files: removed by the wrapper when the command ends (``rm -f``; an image
+  without ``rm`` gets the file truncated, so no stale PID is read). A SIGKILL to
+  the whole group (SSH ``KILL``, or the runtime) kills the wrapper too and leaves
+  the file; the session machine only signals between "started" and "exited", and
+  session ids are unique within a pod's lifetime, so a stale file is never read.
+* One ``/bin/sh`` process per session stays resident beside the command. A
+  command that itself exits with 128+N (N an SSH signal) is reported as killed
+  by N, as a shell reports it.
 * The image needs a POSIX ``/bin/sh`` (``printf``, ``export``, ``read``,
   ``kill`` are builtins of dash, bash, busybox ash); no agent binary.
 * Shells that make some variables read-only (bash: ``UID``, ``EUID``, ``PPID``,
@@ -67,7 +77,7 @@ while [ "$#" -gt 0 ] && [ "$1" != -- ]; do
   fi
   shift
 done
-unset __kuberun_pid
+readonly __kuberun_pid
 [ "$#" -gt 0 ] || exit 125
 shift
 while [ "$#" -gt 0 ] && [ "$1" != -- ]; do
@@ -76,11 +86,23 @@ while [ "$#" -gt 0 ] && [ "$1" != -- ]; do
 done
 [ "$#" -gt 1 ] || exit 125
 shift
-exec "$@"
+if [ -z "$__kuberun_pid" ] || ! kill -s 0 -- "-$$" 2>/dev/null; then
+  exec "$@"
+fi
+trap : HUP INT QUIT PIPE ALRM TERM USR1 USR2
+"$@"
+__kuberun_status=$?
+{ rm -f -- "$__kuberun_pid" || : >"$__kuberun_pid"; } 2>/dev/null
+case $__kuberun_status in 129|130|131|132|134|136|137|139|138|140|141|142|143)
+  trap - HUP INT QUIT PIPE ALRM TERM USR1 USR2
+  kill -s "$(kill -l "$__kuberun_status")" "$$"
+esac
+exit "$__kuberun_status"
 """
-"""Records ``$$``, exports ``NAME=VALUE`` arguments, ``exec``\\ s the command.
-Exits 125 on malformed arguments; a command that cannot be run gives the
-shell's usual 126/127."""
+"""Records ``$$``, exports ``NAME=VALUE`` arguments, runs the command and removes the
+PID file when it ends (a process-group leader; otherwise it ``exec``\\ s the command).
+Exits 125 on malformed arguments; a command that cannot be run gives the shell's usual
+126/127; a command killed by signal N kills the wrapper with N."""
 
 SIGNAL_SCRIPT: Final = """\
 s=$1
@@ -122,9 +144,10 @@ exit code for a death by signal N is 128 + N)."""
 SIGNAL_BY_NUMBER: Final[dict[int, str]] = {n: name for name, n in SSH_SIGNALS.items()}
 
 READONLY_SHELL_VARIABLES: Final = frozenset(
-    {"BASHOPTS", "BASH_VERSINFO", "EUID", "PPID", "SHELLOPTS", "UID"}
+    {"BASHOPTS", "BASH_VERSINFO", "EUID", "PPID", "SHELLOPTS", "UID", "__kuberun_pid"}
 )
-"""Names that some ``/bin/sh`` implementations (bash) refuse to ``export``."""
+"""Names that some ``/bin/sh`` implementations (bash) refuse to ``export``, and the
+wrapper's own read-only ``__kuberun_pid``."""
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SEPARATOR: Final = "--"

@@ -62,7 +62,8 @@ class ServerAuthenticator:
         self._log = logger
         self.hashing = hashing or HashQueue(config.password_hashing.threads,
                                             config.password_hashing.queue)
-        self.keys = AuthorizedKeysFiles(config.authorized_keys, logger) \
+        self.keys = AuthorizedKeysFiles(config.authorized_keys, logger,
+                                        home=config.home_directory) \
             if config.authorized_keys else None
         self.passwords = PasswordFile(config.password_file, logger, hashing=self.hashing) \
             if config.password_file is not None else None
@@ -117,7 +118,7 @@ class ServerAuthenticator:
             return cached[0]
         reasons = []
         if self.keys is not None:
-            decision = self.keys.decide(line, remote_address)
+            decision = self.keys.decide(line, remote_address, username=username)
             if decision.key is not None:
                 return AuthResult(environment=dict(decision.key.options.environment),
                                   method="publickey", reason=decision.reason)

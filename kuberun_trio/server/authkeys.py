@@ -358,16 +358,72 @@ def decide(keys: Sequence[AuthorizedKey], key_line: str, remote_address: str,
     return KeyDecision(None, reason)
 
 
+_TOKEN = re.compile(r"%(.?)")
+TOKENS = {"%": "a literal %", "u": "the username", "h": "the user's home (auth.homeDirectory)"}
+DEFAULT_HOME = "/home/%u"
+"""``%h``: gateway users are not host users, so their home is this template, not passwd."""
+
+
+def template_problem(template: str) -> str | None:
+    """Why ``template`` is not a valid keys-file path (unknown token), or None."""
+    for match in _TOKEN.finditer(template):
+        if match[1] not in TOKENS:
+            return f"unknown token %{match[1]} in {template!r} (use %%, %u or %h)"
+    return None
+
+
+def is_template(path: str) -> bool:
+    return "%" in path
+
+
+def username_problem(username: str) -> str | None:
+    """Why ``username`` cannot be put into a path (it could leave its directory), or None."""
+    if username in ("", ".", "..") or "/" in username or "\0" in username:
+        return f"username {username!r} cannot name a keys file"
+    return None
+
+
+def _base(template: str) -> str:
+    """The directory part of ``template`` before its first token: expansions stay below."""
+    head = template.split("%", 1)[0]
+    return os.path.normpath(os.path.dirname(head) if "/" in head else ".")
+
+
+def expand(template: str, username: str, home: str = DEFAULT_HOME) -> str:
+    """``template`` with OpenSSH's ``%%``, ``%u`` and ``%h`` replaced (sshd_config(5)).
+
+    ``%h`` is ``home`` (itself a template of ``%u`` and ``%%``). Raises
+    :class:`ValueError` for a username that would leave the directory that the
+    template (with ``%h`` written out) fixes before its first token: ``../x``, ``a/b``.
+    """
+    if (problem := username_problem(username)) is not None:
+        raise ValueError(problem)
+    whole = _TOKEN.sub(lambda m: home if m[1] == "h" else m[0], template)
+    path = _TOKEN.sub(lambda m: username if m[1] == "u" else m[1] if m[1] == "%" else m[0],
+                      whole)
+    base = os.path.abspath(_base(whole))
+    if os.path.commonpath([base, os.path.abspath(path)]) != base:
+        raise ValueError(f"username {username!r} would leave {base}")
+    return path
+
+
 class AuthorizedKeysFiles:
     """The keys of several files, re-read by :meth:`reload` (e.g. on SIGHUP).
 
     A file that cannot be read logs an error and contributes no key (its users are
     refused) until a later reload reads it; bad lines are logged and skipped.
+
+    A path with OpenSSH ``AuthorizedKeysFile`` tokens (``%u`` the username, ``%h`` the
+    user's home -- the ``home`` template, ``/home/%u`` by default, never the host's
+    passwd -- and ``%%``) is a per-user file, read at each decision for that username;
+    a missing one means "no keys". A username that would take the path out of the
+    directory before its first token (``..``, ``a/b``) is refused and logged.
     """
 
-    def __init__(self, paths: Iterable[str], logger: logging.Logger | logging.LoggerAdapter[Any]
-                 ) -> None:
+    def __init__(self, paths: Iterable[str], logger: logging.Logger | logging.LoggerAdapter[Any],
+                 home: str = DEFAULT_HOME) -> None:
         self.paths = tuple(paths)
+        self.home = home
         self._log = logger
         self.keys: tuple[AuthorizedKey, ...] = ()
         self.reload()
@@ -379,25 +435,53 @@ class AuthorizedKeysFiles:
         """Read every file again; the new set replaces the old one at once."""
         keys: list[AuthorizedKey] = []
         for path in self.paths:
-            try:
-                with open(os.path.expanduser(path), encoding="utf-8", errors="replace") as f:
-                    text = f.read()
-            except OSError as exc:
-                self._log.error("cannot read authorized keys file %s: %s (its keys are refused)",
-                                path, exc.strerror or exc,
-                                extra={"event": "auth-config", "path": path})
-                continue
-            found, problems = parse_authorized_keys(text, path)
-            for number, problem in problems:
-                self._log.error("%s:%d: %s (line skipped)", path, number, problem,
-                                extra={"event": "auth-config", "path": path})
-            for key in found:
-                if key.options.unenforceable is not None:
-                    self._log.warning("%s: %s; this key will be refused", key.source,
-                                      key.options.unenforceable,
-                                      extra={"event": "auth-config", "path": path})
-            keys += found
+            if not is_template(path):
+                keys += self._read(path, missing_ok=False)
         self.keys = tuple(keys)
 
-    def decide(self, key_line: str, remote_address: str, now: float | None = None) -> KeyDecision:
-        return decide(self.keys, key_line, remote_address, time.time() if now is None else now)
+    def _read(self, path: str, *, missing_ok: bool) -> list[AuthorizedKey]:
+        try:
+            with open(os.path.expanduser(path), encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError as exc:
+            if missing_ok and isinstance(exc, FileNotFoundError):
+                return []  # a user without a keys file has no keys
+            self._log.error("cannot read authorized keys file %s: %s (its keys are refused)",
+                            path, exc.strerror or exc,
+                            extra={"event": "auth-config", "path": path})
+            return []
+        found, problems = parse_authorized_keys(text, path)
+        for number, problem in problems:
+            self._log.error("%s:%d: %s (line skipped)", path, number, problem,
+                            extra={"event": "auth-config", "path": path})
+        for key in found:
+            if key.options.unenforceable is not None:
+                self._log.warning("%s: %s; this key will be refused", key.source,
+                                  key.options.unenforceable,
+                                  extra={"event": "auth-config", "path": path})
+        return found
+
+    def user_keys(self, username: str) -> tuple[list[AuthorizedKey], str | None]:
+        """The keys of the per-user (templated) files for ``username``; the refusal, if any."""
+        keys: list[AuthorizedKey] = []
+        for template in self.paths:
+            if not is_template(template):
+                continue
+            try:
+                path = expand(template, username, self.home)
+            except ValueError as exc:
+                self._log.warning("%s: refused for %s", exc, template,
+                                  extra={"event": "auth-config", "path": template})
+                return [], f"{exc} ({template})"
+            keys += self._read(path, missing_ok=True)
+        return keys, None
+
+    def decide(self, key_line: str, remote_address: str, now: float | None = None,
+               username: str | None = None) -> KeyDecision:
+        keys: Sequence[AuthorizedKey] = self.keys
+        if username is not None and any(is_template(p) for p in self.paths):
+            mine, refusal = self.user_keys(username)
+            if refusal is not None:
+                return KeyDecision(None, refusal)
+            keys = [*self.keys, *mine]
+        return decide(keys, key_line, remote_address, time.time() if now is None else now)

@@ -9,7 +9,8 @@ that ``python -m kuberun_trio --config F gc`` and ``python -m kuberun_trio gc --
 mean the same thing (a subparser's defaults would otherwise overwrite the top level's).
 
 ``check-config FILE`` runs every check the server runs at start (structure, cross-field
-rules, the files it names, host keys) and prints each problem with its key path.
+rules, the files it names, host keys, loading the kubeconfig or in-cluster account) and
+prints every problem at once, each with its key path.
 """
 
 from __future__ import annotations
@@ -18,15 +19,9 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any
 
+from ..configtools import read_yaml_mapping
 from ..errors import ConfigError, ConfigErrors
-from .config import (
-    LOG_FORMATS,
-    LOG_LEVELS,
-    ServerConfig,
-    check_files,
-    load_server_config,
-    parse_listen,
-)
+from .config import LOG_FORMATS, LOG_LEVELS, ServerConfig, parse_listen, parse_server_config
 from .settings import CLUSTER_CHOICES
 
 if TYPE_CHECKING:
@@ -121,7 +116,8 @@ def add_parsers(sub: SubParsers) -> None:
     check = sub.add_parser(
         "check-config", help="validate a configuration file; exit 0 if fine, 2 if not",
         description="Check a configuration file as the server would at start -- structure, "
-                    "values, the files it names, host keys -- and print every problem with "
+                    "values, the files it names, host keys, the kubeconfig (or in-cluster "
+                    "service account) -- and print every problem with "
                     "its key path. Exit 0 if the file is fine, 2 otherwise.")
     check.add_argument("file", metavar="FILE", help="the YAML configuration")
     check.set_defaults(run=run_check_config)
@@ -142,8 +138,7 @@ def add_parsers(sub: SubParsers) -> None:
 
 def run_check_config(args: argparse.Namespace) -> int:
     try:
-        config = load_server_config(args.file)
-        check_files(config)
+        config = parse_server_config(read_yaml_mapping(args.file), files=True, cluster=True)
     except ConfigError as exc:
         errors = exc.errors if isinstance(exc, ConfigErrors) else (exc,)
         print(f"{args.file}: {len(errors)} problem{'s' if len(errors) > 1 else ''}",
@@ -199,6 +194,10 @@ def run_gc(args: argparse.Namespace) -> int:
         args.cluster = "kubeconfig"  # not the demo: the default kubeconfig
     settings = load_settings(args)
     configure_logging(settings.config.log.format, args.log_level or settings.config.log.level)
+    from .kubecheck import connection_problems
+
+    if problems := connection_problems(settings.config.kubernetes.connection):
+        raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
     namespace = str(settings.config.kubernetes.pod.metadata.get("namespace") or "default")
 
     async def main() -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -41,7 +41,7 @@ from ..configtools import (
 from ..configtools import duration as duration_field
 from ..errors import ConfigError, ConfigErrors
 from ..gateway.audit import DEFAULT_MAX_COMMAND_BYTES, AuditPolicy
-from ..gateway.config import KubernetesConfig, parse_config
+from ..gateway.config import ConnectionConfig, KubernetesConfig, parse_config
 from ..gateway.lease import default_instance
 from ..gateway.limits import Limits, MaxStartups
 from ..gateway.podtemplate import dns1123_label_problem
@@ -96,7 +96,9 @@ class AuthConfig:
     """Who may connect (``auth``). Deny by default: with nothing configured, nobody can."""
 
     authorized_keys: tuple[str, ...] = ()
-    """OpenSSH ``authorized_keys`` files; a key in any of them lets any username in."""
+    """OpenSSH ``authorized_keys`` files; a key in any of them lets any username in. A
+    path with ``%u`` (username), ``%h`` (``homeDirectory``) or ``%%`` is a per-user file
+    (OpenSSH ``AuthorizedKeysFile`` tokens): its keys let only that username in."""
     password_file: str | None = None
     """File of ``user:hash`` lines (argon2 or bcrypt hashes)."""
     webhook: WebhookConfig | None = None
@@ -111,6 +113,8 @@ class AuthConfig:
         t = self.throttle
         return LoginPolicy(max_tries=self.max_tries, free_failures=t.free_failures,
                            delay=t.delay, max_delay=t.max_delay, forget_after=t.forget_after)
+    home_directory: str = "/home/%u"
+    """What ``%h`` stands for: gateway users are not host users, so not the passwd entry."""
 
 
 @attrs.frozen
@@ -263,10 +267,14 @@ _HINTS = {
 }
 
 
-def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None) -> ServerConfig:
+def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None,
+                        files: bool = False, cluster: bool = False) -> ServerConfig:
     """Structure and check a whole configuration mapping; raise every problem at once.
 
     ``instance`` is the default for a file without ``instance`` (the host name if None).
+    ``files`` also opens the files it names (:func:`check_files`) and ``cluster`` loads the
+    cluster connection (:mod:`.kubecheck`), for every section that structured -- so one
+    ``check-config`` lists a bad ``ssh.listen`` together with a missing kubeconfig.
     Raises :class:`ConfigError` (one problem) or :class:`ConfigErrors` (several).
     """
     problems = ConfigProblems()
@@ -292,6 +300,7 @@ def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None)
         _check_webhook(auth.webhook, problems)
     if auth is not None:
         _check_limits(auth, problems)
+        _check_templates(auth, problems)
     log = structure_section(_CONVERTER, data.get("log"), LogConfig, "log", problems, _HINTS)
     if log is not None:
         if log.format not in LOG_FORMATS:
@@ -318,6 +327,16 @@ def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None)
     name = data.get("instance", instance if instance is not None else default_instance())
     if not isinstance(name, str) or not name.strip():
         problems.add("instance", "must be a non-empty string")
+    if files:  # a section that did not structure still has its file names checked
+        _file_problems(ssh or _lenient(SSHConfig, data.get("ssh"), ("host_keys",)),
+                       auth or _lenient(AuthConfig, data.get("auth"),
+                                        ("authorized_keys", "password_file")), problems)
+    if cluster:
+        from .kubecheck import connection_problems
+
+        connection = kubernetes.connection if kubernetes is not None else _connection_only(data)
+        if connection is not None:
+            problems.errors.extend(connection_problems(connection))
     problems.raise_if_any()
     assert ssh is not None and auth is not None and log is not None and kubernetes is not None
     assert lease is not None and gc is not None and security is not None
@@ -332,6 +351,34 @@ def _check_lease(lease: LeaseConfig, problems: ConfigProblems) -> None:
     if lease.renew_interval >= lease.duration:
         problems.add("lease.renewInterval", f"must be shorter than lease.duration "
                      f"({lease.renew_interval:g}s >= {lease.duration:g}s)")
+
+
+_T = TypeVar("_T")
+
+
+def _lenient(cls: type[_T], raw: Any, fields: tuple[str, ...]) -> _T | None:
+    """``cls`` with only the well-formed path ``fields`` of the raw section (or None)."""
+    if not isinstance(raw, Mapping):
+        return None
+    kwargs: dict[str, Any] = {}
+    for name in fields:
+        head, *rest = name.split("_")
+        value = raw.get(head + "".join(w.title() for w in rest))
+        if isinstance(value, str):
+            kwargs[name] = value
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            kwargs[name] = tuple(value)
+    return cls(**kwargs)
+
+
+def _connection_only(data: Mapping[str, Any]) -> ConnectionConfig | None:
+    """``kubernetes.connection`` on its own, when another part of ``kubernetes`` is bad."""
+    section = data.get("kubernetes")
+    raw = section.get("connection") if isinstance(section, Mapping) else None
+    try:
+        return parse_config({"connection": raw} if raw is not None else {}).connection
+    except ConfigError:
+        return None
 
 
 def load_server_config(path: str | os.PathLike[str], *,
@@ -364,6 +411,19 @@ def _check_security(security: SecurityConfig, problems: ConfigProblems) -> None:
     _at_least(problems, "security.fdReserve", security.fd_reserve, 0)
 
 
+def _check_templates(auth: AuthConfig, problems: ConfigProblems) -> None:
+    from .authkeys import template_problem
+
+    for i, path in enumerate(auth.authorized_keys):
+        if (problem := template_problem(path)) is not None:
+            problems.add(key_path("auth.authorizedKeys", i), problem)
+    problem = template_problem(auth.home_directory)
+    if problem is None and "%h" in auth.home_directory:
+        problem = "%h cannot be used in its own definition"
+    if problem is not None:
+        problems.add("auth.homeDirectory", problem)
+
+
 def _check_webhook(webhook: WebhookConfig, problems: ConfigProblems) -> None:
     if not re.match(r"https?://[^/]", webhook.url):
         problems.add("auth.webhook.url",
@@ -387,15 +447,26 @@ def _check_limits(auth: AuthConfig, problems: ConfigProblems) -> None:
                      f"must be at least auth.throttle.delay ({t.delay:g}s), got {t.max_delay:g}s")
 
 
-def check_files(config: ServerConfig) -> None:
+def check_files(config: ServerConfig, *, cluster: bool = False) -> None:
     """Open every file the configuration names; raise a ConfigError per unusable one.
 
-    Host keys must parse as private keys; the other files must be readable.
+    Host keys must parse as private keys; the other files must be readable. ``cluster``
+    also checks that the cluster connection loads (:mod:`.kubecheck`).
     """
+    problems = ConfigProblems()
+    _file_problems(config.ssh, config.auth, problems)
+    if cluster:
+        from .kubecheck import connection_problems
+
+        problems.errors.extend(connection_problems(config.kubernetes.connection))
+    problems.raise_if_any()
+
+
+def _file_problems(ssh: SSHConfig | None, auth: AuthConfig | None,
+                   problems: ConfigProblems) -> None:
     from .keys import load_private_key  # cryptography only; kept out of plain parsing
 
-    problems = ConfigProblems()
-    for i, path in enumerate(config.ssh.host_keys):
+    for i, path in enumerate(ssh.host_keys if ssh is not None else ()):
         where = key_path("ssh.hostKeys", i)
         try:
             load_private_key(_read(path))
@@ -403,18 +474,19 @@ def check_files(config: ServerConfig) -> None:
             problems.add(where, f"cannot read {path}: {exc.strerror or exc}")
         except ValueError as exc:
             problems.add(where, f"{path} is not an OpenSSH or PEM private key: {exc}")
+    if auth is None:
+        return
     named = [(key_path("auth.authorizedKeys", i), p)
-             for i, p in enumerate(config.auth.authorized_keys)]
-    if config.auth.password_file is not None:
-        named.append(("auth.passwordFile", config.auth.password_file))
-    if config.auth.webhook is not None and config.auth.webhook.cacert is not None:
-        named.append(("auth.webhook.cacert", config.auth.webhook.cacert))
+             for i, p in enumerate(auth.authorized_keys) if "%" not in p]  # per-user: later
+    if auth.password_file is not None:
+        named.append(("auth.passwordFile", auth.password_file))
+    if auth.webhook is not None and auth.webhook.cacert is not None:
+        named.append(("auth.webhook.cacert", auth.webhook.cacert))
     for where, path in named:
         try:
             _read(path)
         except OSError as exc:
             problems.add(where, f"cannot read {path}: {exc.strerror or exc}")
-    problems.raise_if_any()
 
 
 def _read(path: str) -> bytes:

@@ -11,13 +11,19 @@ Theory of operation
     known_hosts           demo mode: the host key at the listening address, so that
                           ssh's StrictHostKeyChecking works without a prompt
     embedded-kubeconfig   demo mode: the kubeconfig of the in-process embedded cluster
+    lock                  demo mode: held (``flock``) by the running demo, holds its PID
 
 Keys are generated only when their file is missing, so the printed ``ssh`` command stays
-valid across restarts.
+valid across restarts. A demo takes the ``lock`` before it touches anything else there
+(:meth:`StateDir.lock`), so a second demo on the same directory stops at once -- before it
+could rewrite the first one's ``embedded-kubeconfig`` -- and says which PID holds it. The
+kernel drops an ``flock`` with its process, so a killed demo leaves no stale lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shlex
 from collections.abc import Iterable, Mapping
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import attrs
 
+from ..errors import KuberunError
 from .keys import SSHPrivateKey, ensure_private_key, known_hosts_line, public_key_line
 
 
@@ -61,6 +68,33 @@ class StateDir:
     @property
     def kubeconfig(self) -> Path:
         return self.path / "embedded-kubeconfig"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / "lock"
+
+    def lock(self) -> int:
+        """Take the directory's lock for this process; returns its fd (close it to release).
+
+        Raises :class:`KuberunError` naming the holder's PID if another process has it.
+        """
+        self.create()
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise KuberunError(
+                f"a demo is already running (pid {holder}) with the state directory "
+                f"{self.path}; use --state-dir and --listen for another") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
 
     def create(self) -> None:
         """Make the directory (mode 0700) if it does not exist."""

@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import inspect
 import logging
 import os
+import shlex
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -60,7 +62,8 @@ from .settings import Settings
 log = logging.getLogger("kuberun_trio.server")
 
 DEFAULT_GRACE = 10.0
-SHUTDOWN_MESSAGE = "kuberun gateway is shutting down"
+SHUTDOWN_MESSAGE = "the gateway is shutting down"
+"""What each open session reads on stderr (the library prefixes ``kuberun: ``)."""
 EXIT_OK, EXIT_FORCED = 0, 1
 
 
@@ -158,10 +161,33 @@ def _banner(settings: Settings, gateway: Gateway, host_keys: list[HostKey],
     for key in host_keys:
         note = " (generated)" if key.generated else ""
         print(f"host key {key.fingerprint} {key.source}{note}", file=out)
+    print("connect with:", file=out)
     if settings.demo:
-        print("connect with:", file=out)
         print(f"  {ssh_command(settings.state, connect_host(host), port)}", file=out)
+    else:
+        command = shlex.join(["ssh", "-p", str(port), f"USER@{connect_host(host)}"])
+        fingerprints = ", ".join(key.fingerprint for key in host_keys)
+        print(f"  {command}   # ssh must show the host key {fingerprints}", file=out)
     out.flush()
+
+
+SFTP_PACKAGE = "openssh-sftp-server"
+DEFAULT_SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+
+
+def check_demo_sftp(kubernetes: KubernetesConfig) -> str | None:
+    """Demo pods run the host's files: warn (one line) if the sftp server is not there."""
+    program = kubernetes.pod.subsystems.get("sftp")
+    if program is None or os.access(program, os.X_OK):
+        return None
+    if program == DEFAULT_SFTP_SERVER:
+        hint = f"install it: sudo apt-get install {SFTP_PACKAGE}"
+    else:
+        hint = "fix kubernetes.pod.subsystems.sftp"
+    message = (f"sftp and scp will fail: {program} is missing on this host (the demo's pods "
+               f"run on the host's files); {hint}")
+    log.warning(message, extra={"event": "sftp-server-missing", "program": program})
+    return message
 
 
 async def serve(settings: Settings, host_keys: list[HostKey], *, grace: float = DEFAULT_GRACE,
@@ -174,6 +200,8 @@ async def serve(settings: Settings, host_keys: list[HostKey], *, grace: float = 
         auth = attrs.evolve(auth, authorized_keys=(*auth.authorized_keys,
                                                    str(settings.state.authorized_keys)))
     authenticator = build_authenticator(auth)
+    if settings.demo:
+        check_demo_sftp(settings.config.kubernetes)
     state = _Signals()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as receiver:
         async with trio.open_nursery() as watchers:
@@ -194,11 +222,12 @@ async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Au
             from ..cluster import open_embedded_cluster
 
             cluster = await stack.enter_async_context(open_embedded_cluster(
-                https=True, kubeconfig_path=settings.state.kubeconfig))
+                https=True, kubeconfig_path=settings.state.kubeconfig, private_tmp=True))
             kubernetes = attrs.evolve(kubernetes, connection=ConnectionConfig(
                 kubeconfig=str(cluster.kubeconfig_path)))
             log.info("embedded cluster serving at %s", cluster.url,
-                     extra={"event": "cluster-started"})
+                     extra={"event": "cluster-started",
+                            "kubeconfig": str(cluster.kubeconfig_path)})
         host, port = settings.config.ssh.address
         options = GatewayOptions(kubernetes=kubernetes, authenticator=authenticator,
                                  host_keys=tuple(k.data for k in host_keys), host=host,
@@ -209,7 +238,11 @@ async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Au
                                  **gateway_options(settings.config, kubernetes))
         with state.serve_scope:
             async with trio.open_nursery() as nursery:
-                gateway: Gateway = await nursery.start(serve_gateway, options)
+                try:
+                    gateway: Gateway = await nursery.start(serve_gateway, options)
+                except* OSError as group:
+                    _raise_bind_error(group, host, port)
+                    raise
                 state.serving = True
                 if settings.demo:
                     keys = [load_private_key(k.data) for k in host_keys]
@@ -244,6 +277,17 @@ def gateway_options(config: ServerConfig, kubernetes: KubernetesConfig,
                          duration=config.lease.duration,
                          renew_interval=config.lease.renew_interval)
     return {"lease": lease, "gc": gc}
+
+
+def _raise_bind_error(group: BaseExceptionGroup[OSError], host: str, port: int) -> None:
+    """A failed bind as a sentence that says what to do (other OSErrors pass on)."""
+    for exc in _leaves(group):
+        if isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EACCES,
+                                                      errno.EADDRNOTAVAIL):
+            reason = os.strerror(exc.errno)
+            raise KuberunError(f"cannot listen on {host}:{port}: {reason}; pass --listen "
+                               "HOST:PORT for another address (port 0 picks a free one)"
+                               ) from exc
 
 
 async def _graceful(gateway: Gateway, grace: float) -> None:
@@ -282,13 +326,18 @@ def run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args)
     configure_logging(settings.config.log.format, settings.config.log.level)
-    check_files(settings.config)
+    check_files(settings.config, cluster=not settings.demo)
+    lock = settings.state.lock() if settings.demo else None  # before touching the state dir
     try:
-        host_keys = load_host_keys(settings)
-    except (OSError, ValueError) as exc:
-        raise ConfigError("ssh.hostKeys", f"cannot use the host key: {exc}") from exc
-    grace = float(getattr(args, "grace", None) or DEFAULT_GRACE)
-    return run_trio_main(lambda: serve(settings, host_keys, grace=grace))
+        try:
+            host_keys = load_host_keys(settings)
+        except (OSError, ValueError) as exc:
+            raise ConfigError("ssh.hostKeys", f"cannot use the host key: {exc}") from exc
+        grace = float(getattr(args, "grace", None) or DEFAULT_GRACE)
+        return run_trio_main(lambda: serve(settings, host_keys, grace=grace))
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 def run_trio_main(main: Callable[[], Any]) -> int:
