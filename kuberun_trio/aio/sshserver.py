@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
@@ -59,6 +60,7 @@ from ..gateway.session import (
     SignalPlan,
     StartExec,
 )
+from ..observe.metrics import ByteCounts, GatewayMetrics, unobserved
 from .bridge import run_trio
 from .execstream import ExecResult, ExecStream, open_exec
 
@@ -81,6 +83,8 @@ class ExecTarget:
     """Trio-flavoured: waits up to N seconds for the pod-loss watcher and returns why
     the pod is gone, or None. Asked when a stream ends without a status or with 137
     (SIGKILL), which is what eviction and a killed pod look like from the exec."""
+    metrics: GatewayMetrics | None = None
+    """Where exec starts are counted (None: nowhere in particular)."""
 
 
 KILLED = 137
@@ -150,9 +154,12 @@ class GatewayChannel(asyncssh.SSHServerChannel):  # type: ignore[type-arg]
 class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     """One session channel: callbacks in, actions out, and the exec pump."""
 
-    def __init__(self, portal: ConnectionPortal, machine: SessionMachine) -> None:
+    def __init__(self, portal: ConnectionPortal, machine: SessionMachine,
+                 counts: ByteCounts | None = None) -> None:
         self.portal = portal
         self.machine = machine
+        self._counts = counts if counts is not None else ByteCounts()
+        """Channel bytes, counted with plain adds (read at scrape time)."""
         self.abort: Callable[[], None] = lambda: None
         """Set by the trio session task: cancels it (the channel is gone)."""
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
@@ -200,6 +207,7 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         return False
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._counts.to_pod += len(data)
         if self._stream is not None:
             self._stream.send_stdin(data)
             return
@@ -226,10 +234,12 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     # -- OutputSink for the exec pump --------------------------------------
     def write_stdout(self, data: bytes) -> None:
         if self._chan is not None:
+            self._counts.from_pod += len(data)
             self._chan.write(data)
 
     def write_stderr(self, data: bytes) -> None:
         if self._chan is not None:
+            self._counts.from_pod += len(data)
             self._chan.write_stderr(data)
 
     async def wait_writable(self) -> None:
@@ -271,13 +281,18 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         """Open the exec, pump it to the end, report the exit. Asyncio-flavoured."""
         plan = self.machine.plan
         assert plan is not None, "serve_exec before the session was started"
+        metrics = target.metrics or unobserved()
+        started = time.monotonic()
         try:
             stream = await open_exec(
                 target.ws_client, target.namespace, target.pod, plan.container or target.container,
                 plan.argv, tty=plan.tty, stdin=plan.stdin)
         except Exception as exc:  # the error boundary of one session
+            metrics.api_request("create", "pods/exec", getattr(exc, "status", None) or None)
             self.fail(f"cannot start the command in pod {target.pod}: {exc}")
             return None
+        metrics.api_request("create", "pods/exec", 101)
+        metrics.exec_started(time.monotonic() - started)
         self._stream = stream
         chan = self._chan
         if chan is not None:
@@ -338,8 +353,11 @@ class GatewaySSHServer(asyncssh.SSHServer):
     _chan_ids = itertools.count()
 
     def __init__(self, make_portal: Callable[[GatewaySSHServer], ConnectionPortal],
-                 auth: Any, connection_id: str) -> None:
+                 auth: Any, connection_id: str, metrics: GatewayMetrics | None = None) -> None:
         self._make_portal = make_portal
+        self.metrics = metrics or unobserved()
+        self._refused = 0
+        """Credentials refused on this connection."""
         self.auth = auth
         """The :class:`~kuberun_trio.gateway.auth.Authenticator` (trio-flavoured)."""
         self.connection_id = connection_id
@@ -353,8 +371,13 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1]))
+        self.metrics.connection_opened()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None:
+            self.metrics.connection_closed(authenticated=self.portal is not None)
+            if self.portal is None and self._refused:
+                self.metrics.connection_rejected("auth")
         if self.portal is not None:
             self.portal.closed()
 
@@ -382,11 +405,18 @@ class GatewaySSHServer(asyncssh.SSHServer):
         result = await run_trio(check, self.connection_id, username, credential,
                                 remote_address=remote)
         if result is None:
+            self._refused += 1
+            authtype = "password" if check == self.auth.check_password else "pubkey"
+            self.metrics.auth_result(authtype, accepted=False)
             return False
         self.auth_result = result
         return True
 
     def auth_completed(self) -> None:
+        self.metrics.handshake_succeeded()
+        method = getattr(self.auth_result, "method", "")
+        self.metrics.auth_result("password" if method == "password" else "pubkey",
+                                 accepted=True)
         self.portal = self._make_portal(self)
 
     def session_requested(self) -> Any:
@@ -395,7 +425,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
         machine = self.portal.new_session(next(self._chan_ids))
         chan = self.conn.create_server_channel(encoding=None)
         chan.__class__ = GatewayChannel  # adds request handlers only, no state
-        return chan, GatewaySession(self.portal, machine)
+        return chan, GatewaySession(self.portal, machine, self.metrics.bytes)
 
     def close(self, message: str = "") -> None:
         if self.conn is not None:

@@ -53,6 +53,7 @@ import trio
 
 from ..aio.bridge import run_aio
 from ..errors import KuberunError, PodStartError
+from ..observe.metrics import GatewayMetrics, unobserved
 from .auth import AuthResult
 from .pod import ConnectedPod, ConnectionHandler
 from .session import SessionConfig, SessionMachine, SignalPlan
@@ -76,8 +77,10 @@ class ConnectionRuntime:
     def __init__(self, handler: ConnectionHandler, session_config: SessionConfig, *,
                  username: str, auth: AuthResult,
                  make_target: Callable[[ConnectedPod], ExecTarget],
-                 close_connection: Callable[[], None]) -> None:
+                 close_connection: Callable[[], None],
+                 metrics: GatewayMetrics | None = None) -> None:
         self.handler = handler
+        self.metrics = metrics or unobserved()
         self.session_config = session_config
         self.username = username
         self.auth = auth
@@ -185,14 +188,18 @@ class ConnectionRuntime:
                         self._end(reason)
                         nursery.cancel_scope.cancel()
         except PodStartError as exc:
+            self.metrics.backend_error()
+            self.metrics.pod_start_failed(exc.reason)
             self._info("pod start failed: %s", exc, event="pod-start-failed",
                        level=logging.WARNING, pod=exc.pod, reason=exc.reason)
             await self._fail(f"{exc.reason}: {exc.message}")
         except KuberunError as exc:
+            self.metrics.backend_error()
             self._info("connection failed: %s", exc, event="connection-error",
                        level=logging.ERROR)
             await self._fail(str(exc))
         except Exception:
+            self.metrics.backend_error()
             log.exception("connection crashed", extra={
                 "event": "connection-error", "connection_id": self.connection_id})
             await self._fail("internal error in the gateway")
@@ -244,6 +251,7 @@ class ConnectionRuntime:
                    event="session-start", session_id=session_id, kind=kind)
         started = trio.current_time()
         result = None
+        self.metrics.session_started(kind)
         with trio.CancelScope() as scope:
             session.abort = scope.cancel
             try:
@@ -256,6 +264,8 @@ class ConnectionRuntime:
             finally:
                 self._sessions.discard(session)
                 status = result.exit_code if result is not None else None
+                self.metrics.session_ended(kind, "error" if status is None
+                                           else "success" if status == 0 else "failure")
                 self._info("session %s exited: %s", session_id,
                            "status " + str(status) if status is not None else "no status",
                            event="session-exit", session_id=session_id,

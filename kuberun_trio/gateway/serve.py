@@ -43,8 +43,11 @@ import attrs
 import trio
 
 from ..aio import sshserver
-from ..aio.bridge import ensure_aio_loop, run_aio
+from ..aio.bridge import ensure_aio_loop, loop_roundtrip, run_aio
 from ..aio.kube import KubeClient, open_kube_client
+from ..observe import GatewayMetrics, HealthEndpoint, MetricsEndpoint, Readiness
+from ..observe.health import probe_api
+from ..observe.service import EndpointAddresses, serve_endpoints
 from .auth import Authenticator, AuthResult
 from .config import KubernetesConfig
 from .connection import ConnectionRuntime
@@ -79,6 +82,14 @@ class GatewayOptions:
     """0 picks a free port (see the address reported by ``task_status``)."""
     instance: str = attrs.field(factory=socket.gethostname)
     """This gateway's name, written into every pod's labels (orphan clean-up)."""
+    metrics: GatewayMetrics | None = None
+    """Where to count (see :attr:`Gateway.metrics`); None: a new one for this run."""
+    metrics_endpoint: MetricsEndpoint | None = None
+    """Serve the metrics over HTTP here (None: not served)."""
+    health_endpoint: HealthEndpoint | None = None
+    """Serve ``/healthz`` and ``/readyz`` here (None: not served)."""
+    readiness: Readiness | None = None
+    """The readiness state to use (see :attr:`Gateway.readiness`); None: a new one."""
 
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
@@ -92,7 +103,19 @@ class Gateway:
     """The bound SSH address."""
     connections: dict[str, ConnectionRuntime] = attrs.field(factory=dict)
     """Live connections by connection id."""
+    metrics: GatewayMetrics = attrs.field(factory=GatewayMetrics, repr=False)
+    """The gateway's metrics (its own Prometheus registry: ``metrics.registry``)."""
+    readiness: Readiness = attrs.field(factory=Readiness, repr=False)
+    """Readiness; other parts mark conditions with ``readiness.set_unready(name, why)``."""
+    endpoints: EndpointAddresses = attrs.field(factory=EndpointAddresses)
+    """The bound metrics and health addresses (None where not served)."""
     _server: _Server | None = attrs.field(default=None, repr=False, alias="_server")
+
+    @property
+    def ready(self) -> bool:
+        """What ``/readyz`` says: listening, not draining, the API answers, no condition
+        failing (``readiness.reasons()`` tells why not)."""
+        return self.readiness.ready
 
     async def shutdown(self, grace: float = 30.0, message: str = SHUTDOWN_MESSAGE) -> None:
         """Shut down gracefully; :func:`serve_gateway` returns once this is done.
@@ -115,7 +138,10 @@ class _Server:
         self.hub = hub
         self.nursery = nursery
         self.session_config = session_config_for(options.kubernetes)
-        self.gateway = Gateway(("", 0), _server=self)
+        self.metrics = options.metrics or GatewayMetrics()
+        self.readiness = options.readiness or Readiness()
+        self.gateway = Gateway(("", 0), metrics=self.metrics, readiness=self.readiness,
+                               _server=self)
         self.acceptor: Any = None
         self.closing: str | None = None
         """Set once shutdown began: the message for new connections."""
@@ -127,7 +153,8 @@ class _Server:
     def ssh_server(self) -> sshserver.GatewaySSHServer:
         """asyncssh's server factory: one per TCP connection."""
         return sshserver.GatewaySSHServer(self.make_portal, self.options.authenticator,
-                                          connection_id=secrets.token_hex(8))
+                                          connection_id=secrets.token_hex(8),
+                                          metrics=self.metrics)
 
     def make_portal(self, ssh: sshserver.GatewaySSHServer) -> ConnectionRuntime:
         """Called on handshake success: start the connection's task."""
@@ -136,11 +163,13 @@ class _Server:
         adapter = logging.LoggerAdapter(log, {"connection_id": cid})
         handler = ConnectionHandler(self.options.kubernetes, cid, client,
                                     adapter, kube=self.kube, instance=self.options.instance,
-                                    hub=self.hub)
+                                    hub=self.hub, metrics=self.metrics)
         auth: AuthResult = ssh.auth_result or AuthResult()
         runtime = ConnectionRuntime(handler, self.session_config, username=ssh.username,
-                                    auth=auth, make_target=self._target, close_connection=ssh.close)
+                                    auth=auth, make_target=self._target, close_connection=ssh.close,
+                                    metrics=self.metrics)
         if self.closing is not None:  # authenticated while the gateway shuts down
+            self.metrics.connection_rejected("shutdown")
             runtime.abort(self.closing)
             return runtime
         log.info("connection %s: %r from %s authenticated (%s)", cid, ssh.username, client,
@@ -151,7 +180,8 @@ class _Server:
         return runtime
 
     def _target(self, pod: ConnectedPod) -> sshserver.ExecTarget:
-        return sshserver.ExecTarget(self.kube.exec_client, pod.namespace, pod.name, pod.container)
+        return sshserver.ExecTarget(self.kube.exec_client, pod.namespace, pod.name, pod.container,
+                                    metrics=self.metrics)
 
     async def _run_connection(self, runtime: ConnectionRuntime) -> None:
         started = trio.current_time()
@@ -192,6 +222,8 @@ class _Server:
     async def shutdown(self, grace: float, message: str) -> None:
         if self.closing is None:
             self.closing = message
+            self.readiness.draining()
+            self.readiness.log_change()
             log.info("shutting down: %d connections, grace %gs", len(self.gateway.connections),
                      grace, extra={"event": "shutdown"})
             await self.close_listener()
@@ -222,6 +254,7 @@ async def serve_gateway(
         hub = await nursery.start(PodWatchHub(
             kube, label_selector_for_instance(options.instance)).run)
         server = _Server(options, kube, nursery, hub)
+        await _start_observing(server, kube, hub, nursery)
         keys = [sshserver.load_host_key(k) for k in options.host_keys]
         server.acceptor = await run_aio(functools.partial(
             sshserver.listen, options.host, options.port, host_keys=keys,
@@ -229,14 +262,39 @@ async def serve_gateway(
         try:
             sockname = server.acceptor.sockets[0].getsockname()
             server.gateway.address = (str(sockname[0]), int(sockname[1]))
+            server.readiness.listening()
             log.info("gateway listening on %s:%d", *server.gateway.address,
                      extra={"event": "listening"})
             task_status.started(server.gateway)
             await server.stopped.wait()
         finally:
+            server.readiness.draining()
             await server.close_listener()
+            server.readiness.listening(False)
             server.abort_all(SHUTDOWN_MESSAGE)
             nursery.cancel_scope.cancel()
+
+
+async def _start_observing(server: _Server, kube: KubeClient, hub: PodWatchHub,
+                           nursery: trio.Nursery) -> None:
+    """Metrics sources, the API probe behind readiness, and the HTTP endpoints."""
+    options, metrics = server.options, server.metrics
+    kube.observe_requests(metrics.api_request)
+    nursery.start_soon(_unregister_on_exit, metrics.watch_pods(hub.phase_counts))
+    http = options.kubernetes.timeouts.http
+    server.readiness.watch_api(lambda: kube.last_answer, grace=2 * http)
+    nursery.start_soon(probe_api, kube, server.readiness, http / 2)
+    if options.metrics_endpoint is not None or options.health_endpoint is not None:
+        server.gateway.endpoints = await nursery.start(functools.partial(
+            serve_endpoints, metrics, server.readiness, loop_roundtrip,
+            metrics_at=options.metrics_endpoint, health_at=options.health_endpoint))
+
+
+async def _unregister_on_exit(undo: Any) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        undo()
 
 
 @contextlib.asynccontextmanager

@@ -1,4 +1,5 @@
-"""The server's YAML configuration: ``ssh``, ``auth``, ``kubernetes``, ``log`` (and ``instance``).
+"""The server's YAML configuration: ``ssh``, ``auth``, ``kubernetes``, ``log``, ``metrics``,
+``health`` (and ``instance``).
 
 Theory of operation
 -------------------
@@ -19,6 +20,7 @@ Command-line flags override the file; that merge lives in :mod:`kuberun_trio.ser
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -95,6 +97,39 @@ class LogConfig:
     """``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``."""
 
 
+DEFAULT_METRICS_LISTEN = "0.0.0.0:9100"
+DEFAULT_HEALTH_LISTEN = "0.0.0.0:7000"
+
+
+@attrs.frozen
+class MetricsConfig:
+    """The Prometheus endpoint (``metrics``, ContainerSSH's keys)."""
+
+    enable: bool = False
+    """Serve the metrics (the demo turns this on)."""
+    listen: str = DEFAULT_METRICS_LISTEN
+    """``HOST:PORT`` of the metrics HTTP server."""
+    path: str = "/metrics"
+    """The URL path of the metrics."""
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
+@attrs.frozen
+class HealthConfig:
+    """The health endpoint (``health``): ``/healthz``, ``/readyz``, any path = readiness."""
+
+    enable: bool = False
+    listen: str = DEFAULT_HEALTH_LISTEN
+    """``HOST:PORT`` of the health HTTP server."""
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
 @attrs.frozen
 class ServerConfig:
     """The whole file."""
@@ -103,6 +138,8 @@ class ServerConfig:
     auth: AuthConfig = attrs.Factory(AuthConfig)
     kubernetes: KubernetesConfig = attrs.Factory(KubernetesConfig.default)
     log: LogConfig = attrs.Factory(LogConfig)
+    metrics: MetricsConfig = attrs.Factory(MetricsConfig)
+    health: HealthConfig = attrs.Factory(HealthConfig)
     instance: str = attrs.Factory(socket.gethostname)
     """This gateway's name, written into every pod's labels (orphan clean-up, ``gc``)."""
 
@@ -126,7 +163,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 _CONVERTER = make_converter()
-_SECTIONS = ("ssh", "auth", "kubernetes", "log", "instance")
+_SECTIONS = ("ssh", "auth", "kubernetes", "log", "instance", "metrics", "health")
 _HINTS = {
     "authorized_keys": "the key is authorizedKeys",
     "hostKey": "the key is hostKeys (a list)",
@@ -159,6 +196,7 @@ def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None)
             problems.add("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {log.level!r}")
         else:
             log = attrs.evolve(log, level=log.level.upper())
+    metrics, health = _observe_sections(data, problems)
     kubernetes = None
     try:
         kubernetes = parse_config(data.get("kubernetes") or {})
@@ -171,7 +209,39 @@ def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None)
         problems.add("instance", "must be a non-empty string")
     problems.raise_if_any()
     assert ssh is not None and auth is not None and log is not None and kubernetes is not None
-    return ServerConfig(ssh=ssh, auth=auth, kubernetes=kubernetes, log=log, instance=str(name))
+    assert metrics is not None and health is not None
+    return ServerConfig(ssh=ssh, auth=auth, kubernetes=kubernetes, log=log, instance=str(name),
+                        metrics=metrics, health=health)
+
+
+def _observe_sections(data: Mapping[str, Any], problems: ConfigProblems
+                      ) -> tuple[MetricsConfig | None, HealthConfig | None]:
+    """The ``metrics`` and ``health`` sections, checked."""
+    metrics = structure_section(_CONVERTER, data.get("metrics"), MetricsConfig, "metrics",
+                                problems, _HINTS)
+    health = structure_section(_CONVERTER, data.get("health"), HealthConfig, "health",
+                               problems, _HINTS)
+    addresses: dict[str, tuple[str, int]] = {}
+    for name, section in (("metrics", metrics), ("health", health)):
+        if section is None:
+            continue
+        try:
+            addresses[name] = parse_listen(section.listen)
+        except InvalidValue as exc:
+            problems.add(f"{name}.listen", str(exc))
+    if metrics is not None and not re.fullmatch(r"/[!-~]*", metrics.path):
+        problems.add("metrics.path", f'must start with "/" and hold no spaces, got '
+                                     f"{metrics.path!r}")
+    elif metrics is not None and metrics.path in ("/healthz", "/readyz"):
+        problems.add("metrics.path", f"{metrics.path} is the health endpoint's")
+    ssh_address = None
+    with contextlib.suppress(InvalidValue):
+        ssh_address = parse_listen(str((data.get("ssh") or {}).get("listen", "")
+                                       if isinstance(data.get("ssh"), Mapping) else ""))
+    for name, address in addresses.items():
+        if ssh_address is not None and address[1] != 0 and address == ssh_address:
+            problems.add(f"{name}.listen", f"{address[0]}:{address[1]} is the SSH listener's")
+    return metrics, health
 
 
 def load_server_config(path: str | os.PathLike[str], *,

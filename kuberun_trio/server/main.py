@@ -45,6 +45,7 @@ from ..errors import ConfigError, KuberunError
 from ..gateway.auth import Authenticator
 from ..gateway.config import ConnectionConfig, KubernetesConfig
 from ..gateway.serve import Gateway, GatewayOptions, serve_gateway
+from ..observe import GatewayMetrics, HealthEndpoint, MetricsEndpoint
 from .config import AuthConfig, check_files
 from .demo import connect_host, ssh_command
 from .gc import collect_orphans
@@ -152,6 +153,13 @@ def _banner(settings: Settings, gateway: Gateway, host_keys: list[HostKey],
     for key in host_keys:
         note = " (generated)" if key.generated else ""
         print(f"host key {key.fingerprint} {key.source}{note}", file=out)
+    if gateway.endpoints.metrics is not None:
+        mhost, mport = gateway.endpoints.metrics
+        print(f"metrics at http://{connect_host(mhost)}:{mport}{settings.config.metrics.path}",
+              file=out)
+    if gateway.endpoints.health is not None:
+        hhost, hport = gateway.endpoints.health
+        print(f"health at http://{connect_host(hhost)}:{hport}/readyz", file=out)
     if settings.demo:
         print("connect with:", file=out)
         print(f"  {ssh_command(settings.state, connect_host(host), port)}", file=out)
@@ -193,11 +201,14 @@ async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Au
                 kubeconfig=str(cluster.kubeconfig_path)))
             log.info("embedded cluster serving at %s", cluster.url,
                      extra={"event": "cluster-started"})
-        await sweep_orphans(kubernetes, settings.config.instance)
+        metrics = GatewayMetrics()
+        orphans = await sweep_orphans(kubernetes, settings.config.instance)
+        metrics.orphan_pods_deleted(len(orphans))
         host, port = settings.config.ssh.address
         options = GatewayOptions(kubernetes=kubernetes, authenticator=authenticator,
                                  host_keys=tuple(k.data for k in host_keys), host=host,
-                                 port=port, instance=settings.config.instance)
+                                 port=port, instance=settings.config.instance, metrics=metrics,
+                                 **endpoint_options(settings))
         with state.serve_scope:
             async with trio.open_nursery() as nursery:
                 gateway: Gateway = await nursery.start(serve_gateway, options)
@@ -213,6 +224,24 @@ async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Au
                 await _graceful(gateway, grace)
                 nursery.cancel_scope.cancel()
         log.info("all connections closed", extra={"event": "shutdown-complete"})
+
+
+DEMO_NEXT_FREE = 100
+"""The demo tries this many ports after a taken metrics/health port."""
+
+
+def endpoint_options(settings: Settings) -> dict[str, Any]:
+    """``metrics_endpoint`` and ``health_endpoint`` of :class:`GatewayOptions`."""
+    config, next_free = settings.config, DEMO_NEXT_FREE if settings.demo else 0
+    out: dict[str, Any] = {}
+    if config.metrics.enable:
+        mhost, mport = config.metrics.address
+        out["metrics_endpoint"] = MetricsEndpoint(mhost, mport, config.metrics.path,
+                                                  next_free=next_free)
+    if config.health.enable:
+        hhost, hport = config.health.address
+        out["health_endpoint"] = HealthEndpoint(hhost, hport, next_free=next_free)
+    return out
 
 
 async def _graceful(gateway: Gateway, grace: float) -> None:
