@@ -30,8 +30,8 @@ from .metrics import CONTENT_TYPE, GatewayMetrics
 
 log = logging.getLogger(__name__)
 
-OK = Response(200, b"ok\n")
-NOT_OK = Response(503, b"not ok\n")
+OK = Response(200, b"ok")
+NOT_OK = Response(503, b"not ok")
 
 
 @attrs.frozen
