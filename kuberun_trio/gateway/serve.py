@@ -281,6 +281,7 @@ async def _start_observing(server: _Server, kube: KubeClient, hub: PodWatchHub,
     options, metrics = server.options, server.metrics
     kube.observe_requests(metrics.api_request)
     nursery.start_soon(_unregister_on_exit, metrics.watch_pods(hub.phase_counts))
+    metrics.watch_ready(lambda: server.readiness.ready)
     http = options.kubernetes.timeouts.http
     server.readiness.watch_api(lambda: kube.last_answer, grace=2 * http)
     nursery.start_soon(probe_api, kube, server.readiness, http / 2)

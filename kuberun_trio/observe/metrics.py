@@ -98,6 +98,10 @@ class _Live:
         for phase, n in phases.items():
             pods.add_metric([phase], n)
         yield pods
+        if self._owner._ready_source is not None:
+            yield GaugeMetricFamily("kuberun_ready", "1 while the gateway is ready (what "
+                                    "/readyz says), else 0.",
+                                    value=1 if self._owner._ready_source() else 0)
 
 
 class _WithoutCreated:
@@ -127,6 +131,7 @@ class GatewayMetrics:
         self.bytes = ByteCounts()
         """Plain byte counters (the data path adds to them directly)."""
         self._pod_sources: list[PodPhaseSource] = []
+        self._ready_source: Callable[[], bool] | None = None
         geo = ["country"]
         self._connections = Counter("containerssh_ssh_connections",
                                     "SSH connections accepted (TCP).", geo, registry=r)
@@ -206,6 +211,10 @@ class GatewayMetrics:
         """Read ``kuberun_pods`` from ``source`` at scrape time; returns the undo."""
         self._pod_sources.append(source)
         return lambda: self._pod_sources.remove(source)
+
+    def watch_ready(self, source: Callable[[], bool] | None) -> None:
+        """Export ``kuberun_ready`` from ``source()`` at scrape time (None: not exported)."""
+        self._ready_source = source
 
     # -- SSH connections ---------------------------------------------------------
     def connection_opened(self) -> None:

@@ -37,6 +37,7 @@ import attrs
 import trio
 
 from ..gateway.auth import AuthResult
+from ..observe.metrics import GatewayMetrics
 from .authkeys import AuthorizedKeysFiles, KeyLineError, client_ip, offered_key
 from .authwebhook import AuthWebhook, WebhookVerdict
 from .config import AuthConfig
@@ -107,14 +108,16 @@ class ServerAuthenticator:
     """Authorized keys, a password file and a webhook, behind one throttle. Trio-flavoured."""
 
     def __init__(self, config: AuthConfig, *, logger: logging.Logger,
-                 throttle: ThrottlePolicy | None = None) -> None:
+                 throttle: ThrottlePolicy | None = None,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.config = config
         self._log = logger
         self.keys = AuthorizedKeysFiles(config.authorized_keys, logger) \
             if config.authorized_keys else None
         self.passwords = PasswordFile(config.password_file, logger) \
             if config.password_file is not None else None
-        self.webhook = AuthWebhook(config.webhook) if config.webhook is not None else None
+        self.webhook = (AuthWebhook(config.webhook, metrics) if config.webhook is not None
+                        else None)
         self.throttle = FailureThrottle(throttle or ThrottlePolicy())
         self._recent: OrderedDict[tuple[str, str, str], tuple[AuthResult, float]] = OrderedDict()
         self._counted: OrderedDict[str, None] = OrderedDict()
@@ -253,6 +256,7 @@ class ServerAuthenticator:
 
 
 def build_authenticator(config: AuthConfig, *, logger: logging.Logger,
-                        throttle: ThrottlePolicy | None = None) -> ServerAuthenticator:
+                        throttle: ThrottlePolicy | None = None,
+                        metrics: GatewayMetrics | None = None) -> ServerAuthenticator:
     """The authenticator for the ``auth`` section (files are read now; see ``reload``)."""
-    return ServerAuthenticator(config, logger=logger, throttle=throttle)
+    return ServerAuthenticator(config, logger=logger, throttle=throttle, metrics=metrics)

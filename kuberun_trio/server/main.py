@@ -87,11 +87,13 @@ def load_host_keys(settings: Settings) -> list[HostKey]:
     return keys
 
 
-def build_authenticator(auth: AuthConfig) -> Authenticator:
+def build_authenticator(auth: AuthConfig, metrics: GatewayMetrics | None = None
+                        ) -> Authenticator:
     """The server's authenticator for the ``auth`` section (see :mod:`kuberun_trio.server.auth`)."""
     from .auth import build_authenticator as build
 
-    authenticator: Authenticator = build(auth, logger=logging.getLogger("kuberun_trio.auth"))
+    authenticator: Authenticator = build(auth, logger=logging.getLogger("kuberun_trio.auth"),
+                                         metrics=metrics)
     return authenticator
 
 
@@ -175,13 +177,14 @@ async def serve(settings: Settings, host_keys: list[HostKey], *, grace: float = 
         settings.state.ensure_client_key()
         auth = attrs.evolve(auth, authorized_keys=(*auth.authorized_keys,
                                                    str(settings.state.authorized_keys)))
-    authenticator = build_authenticator(auth)
+    metrics = GatewayMetrics()
+    authenticator = build_authenticator(auth, metrics)
     state = _Signals()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as receiver:
         async with trio.open_nursery() as watchers:
             watchers.start_soon(state.watch, receiver, authenticator)
             with state.start_scope:
-                await _serve(settings, host_keys, authenticator, state, grace, out)
+                await _serve(settings, host_keys, authenticator, state, grace, out, metrics)
             watchers.cancel_scope.cancel()
     if state.forced:
         return EXIT_FORCED
@@ -189,7 +192,7 @@ async def serve(settings: Settings, host_keys: list[HostKey], *, grace: float = 
 
 
 async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Authenticator,
-                 state: _Signals, grace: float, out: TextIO) -> None:
+                 state: _Signals, grace: float, out: TextIO, metrics: GatewayMetrics) -> None:
     async with open_aio_loop(), contextlib.AsyncExitStack() as stack:
         kubernetes = settings.config.kubernetes
         if settings.demo:
@@ -201,7 +204,6 @@ async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Au
                 kubeconfig=str(cluster.kubeconfig_path)))
             log.info("embedded cluster serving at %s", cluster.url,
                      extra={"event": "cluster-started"})
-        metrics = GatewayMetrics()
         orphans = await sweep_orphans(kubernetes, settings.config.instance)
         metrics.orphan_pods_deleted(len(orphans))
         host, port = settings.config.ssh.address
