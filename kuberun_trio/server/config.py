@@ -239,9 +239,20 @@ def _observe_sections(data: Mapping[str, Any], problems: ConfigProblems
         ssh_address = parse_listen(str((data.get("ssh") or {}).get("listen", "")
                                        if isinstance(data.get("ssh"), Mapping) else ""))
     for name, address in addresses.items():
-        if ssh_address is not None and address[1] != 0 and address == ssh_address:
-            problems.add(f"{name}.listen", f"{address[0]}:{address[1]} is the SSH listener's")
+        if ssh_address is not None and _clash(address, ssh_address):
+            problems.add(f"{name}.listen", f"port {address[1]} is the SSH listener's")
+    if len(addresses) == 2 and addresses["metrics"] != addresses["health"] and _clash(
+            addresses["metrics"], addresses["health"]):
+        problems.add("health.listen", "clashes with metrics.listen (use the same address "
+                                      "to serve both from one server, or another port)")
     return metrics, health
+
+
+def _clash(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Would binding both fail (same port; same host, or one binds every interface)?"""
+    wildcard = ("0.0.0.0", "::")
+    return a[1] != 0 and a[1] == b[1] and (a[0] == b[0] or a[0] in wildcard
+                                           or b[0] in wildcard)
 
 
 def load_server_config(path: str | os.PathLike[str], *,
