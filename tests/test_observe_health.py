@@ -130,3 +130,33 @@ async def test_not_ready_while_the_api_server_stalls(tmp_path: Path) -> None:
         rule.release.set()
         await _until("/readyz", health, 200)
         assert rig.gateway.ready
+
+
+async def test_http_server_bounds_what_a_client_can_send() -> None:
+    async with trio.open_nursery() as nursery:
+        addresses: EndpointAddresses = await nursery.start(functools.partial(
+            serve_endpoints, GatewayMetrics(process=False), Readiness(), _alive,
+            metrics_at=None, health_at=HealthEndpoint("127.0.0.1", 0)))
+        assert addresses.health is not None
+
+        async def exchange(request: bytes) -> bytes:
+            stream = await trio.open_tcp_stream(*addresses.health)  # type: ignore[misc]
+            async with stream:
+                await stream.send_all(request)
+                answer = b""
+                with trio.fail_after(15):
+                    try:
+                        while chunk := await stream.receive_some(65536):
+                            answer += chunk
+                    except trio.BrokenResourceError:  # closed with our bytes unread: a reset
+                        pass
+                return answer
+
+        posted = await exchange(b"POST /readyz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert posted.startswith(b"HTTP/1.1 405 ")
+        head = await exchange(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")
+        huge = await exchange(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: "
+                              + b"a" * 40_000 + b"\r\n\r\n")
+        assert not huge.startswith(b"HTTP/1.1 200")  # refused, not served
+        nursery.cancel_scope.cancel()

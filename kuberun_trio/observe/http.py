@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 import attrs
 import h11
@@ -83,7 +84,13 @@ async def _exchange(stream: trio.SocketStream, handler: Handler) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
     request: h11.Request | None = None
     while request is None:
-        event = conn.next_event()
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:  # malformed or oversized: say so, then close
+            status = HTTPStatus(exc.error_status_hint)
+            await stream.send_all(f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+                                  "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+            return
         if event is h11.NEED_DATA:
             data = await stream.receive_some(MAX_REQUEST_BYTES)
             conn.receive_data(data)
