@@ -147,3 +147,16 @@ def test_two_gateways_count_apart() -> None:
 ])
 def test_label_token(raw: str, token: str) -> None:
     assert label_token(raw) == token
+
+
+async def test_session_cut_by_the_client_counts_as_closed(tmp_path: Path) -> None:
+    async with open_observed(tmp_path) as rig:
+        conn = await rig.connect(USER)
+        process = await aio(conn.create_process, "echo started; sleep 60")
+        assert await aio(process.stdout.readline) == "started\n"
+        conn.close()
+        await _settle(lambda: not rig.gateway.connections, 30)
+        text = await rig.scrape()
+        assert value(text, "kuberun_sessions_total", type="exec", result="closed") == 1
+        assert value(text, "kuberun_sessions_total", type="exec", result="error") is None
+        assert value(text, "kuberun_sessions_active", type="exec") == 0

@@ -71,6 +71,13 @@ client that receives the exec reply, the reason and the disconnect in one batch 
 the reason (seen in tests/test_gateway_lifecycle.py)."""
 
 
+def session_result(status: int | None, cancelled: bool) -> str:
+    """``kuberun_sessions_total``'s ``result`` for a session that ended so."""
+    if status is not None:
+        return "success" if status == 0 else "failure"
+    return "closed" if cancelled else "error"
+
+
 class ConnectionRuntime:
     """One SSH connection on the trio side (see the module docstring)."""
 
@@ -250,12 +257,15 @@ class ConnectionRuntime:
         self._info("session %s started: %s %s", session_id, kind, command,
                    event="session-start", session_id=session_id, kind=kind)
         started = trio.current_time()
-        result = None
+        result, cancelled = None, False
         self.metrics.session_started(kind)
         with trio.CancelScope() as scope:
             session.abort = scope.cancel
             try:
                 result = await run_aio(session.serve_exec, self._target)
+            except trio.Cancelled:
+                cancelled = True
+                raise
             except Exception as exc:  # one session's error boundary
                 log.exception("session %s failed", session_id, extra={
                     "event": "session-error", "connection_id": self.connection_id,
@@ -264,8 +274,7 @@ class ConnectionRuntime:
             finally:
                 self._sessions.discard(session)
                 status = result.exit_code if result is not None else None
-                self.metrics.session_ended(kind, "error" if status is None
-                                           else "success" if status == 0 else "failure")
+                self.metrics.session_ended(kind, session_result(status, cancelled))
                 self._info("session %s exited: %s", session_id,
                            "status " + str(status) if status is not None else "no status",
                            event="session-exit", session_id=session_id,

@@ -46,9 +46,10 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 POD_PHASES = ("Pending", "Running", "Succeeded", "Failed", "Unknown", "Terminating")
 """The ``phase`` values of ``kuberun_pods`` (``Terminating``: a deletion is under way)."""
 SESSION_TYPES = ("shell", "exec", "subsystem")
-SESSION_RESULTS = ("success", "failure", "error")
+SESSION_RESULTS = ("success", "failure", "error", "closed")
 """``success``: exit status 0; ``failure``: another exit status or signal; ``error``: the
-command could not be started or its stream ended without a status (pod lost, ...)."""
+command could not be started or its stream ended without a status (pod lost, ...);
+``closed``: ended before its command did (the client left, or the gateway ended it)."""
 POD_START_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120, 300)
 EXEC_START_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
