@@ -21,7 +21,7 @@ from kuberun_trio.cluster import EmbeddedCluster, open_embedded_cluster
 from kuberun_trio.gateway.auth import PublicKeyAuthenticator
 from kuberun_trio.gateway.config import parse_config
 from kuberun_trio.gateway.serve import Gateway, GatewayOptions, serve_gateway
-from kuberun_trio.observe import HealthEndpoint, MetricsEndpoint
+from kuberun_trio.observe import HealthEndpoint, MetricsEndpoint, Readiness
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -82,7 +82,7 @@ class ObservedRig:
 async def open_observed(
     tmp_path: Path, *, https: bool = True, timeouts: dict[str, Any] | None = None,
     connection: Callable[[EmbeddedCluster, trio.Nursery], Awaitable[dict[str, Any]]] | None
-    = None,
+    = None, readiness: Readiness | None = None,
 ) -> AsyncIterator[ObservedRig]:
     """Embedded cluster + gateway with metrics and health on free ports of 127.0.0.1.
 
@@ -103,7 +103,7 @@ async def open_observed(
                 [client_key.export_public_key("openssh").decode()]),
             host_keys=(host_key.export_private_key("openssh"),), port=0, instance="test-gw",
             metrics_endpoint=MetricsEndpoint("127.0.0.1", 0),
-            health_endpoint=HealthEndpoint("127.0.0.1", 0))
+            health_endpoint=HealthEndpoint("127.0.0.1", 0), readiness=readiness)
         gateway: Gateway = await nursery.start(serve_gateway, options)
         try:
             yield ObservedRig(cluster, gateway, client_key, nursery)

@@ -160,3 +160,21 @@ async def test_http_server_bounds_what_a_client_can_send() -> None:
                               + b"a" * 40_000 + b"\r\n\r\n")
         assert not huge.startswith(b"HTTP/1.1 200")  # refused, not served
         nursery.cancel_scope.cancel()
+
+
+async def test_a_readiness_of_our_own_survives_a_restart(tmp_path: Path) -> None:
+    """An application marks a condition before the gateway runs; a second run after a
+    shutdown starts undrained, and the condition still counts."""
+    readiness = Readiness()
+    readiness.set_unready("lease", "not acquired yet")
+    for _ in range(2):
+        async with open_observed(tmp_path, readiness=readiness) as rig:
+            assert rig.gateway.readiness is readiness
+            await trio.sleep(0.5)
+            assert await http_get(rig.gateway.endpoints.health, "/readyz") == (503, b"not ok")
+            assert readiness.reasons() == ["lease: not acquired yet"]
+            readiness.set_ready("lease")
+            await _until("/readyz", rig.gateway.endpoints.health, 200)
+            await rig.gateway.shutdown(1.0)
+            assert not rig.gateway.ready
+            readiness.set_unready("lease", "not acquired yet")

@@ -36,7 +36,7 @@ import functools
 import logging
 import secrets
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
@@ -283,6 +283,7 @@ async def _start_observing(server: _Server, kube: KubeClient, hub: PodWatchHub,
     nursery.start_soon(_unregister_on_exit, metrics.watch_pods(hub.phase_counts))
     metrics.watch_ready(lambda: server.readiness.ready)
     http = options.kubernetes.timeouts.http
+    server.readiness.starting()
     server.readiness.watch_api(lambda: kube.last_answer, grace=2 * http)
     nursery.start_soon(probe_api, kube, server.readiness, http / 2)
     if options.metrics_endpoint is not None or options.health_endpoint is not None:
@@ -291,7 +292,7 @@ async def _start_observing(server: _Server, kube: KubeClient, hub: PodWatchHub,
             metrics_at=options.metrics_endpoint, health_at=options.health_endpoint))
 
 
-async def _unregister_on_exit(undo: Any) -> None:
+async def _unregister_on_exit(undo: Callable[[], None]) -> None:
     try:
         await trio.sleep_forever()
     finally:

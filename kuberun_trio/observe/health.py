@@ -54,6 +54,12 @@ class Readiness:
         return f"<Readiness {'ready' if self.ready else 'not ready: ' + '; '.join(self.reasons())}>"
 
     # -- the gateway's own transitions ------------------------------------------
+    def starting(self) -> None:
+        """A (new) run of the gateway starts: not listening, not draining; conditions set
+        by other parts stay."""
+        self._listening = self._draining = False
+        self._logged = None
+
     def listening(self, up: bool = True) -> None:
         """The SSH listener is up (or closed)."""
         self._listening = up
