@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import socket
+import sys
 from pathlib import Path
 
 import trio
@@ -73,3 +75,20 @@ async def test_configured_endpoints_count_orphans_and_serve_sessions(
                      country="XX") == 1
         assert value(body, "kuberun_ready") == 1
         assert await stop(server) == 0
+
+
+async def test_a_taken_metrics_port_is_a_clear_error(
+        cluster: EmbeddedCluster, tmp_path: Path) -> None:
+    keys = make_keys(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "config.yaml"
+        config.write_text(f"metrics: {{enable: true, listen: '127.0.0.1:{port}'}}\n")
+        args = server_args(cluster, keys, "gw-taken", "--config", str(config))
+        result = await trio.run_process([sys.executable, "-m", "kuberun_trio", *args],
+                                        capture_stdout=True, capture_stderr=True, check=False)
+    assert result.returncode == 1
+    last = result.stderr.decode().splitlines()[-1]
+    assert last.startswith(f"error: cannot serve the metrics endpoint on 127.0.0.1:{port}: "), last

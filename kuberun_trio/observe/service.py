@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
+from ..errors import KuberunError
 from .health import LIVENESS_WAIT, Readiness
 from .http import Handler, Response, bound_address, open_listeners, serve_http
 from .metrics import CONTENT_TYPE, GatewayMetrics
@@ -94,6 +95,14 @@ def _combine(metrics: Callable[[str], Response | None] | None, other: Handler) -
     return answer
 
 
+async def _bind(name: str, host: str, port: int, next_free: int) -> list[trio.SocketListener]:
+    try:
+        return await open_listeners(host, port, next_free=next_free)
+    except OSError as exc:
+        raise KuberunError(f"cannot serve the {name} endpoint on {host}:{port}: "
+                           f"{exc.strerror or exc}") from exc
+
+
 async def serve_endpoints(metrics: GatewayMetrics, readiness: Readiness,
                           liveness: Callable[[], Awaitable[None]], *,
                           metrics_at: MetricsEndpoint | None,
@@ -107,8 +116,8 @@ async def serve_endpoints(metrics: GatewayMetrics, readiness: Readiness,
     addresses: dict[str, tuple[str, int] | None] = {"metrics": None, "health": None}
     try:
         if metrics_at is not None:
-            listeners = await open_listeners(metrics_at.host, metrics_at.port,
-                                             next_free=metrics_at.next_free)
+            listeners = await _bind("metrics", metrics_at.host, metrics_at.port,
+                                    metrics_at.next_free)
             answer = metrics_handler(metrics, metrics_at.path)
             other = health_handler(readiness, liveness) if same else _not_found
             servers.append((listeners, _combine(answer, other)))
@@ -116,8 +125,8 @@ async def serve_endpoints(metrics: GatewayMetrics, readiness: Readiness,
             if same:
                 addresses["health"] = addresses["metrics"]
         if health_at is not None and not same:
-            listeners = await open_listeners(health_at.host, health_at.port,
-                                             next_free=health_at.next_free)
+            listeners = await _bind("health", health_at.host, health_at.port,
+                                    health_at.next_free)
             servers.append((listeners, health_handler(readiness, liveness)))
             addresses["health"] = bound_address(listeners)
     except BaseException:
