@@ -160,3 +160,13 @@ async def test_session_cut_by_the_client_counts_as_closed(tmp_path: Path) -> Non
         assert value(text, "kuberun_sessions_total", type="exec", result="closed") == 1
         assert value(text, "kuberun_sessions_total", type="exec", result="error") is None
         assert value(text, "kuberun_sessions_active", type="exec") == 0
+
+
+async def test_endpoints_stop_with_the_gateway(tmp_path: Path) -> None:
+    async with open_observed(tmp_path) as rig:
+        endpoints = rig.gateway.endpoints
+        assert (await http_get(endpoints.metrics, "/metrics"))[0] == 200
+        assert (await http_get(endpoints.health, "/healthz"))[0] == 200
+    for address in (endpoints.metrics, endpoints.health):
+        with pytest.raises(OSError):
+            await http_get(address, "/")
