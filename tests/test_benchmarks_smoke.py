@@ -30,7 +30,7 @@ def run_module(args: list[str], out: Path, timeout: float) -> dict[str, Any]:
 
 
 def test_gateway_benchmark_quick(tmp_path: Path) -> None:
-    r = run_module(["benchmarks.gateway", "--quick"], tmp_path / "bench.json", 90)
+    r = run_module(["benchmarks.gateway", "--quick"], tmp_path / "bench.json", 150)
     systems = {"gateway", "gateway_metrics", "asyncssh", "kube"} | (
         {"sshd"} if r["sshd"] else set())
     assert set(r["datapath"]) == systems
