@@ -206,6 +206,43 @@ def measure_datapath(port: int, user: str, ctx: dict[str, Any],
     return result
 
 
+def measure_with_metrics(host: Path, pub: Path, kubeconfig: Path, kube_cfg: dict[str, Any],
+                         ctx: dict[str, Any], cluster: Party,
+                         parties: list[Party]) -> dict[str, Any]:
+    """The data path through a second gateway that serves metrics, scraped every second
+    (as Prometheus would) while the bytes flow: its CPU per GiB against the first's."""
+    import threading
+    import urllib.request
+
+    gateway = Party("gateway-metrics", python(
+        "-m", "benchmarks.gateway_datapath", "--serve-gateway", str(host), str(pub),
+        "--kubeconfig", str(kubeconfig), "--kube-config", json.dumps(kube_cfg), "--metrics"),
+        ctx["workdir"])
+    parties.append(gateway)
+    port, metrics_port = int(gateway.readline()), int(gateway.readline())
+    stop, scrapes = threading.Event(), [0]
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def scrape() -> None:
+        while not stop.wait(1.0):
+            with opener.open(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+                r.read()
+            scrapes[0] += 1
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    try:
+        result = measure_datapath(port, "bench", ctx, {"gateway": gateway.pid,
+                                                       "cluster": cluster.pid})
+    finally:
+        stop.set()
+        scraper.join(15)
+        gateway.stop()
+        parties.remove(gateway)
+    result["scrapes"] = scrapes[0]
+    return result
+
+
 def log_since(cluster: Party, seq: int) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = cluster.ask(f"log {seq}")
     return entries
@@ -398,6 +435,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dp = results["datapath"] = {}
             dp["gateway"] = measure_datapath(gw_port, "bench", ctx, {
                 "gateway": gateway.pid, "cluster": cluster.pid})
+            step("data path: gateway with metrics served and scraped every second")
+            dp["gateway_metrics"] = measure_with_metrics(host, pub, kubeconfig, kube_cfg, ctx,
+                                                         cluster, parties)
+            if not args.quick:
+                step("data path: gateway again (metrics off; brackets the metrics run)")
+                again = measure_datapath(gw_port, "bench", ctx, {"gateway": gateway.pid})
+                dp["gateway_metrics"]["cpu_s_per_gib_gateway_off_again"] = \
+                    again["cpu_s_per_gib_gateway"]
             step("data path: asyncssh baseline")
             dp["asyncssh"] = measure_datapath(base_port, "bench", ctx, {"server": baseline.pid})
             if sshd:
@@ -484,6 +529,17 @@ def table(results: dict[str, Any]) -> str:
                                        "asyncssh": dp["asyncssh"]["cpu_s_per_gib_server"]}, "", 2)
     row("  cluster CPU s per GiB (gw run)", {"gateway": dp["gateway"]["cpu_s_per_gib_cluster"]},
         "", 2)
+    if "gateway_metrics" in dp:
+        on = dp["gateway_metrics"]
+        offs = [dp["gateway"]["cpu_s_per_gib_gateway"],
+                *([on["cpu_s_per_gib_gateway_off_again"]]
+                  if "cpu_s_per_gib_gateway_off_again" in on else [])]
+        off = sum(offs) / len(offs)
+        row("  gw CPU s/GiB, metrics scraped", {"gateway": on["cpu_s_per_gib_gateway"]}, "", 2)
+        lines.append(f"{'  metrics on / off (gw CPU/GiB)':<34}"
+                     f"{on['cpu_s_per_gib_gateway'] / off:>10.3f}"
+                     f"  (off: mean of the runs before and after, if any; {on['scrapes']} scrapes; "
+                     "goal <= 1.02)")
     row("setup to first byte p50 ms", pick(st, "total_ms", "p50"))
     row("setup to first byte p99 ms", pick(st, "total_ms", "p99"))
     row("  handshake p50 ms", pick(st, "handshake_ms", "p50"))

@@ -30,14 +30,16 @@ def run_module(args: list[str], out: Path, timeout: float) -> dict[str, Any]:
 
 
 def test_gateway_benchmark_quick(tmp_path: Path) -> None:
-    r = run_module(["benchmarks.gateway", "--quick"], tmp_path / "bench.json", 90)
-    systems = {"gateway", "asyncssh", "kube"} | ({"sshd"} if r["sshd"] else set())
+    r = run_module(["benchmarks.gateway", "--quick"], tmp_path / "bench.json", 150)
+    systems = {"gateway", "gateway_metrics", "asyncssh", "kube"} | (
+        {"sshd"} if r["sshd"] else set())
     assert set(r["datapath"]) == systems
     for name, dp in r["datapath"].items():
         assert 1 < dp["download_mib_s"] < 100_000, (name, dp)
         assert 1 < dp["upload_mib_s"] < 100_000, (name, dp)
         assert 0 < dp["key_p50_ms"] <= dp["key_p99_ms"] < 1000, (name, dp)
     assert r["datapath"]["gateway"]["cpu_s_per_gib_gateway"] > 0
+    assert r["datapath"]["gateway_metrics"]["cpu_s_per_gib_gateway"] > 0
     setup = r["setup"]["gateway"]
     for part in ("handshake_ms", "pod_start_ms", "exec_start_ms"):
         assert setup[part]["n"] == r["config"]["setups"], part

@@ -143,3 +143,8 @@ def translate_errors() -> Iterator[None]:
         if ours is None:
             raise
         raise ours from exc
+
+
+async def loop_roundtrip() -> None:
+    """One round trip through the trio-asyncio loop (the liveness check). Trio-flavoured."""
+    await trio_asyncio.aio_as_trio(asyncio.sleep)(0)

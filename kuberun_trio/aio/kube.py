@@ -43,12 +43,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import logging
 import os
 import random
 import ssl
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -332,6 +334,26 @@ def _never_sent(exc: BaseException) -> bool:
         exc, aiohttp.ClientSSLError)
 
 
+RequestObserver = Callable[[str, str, "int | None"], None]
+"""Called once per API request attempt with (verb, resource, HTTP status or None)."""
+
+_VERBS = {"read": "get", "replace": "update"}
+
+
+@functools.lru_cache(maxsize=64)
+def verb_and_resource(method: str) -> tuple[str, str]:
+    """``("get", "pods")`` for kubernetes-asyncio's ``read_namespaced_pod`` and so on."""
+    if method == "get_code":
+        return "get", "version"
+    verb, _, rest = method.partition("_")
+    resource = rest.removeprefix("namespaced_").removesuffix("_with_http_info")
+    return _VERBS.get(verb, verb), (resource + "s" if resource else "?")
+
+
+def _ignore(verb: str, resource: str, code: int | None) -> None:
+    return None
+
+
 @attrs.define
 class _Follow(Generic[T]):
     """State of one pod follow: the judge and where the watch resumes."""
@@ -354,6 +376,10 @@ class _Transport:
         self.rest_retry = rest_retry
         self.watch_retry = watch_retry
         self.counters = _Counters()
+        self.observe: RequestObserver = _ignore
+        """Told about every request attempt (the gateway's metrics)."""
+        self.answered_at: float | None = None
+        """``time.monotonic()`` of the newest answer of the API server (status < 500)."""
         self.ws_client: Any = None
         self.watch_client: Any = None
         self.watch_api: Any = self.api
@@ -375,6 +401,7 @@ class _Transport:
     async def _attempt(self, call: Callable[..., Awaitable[Any]], args: tuple[Any, ...],
                        kwargs: dict[str, Any], idempotent: bool) -> Any:
         await self._throttle()
+        verb, resource = verb_and_resource(getattr(call, "__name__", "?"))
         try:
             resp = await call(*args, _preload_content=False,
                               _request_timeout=aiohttp.ClientTimeout(total=self.http_timeout),
@@ -382,15 +409,31 @@ class _Transport:
             async with resp:
                 body = await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
+            self.observe(verb, resource, None)
             if idempotent or _never_sent(exc):
                 raise _Retry(_transport_error(exc)) from exc
             raise _transport_error(exc) from exc
+        self.answered(verb, resource, resp.status)
         if 200 <= resp.status < 300:
             return json.loads(body) if body else {}
         error = _status_error(resp.status, body)
         if resp.status == 429 or (idempotent and resp.status >= 500 and resp.status != 501):
             raise _Retry(error, _retry_after(resp.headers))
         raise error
+
+    def answered(self, verb: str, resource: str, status: int) -> None:
+        """The API server answered a request with ``status``."""
+        self.observe(verb, resource, status)
+        if status < 500:
+            self.answered_at = time.monotonic()
+
+    async def ping(self) -> bool:
+        """One ``GET /version`` attempt, no retries: did the API server answer?"""
+        try:
+            await self._attempt(k8s.VersionApi(self.api_client).get_code, (), {}, True)
+        except (_Retry, KubernetesError):
+            return False
+        return True
 
     async def call(self, call: Callable[..., Awaitable[Any]], *args: Any,
                    idempotent: bool = True, **kwargs: Any) -> Any:
@@ -449,16 +492,19 @@ class _Transport:
                 resource_version=follow.rv, allow_watch_bookmarks=True,
                 timeout_seconds=WATCH_SECONDS, _preload_content=False, _request_timeout=timeout)
             async with resp:
+                self.answered("watch", "pods", resp.status)
                 if resp.status != 200:
                     self._raise_watch_status(resp.status, await resp.read(), resp.headers)
                 self.counters.watches_opened += 1
                 while line := await resp.content.readline():
+                    self.answered_at = time.monotonic()
                     if not line.strip():
                         continue
                     verdict = self._watch_event(json.loads(line), follow)
                     if verdict is not None:
                         return verdict
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            self.observe("watch", "pods", None)
             raise _Retry(_transport_error(exc)) from exc
         return None
 
@@ -537,10 +583,12 @@ async def _watch_pods_once(t: _Transport, namespace: str, label_selector: str, r
             resource_version=rv, allow_watch_bookmarks=True, timeout_seconds=WATCH_SECONDS,
             _preload_content=False, _request_timeout=timeout)
         async with resp:
+            t.answered("watch", "pods", resp.status)
             if resp.status != 200:
                 t._raise_watch_status(resp.status, await resp.read(), resp.headers)
             t.counters.watches_opened += 1
             while line := await resp.content.readline():
+                t.answered_at = time.monotonic()
                 if not line.strip():
                     continue
                 event = json.loads(line)
@@ -555,6 +603,7 @@ async def _watch_pods_once(t: _Transport, namespace: str, label_selector: str, r
                 if etype in ("ADDED", "MODIFIED", "DELETED"):
                     sink(str(etype), [obj])
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        t.observe("watch", "pods", None)
         raise _Retry(_transport_error(exc)) from exc
     return rv
 
@@ -590,6 +639,20 @@ class KubeClient:
     def exec_throttle(self) -> Callable[[], Awaitable[None]]:
         """Asyncio-flavoured: take a token from the ``qps``/``burst`` rate limiter (exec opens)."""
         return self._t._throttle
+
+    @property
+    def last_answer(self) -> float | None:
+        """``time.monotonic()`` of the API server's newest answer (status < 500), or None."""
+        return self._t.answered_at
+
+    def observe_requests(self, observer: RequestObserver) -> None:
+        """Call ``observer(verb, resource, status or None)`` for every request attempt."""
+        self._t.observe = observer
+
+    async def ping(self) -> bool:
+        """Ask the API server once (``GET /version``, no retry): did it answer?"""
+        answered: bool = await run_aio(self._t.ping)
+        return answered
 
     def statistics(self) -> KubeClientStatistics:
         """Counters since the client was opened."""

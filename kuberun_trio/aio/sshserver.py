@@ -89,6 +89,7 @@ from ..gateway.session import (
     SignalPlan,
     StartExec,
 )
+from ..observe.metrics import ByteCounts, GatewayMetrics, unobserved
 from .bridge import run_trio, translate
 from .execstream import ExecResult, ExecStream, open_exec
 
@@ -117,6 +118,8 @@ class ExecTarget:
     throttle: Callable[[], Awaitable[None]] | None = None
     """Asyncio-flavoured: waits for the API client's ``qps``/``burst`` rate limiter;
     awaited before every exec open (sessions and signals alike)."""
+    metrics: GatewayMetrics | None = None
+    """Where exec starts are counted (None: nowhere in particular)."""
 
 
 KILLED = 137
@@ -202,7 +205,8 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                  audit: ConnectionAudit | None = None, *,
                  signals: SignalBucket | None = None,
                  refused: Callable[[LimitRefusal], None] | None = None,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None,
+                 counts: ByteCounts | None = None) -> None:
         self.portal = portal
         self.machine = machine
         self.audit = audit or ConnectionAudit("?", "?")
@@ -210,6 +214,8 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._signals = signals
         self._refused = refused or (lambda refusal: None)
         self._on_close = on_close
+        self._counts = counts if counts is not None else ByteCounts()
+        """Channel bytes of the whole gateway, counted with plain adds (read at scrape time)."""
         self.abort: Callable[[], None] = lambda: None
         """Set by the trio session task: cancels it (the channel is gone)."""
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
@@ -268,6 +274,7 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.audit.bytes_from_client += len(data)
+        self._counts.to_pod += len(data)
         if self._stream is not None:
             self._stream.send_stdin(data)
             return
@@ -298,11 +305,13 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     def write_stdout(self, data: bytes) -> None:
         if self._chan is not None:
             self.audit.bytes_to_client += len(data)
+            self._counts.from_pod += len(data)
             self._chan.write(data)
 
     def write_stderr(self, data: bytes) -> None:
         if self._chan is not None:
             self.audit.bytes_to_client += len(data)
+            self._counts.from_pod += len(data)
             self._chan.write_stderr(data)
 
     async def wait_writable(self) -> None:
@@ -350,11 +359,14 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         """Open the exec, pump it to the end, report the exit. Asyncio-flavoured."""
         plan = self.machine.plan
         assert plan is not None, "serve_exec before the session was started"
+        metrics = target.metrics or unobserved()
+        started = time.monotonic()
         try:
             stream = await open_exec(
                 target.ws_client, target.namespace, target.pod, plan.container or target.container,
                 plan.argv, tty=plan.tty, stdin=plan.stdin, throttle=target.throttle)
         except Exception as exc:  # the error boundary of one session
+            metrics.api_request("create", "pods/exec", getattr(exc, "status", None) or None)
             # The client hears a short reason; the detail (URLs, library text) is logged.
             ours = translate(exc) or exc
             told = client_message(ours)
@@ -363,6 +375,8 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
                             error=f"{type(exc).__name__}: {ours}")
             self.fail(f"cannot start the command in pod {target.pod}: {told}")
             return None
+        metrics.api_request("create", "pods/exec", 101)
+        metrics.exec_started(time.monotonic() - started)
         self._stream = stream
         chan = self._chan
         if chan is not None:
@@ -453,8 +467,13 @@ class GatewaySSHServer(asyncssh.SSHServer):
 
     def __init__(self, make_portal: Callable[[GatewaySSHServer], ConnectionPortal],
                  auth: LoginGate, connection_id: str, admission: Admission | None = None, *,
-                 audit_policy: AuditPolicy | None = None) -> None:
+                 audit_policy: AuditPolicy | None = None,
+                 metrics: GatewayMetrics | None = None) -> None:
         self._make_portal = make_portal
+        self.metrics = metrics or unobserved()
+        self._failed_auths = 0
+        """Failed login attempts (a connection that ends with some counts as rejected)."""
+        """Credentials refused on this connection."""
         self.auth = auth
         """The gateway's login gate (trio-flavoured)."""
         self.connection_id = connection_id
@@ -482,9 +501,11 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self.peer = (str(peer[0]), int(peer[1]))
         self.audit.remote_address = format_address(*self.peer)
         self.audit.accepted()
+        self.metrics.connection_opened()
         self.login = self.auth.connection(self.connection_id, *self.peer)
         if not self.auth.admit_connection(self.login):  # before the costly key exchange
             self._end_reason = "dropped: too many failed logins from this address"
+            self.metrics.connection_rejected("auth-throttled")
             asyncio.get_running_loop().call_soon(conn.abort)
             return
         if self.admission is None:
@@ -519,6 +540,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
         if self._end_reason is None:
             self._end_reason = ("login grace time exceeded" if refusal.reason == "login-grace-time"
                                 else f"refused ({refusal.reason}): {refusal.message}")
+        self.metrics.connection_rejected(refusal.reason)
         if self.conn is not None:
             self.conn.disconnect(code, f"kuberun: {refusal.message}")
 
@@ -549,6 +571,10 @@ class GatewaySSHServer(asyncssh.SSHServer):
             if exc is not None and "keepalive" in str(exc):
                 self.refused(LimitRefusal("client-alive",
                                           "the client stopped answering keepalives"))
+        if self.conn is not None:
+            self.metrics.connection_closed(authenticated=self.portal is not None)
+            if self.portal is None and self._failed_auths:
+                self.metrics.connection_rejected("auth")
         if self.portal is not None:
             self.audit.lost_reason = reason
             self.portal.closed()
@@ -565,8 +591,10 @@ class GatewaySSHServer(asyncssh.SSHServer):
     def password_auth_supported(self) -> bool:
         return "password" in self.auth.methods()
 
-    def _refused(self, refusal: Refusal) -> None:
+    def _refused(self, refusal: Refusal, authtype: str = "pubkey") -> None:
         """Act on a refusal of the login gate (asyncssh then sends the failure reply)."""
+        self._failed_auths += 1
+        self.metrics.auth_result(authtype, accepted=False)
         if refusal.banner and self.conn is not None:
             self.conn.send_auth_banner(refusal.banner)
         if refusal.disconnect is not None:
@@ -613,7 +641,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
     async def validate_password(self, username: str, password: str) -> bool:
         outcome = await run_trio(self.auth.password, self.login, username, password)
         if isinstance(outcome, Refusal):
-            self._refused(outcome)
+            self._refused(outcome, "password")
             return False
         return not self._user_refused(username)
 
@@ -630,6 +658,9 @@ class GatewaySSHServer(asyncssh.SSHServer):
         if result.username is not None:
             self.username = result.username
         self.audit.username = self.username
+        self.metrics.handshake_succeeded()
+        self.metrics.auth_result("password" if result.method == "password" else "pubkey",
+                                 accepted=True)
         if self.ticket is not None and self.conn is not None:
             refusal = self.ticket.authenticated(self.username)
             if refusal is not None:
@@ -654,7 +685,8 @@ class GatewaySSHServer(asyncssh.SSHServer):
         chan.__class__ = GatewayChannel  # adds request handlers only, no state
         return chan, GatewaySession(self.portal, machine, self.audit, signals=signals,
                                     refused=self.refused,
-                                    on_close=ticket.close_session if ticket else None)
+                                    on_close=ticket.close_session if ticket else None,
+                                    counts=self.metrics.bytes)
 
     # -- forwarding: refused, logged, and said so ("administratively prohibited") ------
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,

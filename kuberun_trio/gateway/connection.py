@@ -60,6 +60,7 @@ import trio
 
 from ..aio.bridge import run_aio
 from ..errors import KuberunError, PodStartError, client_message
+from ..observe.metrics import GatewayMetrics, unobserved
 from .audit import ConnectionAudit
 from .auth import AuthResult
 from .pod import ConnectedPod, ConnectionHandler
@@ -78,6 +79,13 @@ client that receives the exec reply, the reason and the disconnect in one batch 
 the reason (seen in tests/test_gateway_lifecycle.py)."""
 
 
+def session_result(status: int | None, cancelled: bool) -> str:
+    """``kuberun_sessions_total``'s ``result`` for a session that ended so."""
+    if status is not None:
+        return "success" if status == 0 else "failure"
+    return "closed" if cancelled else "error"
+
+
 class ConnectionRuntime:
     """One SSH connection on the trio side (see the module docstring)."""
 
@@ -85,12 +93,14 @@ class ConnectionRuntime:
                  username: str, auth: AuthResult,
                  make_target: Callable[[ConnectedPod], ExecTarget],
                  close_connection: Callable[[], None],
-                 audit: ConnectionAudit | None = None) -> None:
+                 audit: ConnectionAudit | None = None,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.handler = handler
         self.audit = audit or ConnectionAudit(handler.connection_id, handler.client_address)
         """The connection's audit record (address, policy for commands, byte counters)."""
         self.end_reason: str | None = None
         """Why the connection ended (the first cause wins), for the ``connection-end`` line."""
+        self.metrics = metrics or unobserved()
         self.session_config = session_config
         self.username = username
         self.auth = auth
@@ -199,10 +209,13 @@ class ConnectionRuntime:
                         self._end(reason)
                         nursery.cancel_scope.cancel()
         except PodStartError as exc:
+            self.metrics.backend_error()
+            self.metrics.pod_start_failed(exc.reason)
             self._info("pod start failed: %s", exc, event="pod-start-failed",
                        level=logging.WARNING, pod=exc.pod, reason=exc.reason)
             await self._fail(client_message(exc))
         except KuberunError as exc:
+            self.metrics.backend_error()
             # The client hears a short reason; the detail (API address, library text) is
             # for the log only.
             told = client_message(exc)
@@ -210,6 +223,7 @@ class ConnectionRuntime:
                        level=logging.ERROR, reason=told, error=_detail(exc))
             await self._fail(f"cannot start your pod: {told} (connection {self.connection_id})")
         except Exception:
+            self.metrics.backend_error()
             log.exception("connection crashed", extra={
                 "event": "connection-error", **self.audit.fields})
             await self._fail(f"internal error in the gateway (connection {self.connection_id})")
@@ -265,11 +279,15 @@ class ConnectionRuntime:
         self._info("session %s started: %s", session_id, kind,
                    event="session-start", session_id=session_id, kind=kind, **what)
         started = trio.current_time()
-        result = None
+        result, cancelled = None, False
+        self.metrics.session_started(kind)
         with trio.CancelScope() as scope:
             session.abort = scope.cancel
             try:
                 result = await run_aio(session.serve_exec, self._target)
+            except trio.Cancelled:
+                cancelled = True
+                raise
             except Exception as exc:  # one session's error boundary
                 log.exception("session %s failed", session_id, extra={
                     "event": "session-error", **self.audit.fields, "session_id": session_id,
@@ -278,6 +296,7 @@ class ConnectionRuntime:
             finally:
                 self._sessions.discard(session)
                 status = result.exit_code if result is not None else None
+                self.metrics.session_ended(kind, session_result(status, cancelled))
                 self._info("session %s exited: %s", session_id,
                            "status " + str(status) if status is not None else "no status",
                            event="session-exit", session_id=session_id,

@@ -47,6 +47,7 @@ import trio
 
 from ..aio.kube import KubeClient
 from ..errors import KuberunError, PodStartError
+from ..observe.metrics import GatewayMetrics, unobserved
 from .auth import AuthResult
 from .config import KubernetesConfig
 from .podstate import PodLoss, last_warning
@@ -73,7 +74,8 @@ class ConnectionHandler:
     def __init__(self, config: KubernetesConfig, connection_id: str, client_address: str,
                  logger: logging.Logger | logging.LoggerAdapter[logging.Logger], *,
                  kube: KubeClient, instance: str | None = None,
-                 hub: PodWatchHub | None = None, reaper: Reaper | None = None) -> None:
+                 hub: PodWatchHub | None = None, reaper: Reaper | None = None,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.config = config
         self.connection_id = connection_id
         self.client_address = client_address
@@ -86,6 +88,7 @@ class ConnectionHandler:
         self.reaper = reaper
         """The gateway's reaper: a delete that fails or times out is retried there."""
         self._stack: contextlib.AsyncExitStack | None = None
+        self.metrics = metrics or unobserved()
 
     def _emit(self, level: int, event: str, message: str, *args: Any, **fields: Any) -> None:
         extra = {"connection_id": self.connection_id, "event": event, **fields}
@@ -110,6 +113,7 @@ class ConnectionHandler:
         console = body["spec"]["containers"][self.config.pod.console_container_number]["name"]
         name: str | None = None
         started = time.monotonic()
+        self.metrics.backend_request()
         try:
             created = await self.kube.create_pod(namespace, body)
             name = str(created["metadata"]["name"])
@@ -130,6 +134,7 @@ class ConnectionHandler:
             except PodStartError as exc:
                 raise await self._explained(namespace, name, exc) from exc
             took = _ms_since(started)
+            self.metrics.pod_started(time.monotonic() - started)
             self._emit(logging.INFO, "pod-running", "pod %s running and ready after %d ms",
                        name, took, pod=name, duration_ms=took)
             yield ConnectedPod(namespace, name, console, ready)

@@ -116,6 +116,18 @@ class PodWatchHub:
         finally:
             self._nursery = None
 
+    def phase_counts(self) -> dict[str, int]:
+        """This instance's pods the hub knows, by phase (``Terminating`` once deleted)."""
+        counts: dict[str, int] = {}
+        for ns in self._namespaces.values():
+            for pod in ns.pods.values():
+                if (pod.get("metadata") or {}).get("deletionTimestamp"):
+                    phase = "Terminating"
+                else:
+                    phase = str((pod.get("status") or {}).get("phase") or "Pending")
+                counts[phase] = counts.get(phase, 0) + 1
+        return counts
+
     # -- waiting ------------------------------------------------------------
     async def wait_ready(self, namespace: str, name: str) -> Pod:
         """Wait until pod ``name`` is Running and Ready and return it; :class:`PodStartError`

@@ -112,6 +112,8 @@ class Reaper:
         self.delete_timeout = delete_timeout
         self.orphan_pods_deleted = 0
         """Pods the sweeps deleted (``kuberun_orphan_pods_deleted_total``)."""
+        self.on_orphan_deleted: Callable[[], None] = lambda: None
+        """Called once per orphan pod deleted (the gateway counts it in its metrics)."""
         self.pods_reaped = 0
         """Failed deletes the retry loop completed."""
         self.sweeps = 0
@@ -295,6 +297,7 @@ class Reaper:
                                               "namespace": namespace, "instance": instance})
             return 0
         self.orphan_pods_deleted += 1
+        self.on_orphan_deleted()
         log.info("deleted orphan pod %s/%s of instance %s: %s", namespace, name, instance, why,
                  extra={"event": "orphan-pod-deleted", "pod": name, "namespace": namespace,
                         "instance": instance, "reason": why})

@@ -46,15 +46,18 @@ import contextlib
 import functools
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import attrs
 import trio
 
 from ..aio import sshserver
-from ..aio.bridge import ensure_aio_loop, run_aio
+from ..aio.bridge import ensure_aio_loop, loop_roundtrip, run_aio
 from ..aio.kube import KubeClient, open_kube_client
+from ..observe import GatewayMetrics, HealthEndpoint, MetricsEndpoint, Readiness
+from ..observe.health import probe_api
+from ..observe.service import EndpointAddresses, serve_endpoints
 from .audit import AuditPolicy
 from .auth import Authenticator, AuthResult
 from .config import KubernetesConfig
@@ -114,6 +117,14 @@ class GatewayOptions:
     """Connection, session and signal limits (:mod:`kuberun_trio.gateway.limits`)."""
     audit: AuditPolicy = attrs.field(factory=AuditPolicy)
     """What the audit log records of client input (commands: on, cut at 1024 bytes)."""
+    metrics: GatewayMetrics | None = None
+    """Where to count (see :attr:`Gateway.metrics`); None: a new one for this run."""
+    metrics_endpoint: MetricsEndpoint | None = None
+    """Serve the metrics over HTTP here (None: not served)."""
+    health_endpoint: HealthEndpoint | None = None
+    """Serve ``/healthz`` and ``/readyz`` here (None: not served)."""
+    readiness: Readiness | None = None
+    """The readiness state to use (see :attr:`Gateway.readiness`); None: a new one."""
 
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
@@ -134,7 +145,19 @@ class Gateway:
     """The instance's Lease (``lease.held``), if the gateway runs with one."""
     reaper: Reaper | None = None
     """Delete retries and orphan sweeps (``reaper.orphan_pods_deleted``)."""
+    metrics: GatewayMetrics = attrs.field(factory=GatewayMetrics, repr=False)
+    """The gateway's metrics (its own Prometheus registry: ``metrics.registry``)."""
+    readiness: Readiness = attrs.field(factory=Readiness, repr=False)
+    """Readiness; other parts mark conditions with ``readiness.set_unready(name, why)``."""
+    endpoints: EndpointAddresses = attrs.field(factory=EndpointAddresses)
+    """The bound metrics and health addresses (None where not served)."""
     _server: _Server | None = attrs.field(default=None, repr=False, alias="_server")
+
+    @property
+    def ready(self) -> bool:
+        """What ``/readyz`` says: listening, not draining, the API answers, no condition
+        failing (``readiness.reasons()`` tells why not)."""
+        return self.readiness.ready
 
     async def shutdown(self, grace: float = 30.0, message: str = SHUTDOWN_MESSAGE) -> None:
         """Shut down gracefully; :func:`serve_gateway` returns once this is done.
@@ -158,7 +181,10 @@ class _Server:
         self.reaper = reaper
         self.nursery = nursery
         self.session_config = session_config_for(options.kubernetes)
-        self.gateway = Gateway(("", 0), _server=self)
+        self.metrics = options.metrics or GatewayMetrics()
+        self.readiness = options.readiness or Readiness()
+        self.gateway = Gateway(("", 0), metrics=self.metrics, readiness=self.readiness,
+                               _server=self)
         self.acceptor: Any = None
         self.closing: str | None = None
         """Set once shutdown began: the message for new connections."""
@@ -177,7 +203,8 @@ class _Server:
         return sshserver.GatewaySSHServer(self.make_portal, self.login,
                                           connection_id=secrets.token_hex(8),
                                           admission=self.admission,
-                                          audit_policy=self.options.audit)
+                                          audit_policy=self.options.audit,
+                                          metrics=self.metrics)
 
     def make_portal(self, ssh: sshserver.GatewaySSHServer) -> ConnectionRuntime:
         """Called on handshake success: start the connection's task."""
@@ -186,12 +213,14 @@ class _Server:
         adapter = logging.LoggerAdapter(log, ssh.audit.fields)
         handler = ConnectionHandler(self.options.kubernetes, cid, client,
                                     adapter, kube=self.kube, instance=self.options.instance,
-                                    hub=self.hub, reaper=self.reaper)
+                                    hub=self.hub, reaper=self.reaper,
+                                    metrics=self.metrics)
         auth: AuthResult = ssh.auth_result or AuthResult()
         runtime = ConnectionRuntime(handler, self.session_config, username=ssh.username,
                                     auth=auth, make_target=self._target, close_connection=ssh.close,
-                                    audit=ssh.audit)
+                                    audit=ssh.audit, metrics=self.metrics)
         if self.closing is not None:  # authenticated while the gateway shuts down
+            self.metrics.connection_rejected("shutdown")
             runtime.abort(self.closing)
             ssh.audit.connection_end(self.closing)
             return runtime
@@ -204,7 +233,8 @@ class _Server:
 
     def _target(self, pod: ConnectedPod) -> sshserver.ExecTarget:
         return sshserver.ExecTarget(self.kube.exec_client, pod.namespace, pod.name, pod.container,
-                                    throttle=self.kube.exec_throttle)
+                                    throttle=self.kube.exec_throttle,
+                                    metrics=self.metrics)
 
     async def _run_connection(self, runtime: ConnectionRuntime) -> None:
         try:
@@ -228,6 +258,7 @@ class _Server:
     async def close_listener(self) -> None:
         acceptor, self.acceptor = self.acceptor, None
         self.gateway.accepting = False
+        self.readiness.listening(False)
         if acceptor is not None:
             with trio.move_on_after(5, shield=True):
                 await run_aio(sshserver.close_listener, acceptor)
@@ -244,15 +275,18 @@ class _Server:
         sockname = self.acceptor.sockets[0].getsockname()
         self.gateway.address = (str(sockname[0]), int(sockname[1]))
         self.gateway.accepting = True
+        self.readiness.listening()
 
     def lease_lost(self, why: str) -> None:
         """The Lease cannot be renewed: stop accepting (open connections go on)."""
         log.error("not accepting connections: the Lease is lost (%s)", why,
                   extra={"event": "accepting-stopped", "reason": why})
+        self.readiness.set_unready("lease", f"the Lease is lost: {why}")
         self.nursery.start_soon(self.close_listener)
 
     def lease_regained(self) -> None:
         """The Lease is back: listen again on the same port."""
+        self.readiness.set_ready("lease")
         if self.closing is None and self.acceptor is None:
             self.nursery.start_soon(self._listen_again)
 
@@ -277,6 +311,8 @@ class _Server:
     async def shutdown(self, grace: float, message: str) -> None:
         if self.closing is None:
             self.closing = message
+            self.readiness.draining()
+            self.readiness.log_change()
             count = len(self.gateway.connections)
             log.info("shutting down: %d connection%s, grace %gs", count,
                      "" if count == 1 else "s", grace, extra={"event": "shutdown"})
@@ -332,11 +368,15 @@ async def _serve(options: GatewayOptions, kube: KubeClient, keeper: LeaseKeeper 
                  task_status: trio.TaskStatus[Gateway]) -> None:
     holder = str(options.kubernetes.pod.metadata["annotations"][ANNOTATION_HOLDER])
     namespace = str(options.kubernetes.pod.metadata.get("namespace") or "default")
+    if options.metrics is None:  # one registry from the start-up sweep on
+        options = attrs.evolve(options, metrics=GatewayMetrics())
+    assert options.metrics is not None
     async with trio.open_nursery() as nursery:
         connections: dict[str, ConnectionRuntime] = {}
         reaper = Reaper(kube, namespace=namespace, instance=options.instance, holder=holder,
                         options=options.gc, live_connections=lambda: list(connections),
                         keeper=keeper, delete_timeout=options.kubernetes.timeouts.pod_stop)
+        reaper.on_orphan_deleted = options.metrics.orphan_pods_deleted
         if options.gc.startup_sweep:
             await reaper.sweep_at_start()
         hub = await nursery.start(PodWatchHub(
@@ -344,6 +384,7 @@ async def _serve(options: GatewayOptions, kube: KubeClient, keeper: LeaseKeeper 
         server = _Server(options, kube, nursery, hub, reaper)
         server.gateway.connections = connections
         server.gateway.lease, server.gateway.reaper = keeper, reaper
+        await _start_observing(server, kube, hub, nursery)
         await nursery.start(reaper.run)
         if keeper is not None:
             keeper.on_lost, keeper.on_regained = server.lease_lost, server.lease_regained
@@ -355,9 +396,35 @@ async def _serve(options: GatewayOptions, kube: KubeClient, keeper: LeaseKeeper 
             task_status.started(server.gateway)
             await server.stopped.wait()
         finally:
+            server.readiness.draining()
             await server.close_listener()
+            server.readiness.listening(False)
             server.abort_all(SHUTDOWN_MESSAGE)
             nursery.cancel_scope.cancel()
+
+
+async def _start_observing(server: _Server, kube: KubeClient, hub: PodWatchHub,
+                           nursery: trio.Nursery) -> None:
+    """Metrics sources, the API probe behind readiness, and the HTTP endpoints."""
+    options, metrics = server.options, server.metrics
+    kube.observe_requests(metrics.api_request)
+    nursery.start_soon(_unregister_on_exit, metrics.watch_pods(hub.phase_counts))
+    metrics.watch_ready(lambda: server.readiness.ready)
+    http = options.kubernetes.timeouts.http
+    server.readiness.starting()
+    server.readiness.watch_api(lambda: kube.last_answer, grace=2 * http)
+    nursery.start_soon(probe_api, kube, server.readiness, http / 2)
+    if options.metrics_endpoint is not None or options.health_endpoint is not None:
+        server.gateway.endpoints = await nursery.start(functools.partial(
+            serve_endpoints, metrics, server.readiness, loop_roundtrip,
+            metrics_at=options.metrics_endpoint, health_at=options.health_endpoint))
+
+
+async def _unregister_on_exit(undo: Callable[[], None]) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        undo()
 
 
 @contextlib.asynccontextmanager

@@ -38,6 +38,7 @@ import trio
 from ..gateway.auth import AuthResult
 from ..gateway.refusals import refuse
 from ..gateway.throttle import address_key
+from ..observe.metrics import GatewayMetrics
 from .authkeys import AuthorizedKeysFiles, KeyLineError, client_ip, offered_key
 from .authwebhook import AuthWebhook, WebhookVerdict
 from .config import AuthConfig
@@ -57,7 +58,8 @@ class ServerAuthenticator:
     """Authorized keys, a password file and a webhook. Trio-flavoured."""
 
     def __init__(self, config: AuthConfig, *, logger: logging.Logger,
-                 hashing: HashQueue | None = None) -> None:
+                 hashing: HashQueue | None = None,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.config = config
         self._log = logger
         self.hashing = hashing or HashQueue(config.password_hashing.threads,
@@ -67,7 +69,8 @@ class ServerAuthenticator:
             if config.authorized_keys else None
         self.passwords = PasswordFile(config.password_file, logger, hashing=self.hashing) \
             if config.password_file is not None else None
-        self.webhook = AuthWebhook(config.webhook) if config.webhook is not None else None
+        self.webhook = (AuthWebhook(config.webhook, metrics) if config.webhook is not None
+                        else None)
         self._recent: OrderedDict[tuple[str, str, str], tuple[AuthResult, float]] = OrderedDict()
         if self.keys is None and self.passwords is None and self.webhook is None:
             logger.warning("no authentication configured (auth.authorizedKeys, "
@@ -186,6 +189,7 @@ class ServerAuthenticator:
                result="deny", remote_address=remote_address, **more)
 
 
-def build_authenticator(config: AuthConfig, *, logger: logging.Logger) -> ServerAuthenticator:
+def build_authenticator(config: AuthConfig, *, logger: logging.Logger,
+                        metrics: GatewayMetrics | None = None) -> ServerAuthenticator:
     """The authenticator for the ``auth`` section (files are read now; see ``reload``)."""
-    return ServerAuthenticator(config, logger=logger)
+    return ServerAuthenticator(config, logger=logger, metrics=metrics)

@@ -46,6 +46,7 @@ import trio
 from ..aio.bridge import run_aio
 from ..aio.webhook import post_json, redact, redact_url
 from ..errors import AuthError
+from ..observe.metrics import GatewayMetrics, unobserved
 from .config import WebhookConfig
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -139,11 +140,12 @@ def pubkey_request(connection_id: str, username: str, remote_address: str,
 class AuthWebhook:
     """Calls one ContainerSSH-compatible webhook. Trio-flavoured; needs a trio-asyncio loop."""
 
-    def __init__(self, config: WebhookConfig) -> None:
+    def __init__(self, config: WebhookConfig, metrics: GatewayMetrics | None = None) -> None:
         self.config = config
         self._base = config.url.rstrip("/")
         self.url = redact_url(config.url)
         """The URL fit for logs (credentials masked)."""
+        self.metrics = metrics or unobserved()
 
     def __repr__(self) -> str:
         return f"<AuthWebhook {self.url} timeout={self.config.timeout:g}s>"
@@ -160,12 +162,20 @@ class AuthWebhook:
 
     async def _ask(self, endpoint: str, payload: Mapping[str, Any]) -> WebhookVerdict:
         url = self._endpoint(endpoint)
+        self.metrics.auth_server_request(endpoint)
         with trio.move_on_after(self.config.timeout):
             try:
                 response = await run_aio(post_json, url, payload, cafile=self.config.cacert)
             except AuthError as exc:
+                self.metrics.auth_server_failure(endpoint, "connection")
                 return WebhookVerdict(False, redact(str(exc), url))
-            return parse_response(response.status, response.body)
+            verdict = parse_response(response.status, response.body)
+            if response.status != 200:
+                self.metrics.auth_server_failure(endpoint, "status")
+            elif not verdict.success and verdict.reason != "webhook refused":
+                self.metrics.auth_server_failure(endpoint, "invalid-response")
+            return verdict
+        self.metrics.auth_server_failure(endpoint, "timeout")
         return WebhookVerdict(False, f"webhook {redact_url(url)}: no answer within "
                                      f"{self.config.timeout:g} s")
 

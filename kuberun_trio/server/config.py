@@ -1,6 +1,5 @@
 """The server's YAML configuration: ``ssh``, ``auth``, ``security``, ``kubernetes``, ``log``,
-``lease``, ``gc``
-(and ``instance``).
+``lease``, ``gc``, ``metrics``, ``health`` (and ``instance``).
 
 Theory of operation
 -------------------
@@ -21,6 +20,7 @@ Command-line flags override the file; that merge lives in :mod:`kuberun_trio.ser
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Mapping
@@ -206,6 +206,39 @@ class GcConfig:
     """Delete other instances' pods whose Lease is missing or expired (needs ``lease``)."""
 
 
+DEFAULT_METRICS_LISTEN = "0.0.0.0:9100"
+DEFAULT_HEALTH_LISTEN = "0.0.0.0:7000"
+
+
+@attrs.frozen
+class MetricsConfig:
+    """The Prometheus endpoint (``metrics``, ContainerSSH's keys)."""
+
+    enable: bool = False
+    """Serve the metrics (the demo turns this on)."""
+    listen: str = DEFAULT_METRICS_LISTEN
+    """``HOST:PORT`` of the metrics HTTP server."""
+    path: str = "/metrics"
+    """The URL path of the metrics."""
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
+@attrs.frozen
+class HealthConfig:
+    """The health endpoint (``health``): ``/healthz``, ``/readyz``, any path = readiness."""
+
+    enable: bool = False
+    listen: str = DEFAULT_HEALTH_LISTEN
+    """``HOST:PORT`` of the health HTTP server."""
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
 @attrs.frozen
 class ServerConfig:
     """The whole file."""
@@ -220,6 +253,8 @@ class ServerConfig:
     """This gateway's name, written into every pod's labels (orphan clean-up, ``gc``);
     default ``POD_NAME`` in a cluster, else the host name."""
     security: SecurityConfig = attrs.Factory(SecurityConfig)
+    metrics: MetricsConfig = attrs.Factory(MetricsConfig)
+    health: HealthConfig = attrs.Factory(HealthConfig)
 
     @property
     def limits(self) -> Limits:
@@ -257,7 +292,8 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 _CONVERTER = make_converter()
-_SECTIONS = ("ssh", "auth", "security", "kubernetes", "log", "lease", "gc", "instance")
+_SECTIONS = ("ssh", "auth", "security", "kubernetes", "log", "lease", "gc", "metrics", "health",
+             "instance")
 _HINTS = {
     "authorized_keys": "the key is authorizedKeys",
     "hostKey": "the key is hostKeys (a list)",
@@ -317,6 +353,7 @@ def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None,
     if lease is not None:
         _check_lease(lease, problems)
     gc = structure_section(_CONVERTER, data.get("gc"), GcConfig, "gc", problems, _HINTS)
+    metrics, health = _observe_sections(data, problems)
     kubernetes = None
     try:
         kubernetes = parse_config(data.get("kubernetes") or {})
@@ -340,8 +377,9 @@ def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None,
     problems.raise_if_any()
     assert ssh is not None and auth is not None and log is not None and kubernetes is not None
     assert lease is not None and gc is not None and security is not None
+    assert metrics is not None and health is not None
     return ServerConfig(ssh=ssh, auth=auth, kubernetes=kubernetes, log=log, lease=lease, gc=gc,
-                        instance=str(name), security=security)
+                        instance=str(name), security=security, metrics=metrics, health=health)
 
 
 def _check_lease(lease: LeaseConfig, problems: ConfigProblems) -> None:
@@ -379,6 +417,47 @@ def _connection_only(data: Mapping[str, Any]) -> ConnectionConfig | None:
         return parse_config({"connection": raw} if raw is not None else {}).connection
     except ConfigError:
         return None
+
+
+def _observe_sections(data: Mapping[str, Any], problems: ConfigProblems
+                      ) -> tuple[MetricsConfig | None, HealthConfig | None]:
+    """The ``metrics`` and ``health`` sections, checked."""
+    metrics = structure_section(_CONVERTER, data.get("metrics"), MetricsConfig, "metrics",
+                                problems, _HINTS)
+    health = structure_section(_CONVERTER, data.get("health"), HealthConfig, "health",
+                               problems, _HINTS)
+    addresses: dict[str, tuple[str, int]] = {}
+    for name, section in (("metrics", metrics), ("health", health)):
+        if section is None:
+            continue
+        try:
+            addresses[name] = parse_listen(section.listen)
+        except InvalidValue as exc:
+            problems.add(f"{name}.listen", str(exc))
+    if metrics is not None and not re.fullmatch(r"/[!-~]*", metrics.path):
+        problems.add("metrics.path", f'must start with "/" and hold no spaces, got '
+                                     f"{metrics.path!r}")
+    elif metrics is not None and metrics.path in ("/healthz", "/readyz"):
+        problems.add("metrics.path", f"{metrics.path} is the health endpoint's")
+    ssh_address = None
+    with contextlib.suppress(InvalidValue):
+        ssh_address = parse_listen(str((data.get("ssh") or {}).get("listen", "")
+                                       if isinstance(data.get("ssh"), Mapping) else ""))
+    for name, address in addresses.items():
+        if ssh_address is not None and _clash(address, ssh_address):
+            problems.add(f"{name}.listen", f"port {address[1]} is the SSH listener's")
+    if len(addresses) == 2 and addresses["metrics"] != addresses["health"] and _clash(
+            addresses["metrics"], addresses["health"]):
+        problems.add("health.listen", "clashes with metrics.listen (use the same address "
+                                      "to serve both from one server, or another port)")
+    return metrics, health
+
+
+def _clash(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Would binding both fail (same port; same host, or one binds every interface)?"""
+    wildcard = ("0.0.0.0", "::")
+    return a[1] != 0 and a[1] == b[1] and (a[0] == b[0] or a[0] in wildcard
+                                           or b[0] in wildcard)
 
 
 def load_server_config(path: str | os.PathLike[str], *,

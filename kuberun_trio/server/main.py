@@ -53,6 +53,7 @@ from ..gateway.config import ConnectionConfig, KubernetesConfig
 from ..gateway.lease import LeaseOptions
 from ..gateway.reaper import GcOptions
 from ..gateway.serve import Gateway, GatewayOptions, serve_gateway
+from ..observe import GatewayMetrics, HealthEndpoint, MetricsEndpoint
 from .config import AuthConfig, ServerConfig, check_files
 from .demo import connect_host, ssh_command
 from .gc import collect_orphans
@@ -95,11 +96,13 @@ def load_host_keys(settings: Settings) -> list[HostKey]:
     return keys
 
 
-def build_authenticator(auth: AuthConfig) -> Authenticator:
+def build_authenticator(auth: AuthConfig, metrics: GatewayMetrics | None = None
+                        ) -> Authenticator:
     """The server's authenticator for the ``auth`` section (see :mod:`kuberun_trio.server.auth`)."""
     from .auth import build_authenticator as build
 
-    authenticator: Authenticator = build(auth, logger=logging.getLogger("kuberun_trio.auth"))
+    authenticator: Authenticator = build(auth, logger=logging.getLogger("kuberun_trio.auth"),
+                                         metrics=metrics)
     return authenticator
 
 
@@ -161,6 +164,13 @@ def _banner(settings: Settings, gateway: Gateway, host_keys: list[HostKey],
     for key in host_keys:
         note = " (generated)" if key.generated else ""
         print(f"host key {key.fingerprint} {key.source}{note}", file=out)
+    if gateway.endpoints.metrics is not None:
+        mhost, mport = gateway.endpoints.metrics
+        print(f"metrics at http://{connect_host(mhost)}:{mport}{settings.config.metrics.path}",
+              file=out)
+    if gateway.endpoints.health is not None:
+        hhost, hport = gateway.endpoints.health
+        print(f"health at http://{connect_host(hhost)}:{hport}/readyz", file=out)
     print("connect with:", file=out)
     if settings.demo:
         print(f"  {ssh_command(settings.state, connect_host(host), port)}", file=out)
@@ -199,7 +209,8 @@ async def serve(settings: Settings, host_keys: list[HostKey], *, grace: float = 
         settings.state.ensure_client_key()
         auth = attrs.evolve(auth, authorized_keys=(*auth.authorized_keys,
                                                    str(settings.state.authorized_keys)))
-    authenticator = build_authenticator(auth)
+    metrics = GatewayMetrics()
+    authenticator = build_authenticator(auth, metrics)
     if settings.demo:
         check_demo_sftp(settings.config.kubernetes)
     state = _Signals()
@@ -207,7 +218,7 @@ async def serve(settings: Settings, host_keys: list[HostKey], *, grace: float = 
         async with trio.open_nursery() as watchers:
             watchers.start_soon(state.watch, receiver, authenticator)
             with state.start_scope:
-                await _serve(settings, host_keys, authenticator, state, grace, out)
+                await _serve(settings, host_keys, authenticator, state, grace, out, metrics)
             watchers.cancel_scope.cancel()
     if state.forced:
         return EXIT_FORCED
@@ -215,7 +226,7 @@ async def serve(settings: Settings, host_keys: list[HostKey], *, grace: float = 
 
 
 async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Authenticator,
-                 state: _Signals, grace: float, out: TextIO) -> None:
+                 state: _Signals, grace: float, out: TextIO, metrics: GatewayMetrics) -> None:
     async with open_aio_loop(), contextlib.AsyncExitStack() as stack:
         kubernetes = settings.config.kubernetes
         if settings.demo:
@@ -234,7 +245,8 @@ async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Au
                                  port=port, instance=settings.config.instance,
                                  login=settings.config.auth.login_policy(),
                                  limits=settings.config.limits,
-                                 audit=settings.config.log.audit,
+                                 audit=settings.config.log.audit, metrics=metrics,
+                                 **endpoint_options(settings),
                                  **gateway_options(settings.config, kubernetes))
         with state.serve_scope:
             async with trio.open_nursery() as nursery:
@@ -288,6 +300,24 @@ def _raise_bind_error(group: BaseExceptionGroup[OSError], host: str, port: int) 
             raise KuberunError(f"cannot listen on {host}:{port}: {reason}; pass --listen "
                                "HOST:PORT for another address (port 0 picks a free one)"
                                ) from exc
+
+
+DEMO_NEXT_FREE = 100
+"""The demo tries this many ports after a taken metrics/health port."""
+
+
+def endpoint_options(settings: Settings) -> dict[str, Any]:
+    """``metrics_endpoint`` and ``health_endpoint`` of :class:`GatewayOptions`."""
+    config, next_free = settings.config, DEMO_NEXT_FREE if settings.demo else 0
+    out: dict[str, Any] = {}
+    if config.metrics.enable:
+        mhost, mport = config.metrics.address
+        out["metrics_endpoint"] = MetricsEndpoint(mhost, mport, config.metrics.path,
+                                                  next_free=next_free)
+    if config.health.enable:
+        hhost, hport = config.health.address
+        out["health_endpoint"] = HealthEndpoint(hhost, hport, next_free=next_free)
+    return out
 
 
 async def _graceful(gateway: Gateway, grace: float) -> None:

@@ -50,6 +50,8 @@ from .demo import StateDir, default_state_dir
 log = logging.getLogger(__name__)
 
 ClusterMode = Literal["embedded", "kubeconfig", "in-cluster", "config"]
+DEMO_METRICS_LISTEN = "127.0.0.1:9100"
+"""The demo's metrics address (the next free port if taken)."""
 CLUSTER_CHOICES = ("embedded", "kubeconfig", "in-cluster")
 
 
@@ -112,6 +114,10 @@ def apply_flags(raw: Mapping[str, Any], args: argparse.Namespace,
     if flag("log_level"):
         _section(data, "log")["level"] = flag("log_level")
     _apply_connection(data, args, mode)
+    if mode == "embedded" and isinstance(data.get("metrics", {}), dict):
+        metrics = _section(data, "metrics")  # the demo shows its metrics
+        metrics.setdefault("enable", True)
+        metrics.setdefault("listen", DEMO_METRICS_LISTEN)
     pod = _section(data, "kubernetes", "pod")
     if flag("namespace"):
         _section(pod, "metadata")["namespace"] = flag("namespace")
