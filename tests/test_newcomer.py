@@ -26,6 +26,7 @@ import asyncssh
 import attrs
 import pytest
 import trio
+import trio_asyncio
 
 from kuberun_trio.cluster import EmbeddedCluster
 from kuberun_trio.errors import ConfigErrors
@@ -674,3 +675,42 @@ async def test_private_tmp_is_the_pods_own() -> None:
     finally:
         for box in boxes:
             await box.destroy()
+
+
+# -- 5: sessions leave no PID file behind (on the embedded cluster that is the host's /tmp) -------
+
+async def test_sessions_leave_no_pid_files(tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    from gatewaykit import open_rig
+
+    caplog.set_level(logging.INFO)
+
+    def aio(fn: Any, *args: Any) -> Any:
+        return trio_asyncio.aio_as_trio(fn)(*args)
+
+    async with open_rig(tmp_path) as rig:
+        conn = await rig.connect()
+
+        async def sessions() -> list[Any]:
+            results = [await conn.run("true"), await conn.run("exit 3"),
+                       await conn.run("tty", term_type="xterm")]
+            process = await conn.create_process("echo started; sleep 30")
+            await process.stdout.readline()
+            process.send_signal("TERM")
+            results.append(await process.wait())
+            async with conn.start_sftp_client() as sftp:
+                results.append(await sftp.listdir("/"))
+            return results
+
+        with trio.fail_after(60):
+            done = await aio(sessions)
+        assert [r.exit_status for r in done[:3]] == [0, 3, 0]
+        assert done[3].exit_signal is not None and done[3].exit_signal[0] == "TERM"
+        conn.close()
+        await aio(conn.wait_closed)
+    ids = {getattr(r, "connection_id", None) for r in caplog.records} - {None}
+    assert len(ids) == 1
+    (cid,) = ids
+    starts = [r for r in caplog.records if getattr(r, "event", None) == "session-start"]
+    assert len(starts) == 5
+    assert sorted(Path("/tmp").glob(f".kuberun-{cid}-*")) == []  # noqa: ASYNC240
