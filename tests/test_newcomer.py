@@ -26,6 +26,7 @@ import asyncssh
 import attrs
 import pytest
 import trio
+import trio_asyncio
 
 from kuberun_trio.cluster import EmbeddedCluster
 from kuberun_trio.errors import ConfigErrors
@@ -674,3 +675,104 @@ async def test_private_tmp_is_the_pods_own() -> None:
     finally:
         for box in boxes:
             await box.destroy()
+
+
+# -- 5: sessions leave no PID file behind (on the embedded cluster that is the host's /tmp) -------
+
+async def test_sessions_leave_no_pid_files(tmp_path: Path,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    from gatewaykit import open_rig
+
+    caplog.set_level(logging.INFO)
+
+    def aio(fn: Any, *args: Any) -> Any:
+        return trio_asyncio.aio_as_trio(fn)(*args)
+
+    async with open_rig(tmp_path) as rig:
+        conn = await rig.connect()
+
+        async def sessions() -> list[Any]:
+            results = [await conn.run("true"), await conn.run("exit 3"),
+                       await conn.run("tty", term_type="xterm")]
+            process = await conn.create_process("echo started; sleep 30")
+            await process.stdout.readline()
+            process.send_signal("TERM")
+            results.append(await process.wait())
+            async with conn.start_sftp_client() as sftp:
+                results.append(await sftp.listdir("/"))
+            return results
+
+        with trio.fail_after(60):
+            done = await aio(sessions)
+        assert [r.exit_status for r in done[:3]] == [0, 3, 0]
+        assert done[3].exit_signal is not None and done[3].exit_signal[0] == "TERM"
+        conn.close()
+        await aio(conn.wait_closed)
+    ids = {getattr(r, "connection_id", None) for r in caplog.records} - {None}
+    assert len(ids) == 1
+    (cid,) = ids
+    starts = [r for r in caplog.records if getattr(r, "event", None) == "session-start"]
+    assert len(starts) == 5
+    assert sorted(Path("/tmp").glob(f".kuberun-{cid}-*")) == []  # noqa: ASYNC240
+
+
+# -- found by the replay: `exit` in an interactive shell sometimes read "internal error" ---------
+
+class _Frame:
+    def __init__(self, data: bytes) -> None:
+        import aiohttp
+
+        self.type, self.data = aiohttp.WSMsgType.BINARY, data
+
+
+class _ClosingSocket:
+    """A WebSocket whose server has sent ``frames`` and is closing: every write fails."""
+
+    _waiting = False
+
+    def __init__(self, frames: list[bytes]) -> None:
+        self.frames = frames
+
+    def __aiter__(self) -> Any:
+        return self._frames()
+
+    async def _frames(self) -> Any:
+        import asyncio
+
+        for _ in range(3):  # the writer runs (and fails) first
+            await asyncio.sleep(0)
+        for frame in self.frames:
+            yield _Frame(frame)
+
+    async def send_bytes(self, frame: bytes) -> None:
+        raise ConnectionResetError("Cannot write to closing transport")
+
+    async def close(self) -> bool:
+        return True
+
+
+class _Sink:
+    def write_stdout(self, data: bytes) -> None: ...
+    def write_stderr(self, data: bytes) -> None: ...
+    async def wait_writable(self) -> None: ...
+
+
+@pytest.mark.parametrize(("frames", "outcome"), [
+    ([b"\x01bye\n", b'\x03{"status": "Success"}'], 0),  # exited: the lost EOF does not matter
+    ([b"\x01bye\n"], "ExecError"),  # no status: the stream broke, say so
+])
+def test_stdin_eof_racing_the_exit_is_not_an_error(frames: list[bytes], outcome: object) -> None:
+    import asyncio
+
+    from kuberun_trio.aio.execstream import V5, ExecStream
+    from kuberun_trio.errors import ExecError
+
+    async def main() -> object:
+        stream = ExecStream(_ClosingSocket(frames), V5)  # type: ignore[arg-type]
+        stream.close_stdin()  # the client's EOF, just as the shell exits
+        try:
+            return (await stream.run(_Sink())).exit_code  # type: ignore[arg-type]
+        except ExecError:
+            return "ExecError"
+
+    assert asyncio.run(main()) == outcome

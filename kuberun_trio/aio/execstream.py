@@ -195,7 +195,9 @@ class ExecStream:
         reader = asyncio.ensure_future(self._read(sink, status))
         try:
             await asyncio.shield(reader)
-            if writer.done() and not writer.cancelled() and writer.exception() is not None:
+            failed = writer.done() and not writer.cancelled() and writer.exception() is not None
+            if failed and not status:  # with the exit status in hand, a write that raced the
+                # server's close (stdin EOF just as the process ended) lost nothing
                 raise ExecError("writing to the exec stream failed") from writer.exception()
             return parse_status(bytes(status))
         finally:

@@ -20,10 +20,11 @@ The wrapper
    are never parsed by any shell;
 3. runs the real command argv and waits for it, then removes the PID file and
    ends the way the command ended (its exit code; a death by signal N is passed on
-   by killing itself with N, so the runtime reports the signal as before). While it
-   waits it catches the SSH signals with an empty trap (a caught signal is reset to
-   the default in the command), so a signal to the session's process group reaches
-   the command and the wrapper survives to clean up. Where the wrapper is not a
+   by killing itself with N -- without a core dump of its own -- so the runtime
+   reports the signal as before). While it waits it catches the SSH signals with
+   an empty trap (a caught signal is reset to the default in the command), so a
+   signal to the session's process group reaches the command and the wrapper
+   survives to clean up. Where the wrapper is not a
    process-group leader (a runtime that does not ``setsid``), or no PID file could
    be written, it ``exec``\\ s the command instead, as before: then the PID in the
    file is the command's own and the file stays.
@@ -95,6 +96,7 @@ __kuberun_status=$?
 { rm -f -- "$__kuberun_pid" || : >"$__kuberun_pid"; } 2>/dev/null
 case $__kuberun_status in 129|130|131|132|134|136|137|139|138|140|141|142|143)
   trap - HUP INT QUIT PIPE ALRM TERM USR1 USR2
+  ulimit -c 0 2>/dev/null
   kill -s "$(kill -l "$__kuberun_status")" "$$"
 esac
 exit "$__kuberun_status"

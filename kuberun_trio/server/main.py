@@ -3,7 +3,9 @@
 Theory of operation
 -------------------
 :func:`run` checks everything it can before an event loop exists (configuration, files,
-host keys), then ``trio.run``\\ s :func:`serve`. One nursery tree::
+the kubeconfig, host keys; in demo mode it first takes the state directory's lock, so a
+second demo stops before touching the first one's files), then ``trio.run``\\ s
+:func:`serve`. One nursery tree::
 
     serve
     ├── signal watcher       SIGHUP: authenticator.reload(); SIGTERM/SIGINT: see below
