@@ -30,7 +30,7 @@ from kuberun_trio.gateway.lease import (
     view,
 )
 from kuberun_trio.gateway.podtemplate import build_pod
-from kuberun_trio.gateway.reaper import GcOptions, Reaper
+from kuberun_trio.gateway.reaper import GcOptions, Reaper, ReaperStatistics
 from kuberun_trio.gateway.serve import GatewayOptions, open_gateway
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -188,6 +188,8 @@ async def test_own_sweep_deletes_only_this_process_unowned_pods(
     assert await reaper.sweep() == 1
     assert live(cluster) == {owned, namesake, stranger}
     assert reaper.orphan_pods_deleted == 1 and orphan not in live(cluster)
+    assert reaper.statistics() == ReaperStatistics(orphan_pods_deleted=1, pods_reaped=0,
+                                                   pending=0, sweeps=1)
 
 
 async def test_cross_sweep_follows_the_leases(cluster: EmbeddedCluster,
