@@ -249,3 +249,20 @@ def test_abuse_stall_benchmark_runs(tmp_path: Path) -> None:
     assert result["pods_created"] == 2  # the held creates went through after the stall
     assert result["pods_left_after_one_sweep"] == 0
     assert result["reaped_by_retry"] + result["deleted_by_sweep"] >= 2
+
+
+def test_lease_namespace_defaults() -> None:
+    from kuberun_trio.server.config import parse_server_config
+    from kuberun_trio.server.main import gateway_options
+
+    config = parse_server_config({"kubernetes": {"pod": {"metadata": {"namespace": "guests"}}}},
+                                 instance="gw")
+    in_cluster = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "POD_NAMESPACE": "kuberun"}
+    assert gateway_options(config, config.kubernetes, in_cluster)["lease"].namespace == "kuberun"
+    assert gateway_options(config, config.kubernetes, {})["lease"].namespace == "guests"
+    pinned = parse_server_config({"lease": {"namespace": "leases", "duration": "20s"}})
+    lease = gateway_options(pinned, pinned.kubernetes, in_cluster)["lease"]
+    assert (lease.namespace, lease.duration, lease.renew_interval) == ("leases", 20.0, 10.0)
+    gc = gateway_options(pinned, pinned.kubernetes, {})["gc"]
+    assert (gc.sweep_interval, gc.margin, gc.cross_instance, gc.startup_sweep) == (
+        60.0, 15.0, True, True)
