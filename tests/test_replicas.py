@@ -34,7 +34,7 @@ from kuberun_trio.server.keys import ensure_private_key, known_hosts_line
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/ssh"), reason="needs OpenSSH")
 
-LEASE_SECONDS, RENEW_SECONDS, SWEEP_SECONDS, MARGIN_SECONDS = 5, 1, 2, 1
+LEASE_SECONDS, RENEW_SECONDS, SWEEP_SECONDS, MARGIN_SECONDS = 6, 1, 2, 1
 STALL_TIMEOUTS = {"podStop": "2s", "http": "1s"}
 
 
@@ -142,9 +142,10 @@ async def test_a_killed_replica_is_collected_by_its_sibling(
         killed = trio.current_time()
         await a.proc.wait()
         await wait_for(lambda: pods_of(cluster, "gw-a") == [],
-                       seconds=LEASE_SECONDS + MARGIN_SECONDS + SWEEP_SECONDS + 10)
+                       seconds=LEASE_SECONDS + MARGIN_SECONDS + SWEEP_SECONDS + 15)
         took = trio.current_time() - killed
         assert took >= LEASE_SECONDS  # never while the Lease was live
+        await wait_for(lambda: len(events(b, "orphan-pod-deleted")) == 2, seconds=5)  # logged
         deleted = events(b, "orphan-pod-deleted")
         assert len(deleted) == 2 and {e["instance"] for e in deleted} == {"gw-a"}
         assert all("kuberun-gw-a expired" in e["reason"] for e in deleted)
