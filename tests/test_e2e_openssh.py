@@ -547,17 +547,24 @@ def test_sigterm_deletes_every_pod(cluster: Cluster, keys: Keys, tmp_path: Path)
 def test_sigkill_then_restart_removes_orphans(cluster: Cluster, keys: Keys, tmp_path: Path,
                                               gateway: GatewayProcess) -> None:
     bystander = spawn(gateway.ssh("hostname; exec sleep 600"))  # another instance's pod
-    first = start_gateway(cluster, keys, tmp_path, "e2e-orphans")
+    short_lease = tmp_path / "lease.yaml"
+    short_lease.write_text("lease: {duration: 3s, renewInterval: 1s}\n")
+    lease = ("--config", str(short_lease))
+    first = start_gateway(cluster, keys, tmp_path, "e2e-orphans", *lease)
     client = spawn(first.ssh("hostname; exec sleep 600"))
     try:
         other = first_line(bystander)
         orphan = first_line(client)
         assert cluster.kube.names(first.instance) == {orphan}
         stop_process(first.proc, signal.SIGKILL)
+        killed = time.monotonic()
         client.wait(20)  # the connection died with the gateway
         time.sleep(1)
         assert cluster.kube.names(first.instance) == {orphan}, "the orphan stays until a restart"
-        with running_gateway(cluster, keys, tmp_path, "e2e-orphans") as second:
+        # A restart under the same name is refused while the killed run's Lease is live
+        # (tests/test_replicas.py); once it has expired, the restart sweeps the orphan.
+        time.sleep(max(0.0, killed + 3.5 - time.monotonic()))
+        with running_gateway(cluster, keys, tmp_path, "e2e-orphans", *lease) as second:
             cluster.kube.wait_no_pods(second.instance, timeout=20)
             assert cluster.kube.names(gateway.instance) == {other}, "other instances untouched"
             result = second.run("hostname")

@@ -15,6 +15,7 @@ import trio_asyncio
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.aio.kube import KubeClient, open_kube_client
 from kuberun_trio.cluster import EmbeddedCluster
+from kuberun_trio.errors import KuberunError
 from kuberun_trio.gateway.auth import PublicKeyAuthenticator
 from kuberun_trio.gateway.config import KubernetesConfig, parse_config
 from kuberun_trio.gateway.lease import (
@@ -30,7 +31,7 @@ from kuberun_trio.gateway.lease import (
     view,
 )
 from kuberun_trio.gateway.podtemplate import build_pod
-from kuberun_trio.gateway.reaper import GcOptions, Reaper
+from kuberun_trio.gateway.reaper import GcOptions, Reaper, ReaperStatistics
 from kuberun_trio.gateway.serve import GatewayOptions, open_gateway
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -188,6 +189,8 @@ async def test_own_sweep_deletes_only_this_process_unowned_pods(
     assert await reaper.sweep() == 1
     assert live(cluster) == {owned, namesake, stranger}
     assert reaper.orphan_pods_deleted == 1 and orphan not in live(cluster)
+    assert reaper.statistics() == ReaperStatistics(orphan_pods_deleted=1, pods_reaped=0,
+                                                   pending=0, sweeps=1)
 
 
 async def test_cross_sweep_follows_the_leases(cluster: EmbeddedCluster,
@@ -245,3 +248,10 @@ async def test_failed_delete_is_retried_until_it_succeeds(
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
     assert pod not in live(cluster) and reaper.pods_reaped == 1
+
+
+async def test_lease_namespace_missing_is_a_clear_error(kube: KubeClient) -> None:
+    keeper = LeaseKeeper(kube, LeaseOptions(namespace="no-such-ns"), "gw")
+    with pytest.raises(KuberunError, match=r"cannot create Lease no-such-ns/kuberun-gw: .*"
+                                           r"create the namespace or set lease.namespace"):
+        await keeper.acquire()

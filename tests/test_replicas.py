@@ -34,18 +34,22 @@ from kuberun_trio.server.keys import ensure_private_key, known_hosts_line
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/ssh"), reason="needs OpenSSH")
 
-LEASE_SECONDS, RENEW_SECONDS, SWEEP_SECONDS, MARGIN_SECONDS = 3, 1, 2, 1
+LEASE_SECONDS, RENEW_SECONDS, SWEEP_SECONDS, MARGIN_SECONDS = 6, 1, 2, 1
+STALL_TIMEOUTS = {"podStop": "2s", "http": "1s"}
 
 
-def config_file(tmp_path: Path, cluster: EmbeddedCluster, **sections: Any) -> Path:
+def config_file(tmp_path: Path, cluster: EmbeddedCluster, timeouts: dict[str, str] | None = None,
+                **sections: Any) -> Path:
     data: dict[str, Any] = {
         "kubernetes": {"connection": {"kubeconfig": str(cluster.kubeconfig_path)},
-                       "timeouts": {"podStart": "20s", "podStop": "2s", "http": "1s"}},
+                       "timeouts": {"podStart": "20s", "podStop": "10s"}},
         "lease": {"duration": f"{LEASE_SECONDS}s", "renewInterval": f"{RENEW_SECONDS}s"},
         "gc": {"sweepInterval": f"{SWEEP_SECONDS}s", "margin": f"{MARGIN_SECONDS}s"},
     }
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value}
+    if timeouts:
+        data["kubernetes"]["timeouts"].update(timeouts)
     path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
     path.write_text(json.dumps(data))  # JSON is YAML
     return path
@@ -74,7 +78,8 @@ async def test_api_stall_longer_than_pod_stop_leaves_no_pod(
     """Issue 10 §6: the create answer arrives after the connection gave up; the pod goes."""
     keys = make_keys(tmp_path)
     # the default 30 s Lease outlives the stall: this gateway keeps accepting
-    config = config_file(tmp_path, cluster, lease={"duration": "30s", "renewInterval": "10s"})
+    config = config_file(tmp_path, cluster, STALL_TIMEOUTS,
+                         lease={"duration": "30s", "renewInterval": "10s"})
     created: list[str] = []
     changes = cluster.store.subscribe()
 
@@ -137,9 +142,10 @@ async def test_a_killed_replica_is_collected_by_its_sibling(
         killed = trio.current_time()
         await a.proc.wait()
         await wait_for(lambda: pods_of(cluster, "gw-a") == [],
-                       seconds=LEASE_SECONDS + MARGIN_SECONDS + SWEEP_SECONDS + 10)
+                       seconds=LEASE_SECONDS + MARGIN_SECONDS + SWEEP_SECONDS + 15)
         took = trio.current_time() - killed
         assert took >= LEASE_SECONDS  # never while the Lease was live
+        await wait_for(lambda: len(events(b, "orphan-pod-deleted")) == 2, seconds=5)  # logged
         deleted = events(b, "orphan-pod-deleted")
         assert len(deleted) == 2 and {e["instance"] for e in deleted} == {"gw-a"}
         assert all("kuberun-gw-a expired" in e["reason"] for e in deleted)
@@ -229,3 +235,35 @@ def test_config_keys_are_checked(tmp_path: Path) -> None:
     assert result.returncode == 2
     keys = sorted(line.split(":")[0].strip() for line in result.stderr.splitlines()[1:])
     assert keys == ["gc.margin", "gc.sweepInterval", "lease.namespace", "lease.renewInterval"]
+
+
+def test_abuse_stall_benchmark_runs(tmp_path: Path) -> None:
+    """``python -m benchmarks.abuse_stall``: every late pod is gone within one sweep."""
+    out = tmp_path / "stall.json"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.abuse_stall", "--connections", "2",
+                           "--sweep", "3", "--json", str(out)], cwd=root, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["client_outcomes"] == ["exit 255", "exit 255"]
+    assert result["pods_created"] == 2  # the held creates went through after the stall
+    assert result["pods_left_after_one_sweep"] == 0
+    assert result["reaped_by_retry"] + result["deleted_by_sweep"] >= 2
+
+
+def test_lease_namespace_defaults() -> None:
+    from kuberun_trio.server.config import parse_server_config
+    from kuberun_trio.server.main import gateway_options
+
+    config = parse_server_config({"kubernetes": {"pod": {"metadata": {"namespace": "guests"}}}},
+                                 instance="gw")
+    in_cluster = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "POD_NAMESPACE": "kuberun"}
+    assert gateway_options(config, config.kubernetes, in_cluster)["lease"].namespace == "kuberun"
+    assert gateway_options(config, config.kubernetes, {})["lease"].namespace == "guests"
+    pinned = parse_server_config({"lease": {"namespace": "leases", "duration": "20s"}})
+    lease = gateway_options(pinned, pinned.kubernetes, in_cluster)["lease"]
+    assert (lease.namespace, lease.duration, lease.renew_interval) == ("leases", 20.0, 10.0)
+    gc = gateway_options(pinned, pinned.kubernetes, {})["gc"]
+    assert (gc.sweep_interval, gc.margin, gc.cross_instance, gc.startup_sweep) == (
+        60.0, 15.0, True, True)

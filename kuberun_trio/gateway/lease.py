@@ -248,6 +248,9 @@ class LeaseKeeper:
             except KubernetesError as exc:
                 if exc.status == 409:
                     continue
+                if isinstance(exc, NotFoundError):  # the namespace itself is missing
+                    raise KuberunError(f"cannot create Lease {self.ref}: {exc}; create the "
+                                       f"namespace or set lease.namespace") from exc
                 if exc.status in (401, 403):
                     raise KuberunError(
                         f"cannot take Lease {self.ref}: {exc}; grant get, list, create, update "

@@ -81,6 +81,20 @@ class GcOptions:
     """Longest back-off between two delete retries."""
 
 
+@attrs.frozen
+class ReaperStatistics:
+    """Counters of a :class:`Reaper` (what a metrics exporter reads)."""
+
+    orphan_pods_deleted: int
+    """Pods the sweeps deleted (``kuberun_orphan_pods_deleted_total``)."""
+    pods_reaped: int
+    """Failed deletes the retry loop completed."""
+    pending: int
+    """Deletes waiting for a retry now."""
+    sweeps: int
+    """Sweeps completed."""
+
+
 @attrs.define
 class _Pending:
     namespace: str
@@ -129,6 +143,11 @@ class Reaper:
     def pending(self) -> int:
         """Deletes waiting for a retry."""
         return len(self._pending)
+
+    def statistics(self) -> ReaperStatistics:
+        return ReaperStatistics(orphan_pods_deleted=self.orphan_pods_deleted,
+                                pods_reaped=self.pods_reaped, pending=self.pending,
+                                sweeps=self.sweeps)
 
     # -- retries -----------------------------------------------------------------------
     def submit(self, namespace: str, name: str | None, connection_id: str) -> None:
