@@ -194,11 +194,11 @@ class Faults:
     async def evict(self, namespace: str, pod: str) -> None:
         """Evict a running pod, like node-pressure eviction: phase Failed, reason Evicted."""
         assert self._evict is not None, "Faults not bound to a cluster"
-        self._hit("evict", f"pod {namespace}/{pod}", pod)
         await self._evict(namespace, pod)
+        self._hit("evict", f"pod {namespace}/{pod}", pod)
 
     async def kill(self, namespace: str, pod: str) -> None:
         """SIGKILL every process of the pod's containers (they exit 137)."""
         assert self._kill is not None, "Faults not bound to a cluster"
-        self._hit("kill", f"pod {namespace}/{pod}", pod)
         await self._kill(namespace, pod)
+        self._hit("kill", f"pod {namespace}/{pod}", pod)
