@@ -60,6 +60,7 @@ def test_gateway_benchmark_quick(tmp_path: Path) -> None:
     assert level["cluster_tree"]["processes"] > 10  # every connection had a real pod
 
 
+@pytest.mark.needs("ssh", "sftp", "scp")
 def test_soak_short(tmp_path: Path) -> None:
     # 4 rounds of the 7 scenarios, taken in turn. The timeout follows from the run's own
     # bounds: launching stops after --duration, the last scenario may take 3 client
