@@ -77,7 +77,13 @@ async def settled(read: Callable[[], int], *, quiet: float = 1.0, within: float 
 
 
 def find_process(argv: list[str]) -> psutil.Process:
-    matches = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == argv]
+    """This test's pod process running ``argv`` (a descendant of this process: other test
+    runs on the machine may run the same command)."""
+    matches = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if p.cmdline() == argv:
+                matches.append(p)
     assert len(matches) == 1, matches
     return matches[0]
 
