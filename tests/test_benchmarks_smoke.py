@@ -50,6 +50,12 @@ def test_gateway_benchmark_quick(tmp_path: Path) -> None:
         assert 0 < setup[part]["p50"] < setup["total_ms"]["p50"], (part, setup)
     parts = sum(setup[p]["p50"] for p in ("handshake_ms", "pod_start_ms", "exec_start_ms"))
     assert parts == pytest.approx(setup["total_ms"]["p50"], rel=0.5)
+    # the kube baseline is cut at the same request-log points: every setup joined
+    kube = r["datapath"]["kube"]
+    assert kube["setups_joined"] == r["config"]["setups"], kube
+    for s in kube["setups"]:
+        assert 0 < s["create_to_ready_ms"] < 1000 * (s["t_first"] - s["t0"])
+    assert 0 < kube["exec_start_ms"] < kube["pod_start_ms"]
     delete = setup["disconnect_to_delete_ms"]
     assert delete["n"] == r["config"]["setups"] and 0 < delete["p50"] < 5000
     idle = r["idle"]["gateway"]
