@@ -192,6 +192,8 @@ def test_non_ascii_signal_is_refused_before_the_session_sees_it() -> None:
 # -- break ----------------------------------------------------------------------------------------
 
 def test_break_is_refused_and_harmless() -> None:
+    # Pins the behaviour, not the line: without the override asyncssh's default also
+    # refuses a break, so removing it would not fail this test (nor change anything).
     session, chan, portal = session_for("sleep 10")
     state = session.machine.state
     assert session.break_received(500) is False
