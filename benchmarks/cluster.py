@@ -6,10 +6,13 @@ Measures, against an in-process embedded cluster over HTTPS, through
 kubernetes-asyncio (the client the gateway uses):
 
 * pod create → Running: p50 / p99 over N pods created one after another;
-* exec stream MiB/s, pod → client (``head -c`` of M MiB) and client → pod
-  (M MiB into ``cat > /dev/null``), with a hash check of the download;
+* exec stream MiB/s, pod → client (``head -c`` of M MiB from ``/dev/urandom``;
+  the pod ``tee``s it into ``sha256sum``, whose digest on stderr must equal the
+  client's digest of what it received) and client → pod (M MiB into ``wc -c``,
+  whose count must equal the bytes sent);
 * as a baseline measured in the same run, the same byte count through a local
-  pipe (``head -c | cat``), so the ratio shows what the WebSocket hop costs.
+  pipe into the same consumer (``head -c | wc -c``), so the ratio shows what
+  the WebSocket hop costs.
 """
 
 from __future__ import annotations
@@ -77,19 +80,28 @@ async def exec_throughput(cluster: EmbeddedCluster, pod: str, mib: int) -> dict[
     async with WsApiClient(cfg) as ws_client:
         v1 = client.CoreV1Api(ws_client)
         proto = {"sec-websocket-protocol": "v5.channel.k8s.io"}
+        # The pod hashes exactly what it sends: tee into a FIFO read by sha256sum.
+        script = ('d=$(mktemp -d) && mkfifo "$d/f" && { sha256sum < "$d/f" >&2 & } && '
+                  f'head -c {size} /dev/urandom | tee "$d/f"; wait; rm -r "$d"')
         cm = await v1.connect_get_namespaced_pod_exec(
-            pod, "default", command=["head", "-c", str(size), "/dev/urandom"],
+            pod, "default", command=["sh", "-c", script],
             stdout=True, stderr=True, _preload_content=False, _headers=proto)
-        digest, got = hashlib.sha256(), 0
+        digest, got, stderr = hashlib.sha256(), 0, b""
         start = time.perf_counter()
         async with cm as ws:
             async for msg in ws:
                 if msg.data[0] == 1:
                     digest.update(msg.data[1:])
                     got += len(msg.data) - 1
+                elif msg.data[0] == 2:
+                    stderr += msg.data[1:]
         result["download_mib_s"] = mib / (time.perf_counter() - start)
         if got != size:
             raise SystemExit(f"download lost bytes: {got} != {size}")
+        sent = stderr.split()[0].decode() if stderr.split() else f"nothing ({stderr!r})"
+        if sent != digest.hexdigest():
+            raise SystemExit(f"download corrupt: pod sent sha256 {sent}, "
+                             f"client received {digest.hexdigest()}")
         cm = await v1.connect_get_namespaced_pod_exec(
             pod, "default", command=["sh", "-c", "wc -c"], stdin=True, stdout=True,
             _preload_content=False, _headers=proto)
@@ -111,7 +123,8 @@ async def exec_throughput(cluster: EmbeddedCluster, pod: str, mib: int) -> dict[
 
 async def pipe_baseline(mib: int) -> float:
     start = time.perf_counter()
-    await trio.run_process(["sh", "-c", f"head -c {mib << 20} /dev/urandom | cat > /dev/null"])
+    await trio.run_process(["sh", "-c", f"head -c {mib << 20} /dev/urandom | wc -c"],
+                           capture_stdout=True)
     return mib / (time.perf_counter() - start)
 
 

@@ -7,11 +7,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import support
 
 from kuberun_trio.cluster import EmbeddedCluster, open_embedded_cluster
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 os.environ.setdefault("no_proxy", "127.0.0.1,localhost")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.needs("ssh", ...)``: skip off CI, fail on CI when a program is missing."""
+    for mark in item.iter_markers("needs"):
+        support.require_tools(*mark.args)
+        support.require_paths(*mark.kwargs.get("paths", ()))
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 import pytest
 import trio
-from support import kubectl_versions
+from support import require_kubectl
 
 
 def pod_processes(marker: str) -> list[int]:
@@ -28,9 +28,9 @@ def pod_processes(marker: str) -> list[int]:
     return found
 
 
-@pytest.mark.skipif(not kubectl_versions(), reason="kubectl is not installed")
 @pytest.mark.parametrize("scheme", ["--https", "--http"])
 async def test_standalone_cluster_kills_pods_on_sigterm(tmp_path: Path, scheme: str) -> None:
+    require_kubectl()
     kubeconfig = tmp_path / "kc.yaml"
     with (tmp_path / "stderr").open("wb") as stderr:
         await _standalone(kubeconfig, scheme, stderr)
@@ -48,7 +48,7 @@ async def _standalone(kubeconfig: Path, scheme: str, stderr: BinaryIO) -> None:
             while b"kubeconfig:" not in out:
                 out += await proc.stdout.receive_some(4096)
         assert os.stat(kubeconfig).st_mode & 0o777 == 0o600
-        kubectl = kubectl_versions()[0]
+        kubectl = require_kubectl()
         marker = f"marker{uuid.uuid4().hex[:10]}"
         base = [kubectl, "--kubeconfig", str(kubeconfig)]
         await trio.run_process([*base, "run", "p1", "--image=busybox", "--restart=Never", "--",

@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 from kubernetes_asyncio.client import ApiClient, Configuration
+from support import require_namespaces
 
 from kuberun_trio.cluster import status
 from kuberun_trio.cluster.faults import Faults
@@ -21,7 +22,6 @@ from kuberun_trio.cluster.kubelet import (
     go_duration,
     normalize_image,
 )
-from kuberun_trio.cluster.sandbox import namespaces_supported
 from kuberun_trio.cluster.store import Store
 
 NS = "default"
@@ -447,8 +447,7 @@ async def test_shutdown_kills_all(node: Node) -> None:
 
 
 async def test_namespaced_hostname() -> None:
-    if not await namespaces_supported():
-        pytest.skip("Linux namespaces not permitted here")
+    await require_namespaces()
     store, faults = Store(), Faults()
     kubelet = Kubelet(store, faults, node_name="n", backoff_base=0.1, use_namespaces=True)
     async with trio.open_nursery() as nursery:

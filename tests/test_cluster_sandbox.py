@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from support import require_namespaces
 
 from kuberun_trio.cluster.sandbox import (
     ContainerSandbox,
@@ -21,7 +22,6 @@ from kuberun_trio.cluster.sandbox import (
     ExecStartError,
     PodSandbox,
     SandboxProcess,
-    namespaces_supported,
 )
 
 MODES = [pytest.param(True, id="namespaces"), pytest.param(False, id="process-groups")]
@@ -29,8 +29,8 @@ MODES = [pytest.param(True, id="namespaces"), pytest.param(False, id="process-gr
 
 @pytest.fixture(params=MODES)
 async def sandbox(request: pytest.FixtureRequest) -> AsyncIterator[PodSandbox]:
-    if request.param and not await namespaces_supported():
-        pytest.skip("Linux namespaces not permitted here")
+    if request.param:
+        await require_namespaces()
     box = await PodSandbox.create("pod-a", namespaces=request.param)
     try:
         yield box
@@ -296,8 +296,7 @@ async def test_destroy_kills_everything_and_is_idempotent(sandbox: PodSandbox) -
 
 
 async def test_escaping_session_still_dies_with_namespaces() -> None:
-    if not await namespaces_supported():
-        pytest.skip("Linux namespaces not permitted here")
+    await require_namespaces()
     box = await PodSandbox.create("escape", namespaces=True)
     try:
         await run(box, ["sh", "-c", "setsid sleep 1000 >/dev/null 2>&1 </dev/null &"])
@@ -418,8 +417,7 @@ while True:  # unshare/nsenter only exit once the pod is gone; reap them
 
 
 async def test_sandbox_dies_with_a_crashed_owner() -> None:
-    if not await namespaces_supported():
-        pytest.skip("Linux namespaces not permitted here")
+    await require_namespaces()
     with trio.fail_after(20):
         result = await trio.run_process(
             [sys.executable, "-c", _REAPING_WRAPPER, _CRASHING_OWNER], capture_stdout=True
@@ -440,8 +438,7 @@ def _alive(pid: int) -> bool:
 
 
 async def test_cancelled_creation_leaves_nothing() -> None:
-    if not await namespaces_supported():
-        pytest.skip("Linux namespaces not permitted here")
+    await require_namespaces()
     before = set(_inits_named("cancelled"))
     for delay in (0, 0.0005, 0.001, 0.002, 0.005):
         with trio.move_on_after(delay):

@@ -36,7 +36,7 @@ def keygen(path: Path) -> Path:
     return path
 
 
-@pytest.mark.skipif(not Path("/usr/bin/ssh").exists(), reason="needs openssh-client")
+@pytest.mark.needs("ssh", "ssh-keygen")
 def test_embedding_example_serves_ssh(tmp_path: Path) -> None:
     program = next(b for b in blocks("docs/embedding.md", "python") if "trio.run(main" in b)
     (tmp_path / "serve_ssh.py").write_text(program)

@@ -42,12 +42,9 @@ from typing import Any, TypeVar
 import attrs
 import pytest
 import yaml
+from support import SFTP_SERVER, require_namespaces_sync
 
-pytestmark = pytest.mark.skipif(
-    not all(shutil.which(tool) for tool in ("ssh", "sftp", "scp", "ssh-keygen"))
-    or not Path("/usr/lib/openssh/sftp-server").exists(),
-    reason="needs openssh-client and openssh-sftp-server (./tests/run installs them)",
-)
+pytestmark = pytest.mark.needs("ssh", "sftp", "scp", "ssh-keygen", paths=[SFTP_SERVER])
 
 GATEWAY = [sys.executable, "-m", "kuberun_trio"]
 """How an operator starts the gateway."""
@@ -150,6 +147,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    require_namespaces_sync()  # the tests read the pod's name from `hostname`
     folder = tmp_path_factory.mktemp("cluster")
     kubeconfig, out = folder / "kubeconfig", folder / "cluster.log"
     with out.open("wb") as log:
@@ -355,7 +353,7 @@ def test_stdin_eof(gateway: GatewayProcess) -> None:
 
 # == pty ======================================================================================
 
-@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+@pytest.mark.needs("tmux")
 def test_pty_and_window_change(gateway: GatewayProcess, short_dir: Path) -> None:
     tmux = ["tmux", "-S", str(short_dir / "tmux"), "-f", "/dev/null"]
     env = {**ENV, "TERM": "xterm-256color"}

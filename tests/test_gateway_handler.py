@@ -138,14 +138,14 @@ async def test_delete_failing_is_bounded_and_logged(
     config = config_for(str(cluster.kubeconfig_path), timeouts={"podStop": "2s"})
     async with open_kube_client(config, rest_retry=FAST) as kube:
         h = handler(config, kube)
-        async with h.connected("alice") as pod:
-            cluster.faults.fail_requests("delete", "pods", 1000)
-            started = trio.current_time()
-        assert trio.current_time() - started < 2.5
+        with trio.fail_after(30):  # a hang would be a missing bound; no timing asserted
+            async with h.connected("alice") as pod:
+                cluster.faults.fail_requests("delete", "pods", 1000)
     assert len(deletes(cluster)) == 3  # every try failed with 500
     failed = [r for r in caplog.records if getattr(r, "event", "") == "pod-delete-failed"]
     assert failed and failed[0].levelno == logging.ERROR
     assert failed[0].pod == pod.name and "injected fault" in failed[0].getMessage()
+    assert failed[0].reason != "Timeout"  # the retries gave up, not the podStop deadline
     assert cluster.pods()  # nobody deleted it: the leftover orphan clean-up is for
 
 
@@ -158,12 +158,15 @@ async def test_delete_hanging_is_bounded_by_pod_stop(
         config = config_for(f"http://127.0.0.1:{port}", timeouts={"podStop": "1.5s"})
         async with open_kube_client(config) as kube:
             rule = proxy.stall(b"DELETE /api/v1/namespaces/default/pods/")
-            started = None
-            async with handler(config, kube).connected("alice"):
-                started = trio.current_time()
-            assert trio.current_time() - started < 2.0
+            # The DELETE never gets an answer: only the podStop deadline ends the teardown.
+            # fail_after is the hang guard; the log line says which bound fired.
+            with trio.fail_after(30):
+                async with handler(config, kube).connected("alice"):
+                    pass
             assert rule.hits == 1 and not deletes(http_cluster)
-            assert "pod-delete-failed" in [getattr(r, "event", "") for r in caplog.records]
+            failed = [r for r in caplog.records if getattr(r, "event", "") == "pod-delete-failed"]
+            assert [r.reason for r in failed] == ["Timeout"]
+            assert "delete timed out after 1.5s" in failed[0].getMessage()
             rule.release.set()
             await settle(lambda: not http_cluster.pods())
         nursery.cancel_scope.cancel()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import shutil
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -242,8 +241,7 @@ async def test_exec_runs_through_sh_c(tmp_path: Path) -> None:
         await close(conn)
 
 
-@pytest.mark.skipif(not SFTP_SERVER.exists(),
-                    reason=f"{SFTP_SERVER} missing (apt-get install openssh-sftp-server)")
+@pytest.mark.needs(paths=[SFTP_SERVER])
 async def test_sftp_subsystem_put_get(tmp_path: Path) -> None:
     payload = os.urandom(3 * 1024 * 1024 + 17)
     local = tmp_path / "up.bin"
@@ -282,7 +280,7 @@ async def test_unknown_subsystem_fails_the_request(tmp_path: Path) -> None:
         await close(conn)
 
 
-@pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH client not installed")
+@pytest.mark.needs("ssh")
 async def test_openssh_client_exec_and_tty(tmp_path: Path) -> None:
     async with open_rig(tmp_path) as rig:
         key = tmp_path / "id"

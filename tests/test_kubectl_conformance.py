@@ -10,21 +10,20 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import shutil
 import subprocess
 import uuid
 
 import pytest
 import trio
-from support import kubectl_versions
+from support import kubectl_id, kubectl_versions, require_kubectl, require_tools
 
 from kuberun_trio.cluster import EmbeddedCluster
 
-pytestmark = pytest.mark.skipif(not kubectl_versions(), reason="kubectl is not installed")
 
-
-@pytest.fixture(params=kubectl_versions() or ["kubectl"], ids=lambda p: p.rsplit("/", 1)[-1])
+@pytest.fixture(params=kubectl_versions() or ["kubectl"],
+                ids=lambda p: kubectl_id(p) if kubectl_versions() else "kubectl-missing")
 def kubectl(request: pytest.FixtureRequest) -> str:
+    require_kubectl()  # none installed: skip off CI, fail on CI
     return str(request.param)
 
 
@@ -79,9 +78,16 @@ async def _collect_watch(
     async with trio.open_nursery() as nursery:
         argv = [kubectl, "--kubeconfig", str(cluster.kubeconfig_path), "get", "pods", "-w",
                 "--field-selector", f"metadata.name={name}", "--no-headers"]
+        seq = len(cluster.request_log.entries) + cluster.request_log.dropped
         proc: trio.Process = await nursery.start(
             functools.partial(trio.run_process, argv, stdout=subprocess.PIPE, check=False))
-        await trio.sleep(0.5)  # the watch is open before the pod is created
+        # ``get -w`` lists, then watches from the list's resourceVersion: once the LIST is
+        # answered, every later change reaches the watch, whenever its request arrives.
+        with trio.fail_after(30):
+            while not any(e.kind == "http" and e.method == "GET" and e.status == 200
+                          and e.path == "/api/v1/namespaces/default/pods"
+                          for e in cluster.request_log.since(seq)):
+                await trio.sleep(0.02)
         task_status.started(proc)
         buf = b""
         assert proc.stdout is not None
@@ -104,8 +110,7 @@ async def test_exec_exit_code_and_stdin(cluster: EmbeddedCluster, kubectl: str) 
 
 
 async def test_exec_tty_resize_through_tmux(cluster: EmbeddedCluster, kubectl: str) -> None:
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed")
+    require_tools("tmux")
     pod = await run_pod(cluster, kubectl)
     session = f"kr-{uuid.uuid4().hex[:8]}"
     cmd = f"{kubectl} --kubeconfig {cluster.kubeconfig_path} exec -it {pod} -- sh"

@@ -238,19 +238,17 @@ def test_parse_password_file() -> None:
     assert [n for n, _ in problems] == [4, 5, 6, 7, 8]
 
 
-async def test_password_file_verify_and_unknown_user_costs_the_same(tmp_path: Path) -> None:
+async def test_password_file_verify(tmp_path: Path) -> None:
+    # That an unknown user costs the same is checked by counting hashes and comparing their
+    # cost parameters (test_server_auth_paths.py), not by one wall-clock sample.
     path = tmp_path / "passwd"
     path.write_text("alice:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=10)).decode() + "\n")
     pw = PasswordFile(str(path), LOG)
-    timings = {}
     for user, password, expected in [("alice", "pw", "password matches"),
                                      ("alice", "no", "wrong password"),
                                      ("mallory", "pw", "unknown user")]:
-        start = time.perf_counter()
         check = await pw.verify(user, password)
-        timings[expected] = time.perf_counter() - start
         assert check.reason == expected and check.ok is (expected == "password matches")
-    assert timings["unknown user"] > 0.5 * timings["wrong password"]
 
 
 async def test_password_file_unreadable_denies(tmp_path: Path,

@@ -24,7 +24,8 @@ from kuberun_trio.gateway.config import KubernetesConfig, parse_config
 from kuberun_trio.gateway.podtemplate import LABEL_INSTANCE, build_pod
 from kuberun_trio.server.keys import ensure_private_key, known_hosts_line, public_key_line
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/ssh"), reason="needs OpenSSH")
+needs_ssh = pytest.mark.needs("ssh", "ssh-keygen")
+"""For the tests that drive the OpenSSH client (the rest run the CLI alone)."""
 
 
 def cli(*args: str, home: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -142,6 +143,50 @@ async def ssh(argv: Sequence[str], command: str, **kw: Any) -> subprocess.Comple
     return result
 
 
+@needs_ssh
+@attrs.define
+class Streaming:
+    """An ``ssh`` client whose stdout is read as it arrives."""
+
+    proc: trio.Process
+    buffer: bytes = b""
+
+    async def line(self) -> bytes:
+        """The next line of output (with its newline)."""
+        assert self.proc.stdout is not None
+        while b"\n" not in self.buffer:
+            chunk = await self.proc.stdout.receive_some(4096)
+            assert chunk, f"ssh closed its output before a full line: {self.buffer!r}"
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        return line + b"\n"
+
+    async def rest(self) -> bytes:
+        """Everything else it prints until it closes its output."""
+        assert self.proc.stdout is not None
+        async for chunk in self.proc.stdout:
+            self.buffer += chunk
+        rest, self.buffer = self.buffer, b""
+        return rest
+
+
+async def ssh_streaming(argv: Sequence[str], command: str,
+                        task_status: trio.TaskStatus[Streaming] = trio.TASK_STATUS_IGNORED
+                        ) -> None:
+    """Run ``ssh`` in the caller's nursery; hands back a :class:`Streaming` at once."""
+    proc = await trio.lowlevel.open_process(
+        [*argv, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", command],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        task_status.started(Streaming(proc))
+        await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
+
+
 async def test_demo_mode_prints_a_working_ssh_command(tmp_path: Path) -> None:
     state = tmp_path / "state"
     args = ["--state-dir", str(state), "--listen", "127.0.0.1:0"]
@@ -236,6 +281,7 @@ async def test_gc_dry_run_then_delete(cluster: EmbeddedCluster, tmp_path: Path) 
     await wait_for(lambda: list(live_pods(cluster).values()) == ["someone-else"])
 
 
+@needs_ssh
 async def test_orphans_swept_sessions_served_sigterm_deletes_pods(
         cluster: EmbeddedCluster, tmp_path: Path) -> None:
     keys = make_keys(tmp_path)
@@ -249,26 +295,21 @@ async def test_orphans_swept_sessions_served_sigterm_deletes_pods(
         result = await ssh(argv, "printf hello")
         assert (result.returncode, result.stdout) == (0, b"hello"), result.stderr
         async with trio.open_nursery() as nursery:
-            long = trio.Event()
-            outcome: list[subprocess.CompletedProcess[bytes]] = []
-
-            async def long_session() -> None:
-                outcome.append(await ssh(argv, "echo started; exec sleep 60"))
-                long.set()
-
-            nursery.start_soon(long_session)
-            await wait_for(lambda: sorted(live_pods(cluster).values()) == ["gw-a", "gw-b"])
-            await trio.sleep(0.5)  # the session's exec is running
+            long = await nursery.start(ssh_streaming, argv, "echo started; exec sleep 60")
+            with trio.fail_after(30):  # the session's exec runs: its first line arrived
+                assert await long.line() == b"started\n"
             assert await stop(server) == 0
-            await long.wait()
-        assert outcome[0].stdout == b"started\n"
-        assert outcome[0].returncode != 0  # cut by the shutdown, not finished
+            with trio.fail_after(30):
+                assert await long.rest() == b""
+                returncode = await long.proc.wait()
+        assert returncode != 0  # cut by the shutdown, not finished
         assert sorted(live_pods(cluster).values()) == ["gw-b"]
         log = server.log()
         assert '"event": "shutdown-requested"' in log
         assert '"event": "shutdown-complete"' in log
 
 
+@needs_ssh
 async def test_a_second_signal_forces_the_exit(cluster: EmbeddedCluster, tmp_path: Path) -> None:
     keys = make_keys(tmp_path)
     args = server_args(cluster, keys, "gw-force", "--grace", "30")
@@ -276,17 +317,19 @@ async def test_a_second_signal_forces_the_exit(cluster: EmbeddedCluster, tmp_pat
         keys.known_hosts.write_text(known_hosts_line(
             "127.0.0.1", server.port, ensure_private_key(keys.host)[0]) + "\n")
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(ssh, keys.ssh_argv(server.port), "exec sleep 60")
-            await wait_for(lambda: "gw-force" in live_pods(cluster).values())
-            await trio.sleep(0.5)
+            session = await nursery.start(ssh_streaming, keys.ssh_argv(server.port),
+                                          "echo started; exec sleep 60")
+            with trio.fail_after(30):
+                assert await session.line() == b"started\n"
             server.proc.send_signal(signal.SIGTERM)
-            await trio.sleep(0.5)
+            await wait_for(lambda: '"event": "shutdown-requested"' in server.log(), seconds=10)
             with trio.fail_after(10):  # well before the 30 s grace period
                 assert await stop(server, signal.SIGINT) == 1
         await wait_for(lambda: "gw-force" not in live_pods(cluster).values())
         assert '"event": "shutdown-forced"' in server.log()
 
 
+@needs_ssh
 async def test_sighup_reloads_authorized_keys(cluster: EmbeddedCluster, tmp_path: Path) -> None:
     keys = make_keys(tmp_path)
     authorized = keys.authorized.read_text()

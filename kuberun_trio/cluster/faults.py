@@ -13,10 +13,17 @@ methods at the point where the fault bites: the kubelet asks
 Faults that act on running things (expire, evict, kill) are delegated to the
 store and kubelet, which the assembly in :mod:`kuberun_trio.cluster` binds with
 :meth:`bind`.
+
+Every fault that bites is recorded in :attr:`Faults.hits` with what it hit (a
+:class:`FaultHit`: the request line, the exec stream's pod, the pod evicted,
+or every open watch), so a harness can tell a failure the fault caused from
+one that merely happened at the same time. The record is bounded (the newest
+``MAX_HITS``).
 """
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 from collections.abc import Awaitable, Callable
 
@@ -32,6 +39,24 @@ class RequestFailure:
     """500 or 429 (or any other status)."""
     retry_after: int | None = None
     """Seconds for the ``Retry-After`` header (429)."""
+
+
+MAX_HITS = 10_000
+"""How many :class:`FaultHit` records :attr:`Faults.hits` keeps (the newest)."""
+
+
+@attrs.frozen
+class FaultHit:
+    """One injected fault reaching its target."""
+
+    kind: str
+    """``api-<code>``, ``exec-cut``, ``watch-drop``, ``evict`` or ``kill``."""
+    time: float
+    """``trio.current_time()`` when it bit."""
+    target: str
+    """What it hit: ``GET /api/v1/...?query``, ``exec stream of pod p``, ``pod ns/p``, ..."""
+    pod: str | None = None
+    """The one pod it hit, if it hit one (None: a collection request or every watch)."""
 
 
 @attrs.define
@@ -69,6 +94,11 @@ class Faults:
         self._expire: Callable[[], None] | None = None
         self._evict: PodAction | None = None
         self._kill: PodAction | None = None
+        self.hits: collections.deque[FaultHit] = collections.deque(maxlen=MAX_HITS)
+        """The faults that bit, oldest first (the newest ``MAX_HITS``)."""
+
+    def _hit(self, kind: str, target: str, pod: str | None = None) -> None:
+        self.hits.append(FaultHit(kind, trio.current_time(), target, pod))
 
     def bind(self, *, expire: Callable[[], None], evict: PodAction, kill: PodAction) -> None:
         """Connect the faults that act on the store and kubelet (done by the assembly)."""
@@ -119,11 +149,16 @@ class Faults:
         """Disarm every :meth:`fail_requests` rule."""
         self._request_rules.clear()
 
-    def take_request_failure(self, verb: str, resource: str) -> RequestFailure | None:
-        """Consume and return the failure for this request, if one is armed."""
+    def take_request_failure(self, verb: str, resource: str, *, target: str = "",
+                             pod: str | None = None) -> RequestFailure | None:
+        """Consume and return the failure for this request, if one is armed.
+
+        ``target`` (the request line) and ``pod`` (the pod it names) go into :attr:`hits`.
+        """
         for rule in self._request_rules:
             if rule.remaining > 0 and rule.verb in ("*", verb) and rule.resource in ("*", resource):
                 rule.remaining -= 1
+                self._hit(f"api-{rule.failure.code}", target or f"{verb} {resource}", pod)
                 return rule.failure
         return None
 
@@ -150,6 +185,7 @@ class Faults:
     # -- watches ------------------------------------------------------------
     def drop_watches(self) -> None:
         """End every open watch stream abruptly (clients must resume)."""
+        self._hit("watch-drop", "every open watch")
         self._watch_drop.set()
         self._watch_drop = trio.Event()
 
@@ -178,6 +214,7 @@ class Faults:
         for cut in self._exec_cuts:
             if cut.pod in (None, pod):
                 self._exec_cuts.remove(cut)
+                self._hit("exec-cut", f"exec stream of pod {pod}", pod)
                 return cut.after_bytes
         return None
 
@@ -186,8 +223,10 @@ class Faults:
         """Evict a running pod, like node-pressure eviction: phase Failed, reason Evicted."""
         assert self._evict is not None, "Faults not bound to a cluster"
         await self._evict(namespace, pod)
+        self._hit("evict", f"pod {namespace}/{pod}", pod)
 
     async def kill(self, namespace: str, pod: str) -> None:
         """SIGKILL every process of the pod's containers (they exit 137)."""
         assert self._kill is not None, "Faults not bound to a cluster"
         await self._kill(namespace, pod)
+        self._hit("kill", f"pod {namespace}/{pod}", pod)

@@ -217,8 +217,11 @@ class ApiServer:
         if self.token is not None and req.headers.get("authorization") != f"Bearer {self.token}":
             return Response(401, UNAUTHORIZED)
         await self.faults.pass_stall()
-        verb, resource, _, _ = classify(req)
-        failure = self.faults.take_request_failure(verb, resource)
+        verb, resource, _, name = classify(req)
+        query = urllib.parse.urlencode(req.query, doseq=True)
+        failure = self.faults.take_request_failure(
+            verb, resource, target=f"{req.method} {req.path}{'?' if query else ''}{query}",
+            pod=name if resource.startswith("pods") else None)
         if failure is not None:
             return _failure_response(failure)
         try:
