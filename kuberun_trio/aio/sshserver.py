@@ -220,6 +220,7 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._writable.set()
         self._finished = False
         self._noticed: set[str] = set()
+        self._ending: str | None = None
 
     def __repr__(self) -> str:
         return f"<GatewaySession {self.machine!r}>"
@@ -376,6 +377,9 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._pending_bytes = 0
         self._apply(self.machine.started())
         result = await stream.run(self)
+        if self._ending is not None:  # the gateway ended it (a time limit): 255, as sshd
+            self.fail(self._ending)
+            return result
         if result.exit_code in (None, KILLED) and target.pod_loss is not None:
             reason = await run_trio(target.pod_loss, POD_LOSS_WAIT)
             if reason is not None:  # the pod is gone: say so, not "killed by a signal"
@@ -415,6 +419,12 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             if not told:
                 self._do(SendStderr(f"kuberun: {message}\n"))
             self._chan.exit(255)
+
+    def end_soon(self, message: str) -> None:
+        """The gateway is ending this session: tell the client now; when the process
+        exits, report ``message`` (not repeated) and exit status 255."""
+        self.notice(message)
+        self._ending = message
 
     def notice(self, message: str) -> None:
         """Write ``message`` on stderr without ending the session (e.g. shutdown ahead)."""

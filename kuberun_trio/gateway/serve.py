@@ -55,7 +55,7 @@ import trio
 from ..aio import sshserver
 from ..aio.bridge import ensure_aio_loop, run_aio
 from ..aio.kube import KubeClient, open_kube_client
-from .audit import AuditPolicy
+from .audit import AuditPolicy, ConnectionEnd
 from .auth import Authenticator, AuthResult
 from .config import KubernetesConfig
 from .connection import ConnectionRuntime
@@ -75,6 +75,7 @@ from .podwatch import PodWatchHub
 from .reaper import GcOptions, Reaper
 from .session import SessionConfig
 from .throttle import LoginPolicy
+from .timelimits import SessionTimeLimits
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,9 @@ class GatewayOptions:
     """Connection, session and signal limits (:mod:`kuberun_trio.gateway.limits`)."""
     audit: AuditPolicy = attrs.field(factory=AuditPolicy)
     """What the audit log records of client input (commands: on, cut at 1024 bytes)."""
+    time_limits: SessionTimeLimits = attrs.Factory(SessionTimeLimits)
+    """Idle and maximum session time (:mod:`.timelimits`; both off by default). With a
+    maximum, every pod gets ``activeDeadlineSeconds`` (duration + grace + podStop)."""
 
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
@@ -190,10 +194,10 @@ class _Server:
         auth: AuthResult = ssh.auth_result or AuthResult()
         runtime = ConnectionRuntime(handler, self.session_config, username=ssh.username,
                                     auth=auth, make_target=self._target, close_connection=ssh.close,
-                                    audit=ssh.audit)
+                                    audit=ssh.audit, time_limits=self.options.time_limits)
         if self.closing is not None:  # authenticated while the gateway shuts down
             runtime.abort(self.closing)
-            ssh.audit.connection_end(self.closing)
+            ssh.audit.connection_end(self.closing, ConnectionEnd.SHUTDOWN)
             return runtime
         log.info("connection %s: %r from %s authenticated (%s)", cid, ssh.username, client,
                  auth.method or "?", extra={"event": "connection-start", **ssh.audit.fields,
@@ -218,6 +222,7 @@ class _Server:
             self.gateway.connections.pop(runtime.connection_id, None)
             self._changed.set()
             runtime.audit.connection_end(runtime.end_reason or "ended",
+                                         runtime.end_kind or ConnectionEnd.ERROR,
                                          username=runtime.username)
 
     async def _wait_connections_gone(self) -> None:
@@ -309,7 +314,8 @@ async def serve_gateway(
             keeper = LeaseKeeper(kube, options.lease, options.instance)
             await keeper.acquire()  # before anything touches pods
         try:
-            await _serve(_with_identity(options, keeper), kube, keeper, task_status)
+            await _serve(_with_deadline(_with_identity(options, keeper)), kube, keeper,
+                         task_status)
         finally:
             if keeper is not None:
                 await keeper.release()
@@ -325,6 +331,20 @@ def _with_identity(options: GatewayOptions, keeper: LeaseKeeper | None) -> Gatew
         annotations[ANNOTATION_LEASE] = keeper.ref
     metadata["annotations"] = annotations
     kubernetes = attrs.evolve(options.kubernetes, pod=attrs.evolve(pod, metadata=metadata))
+    return attrs.evolve(options, kubernetes=kubernetes)
+
+
+def _with_deadline(options: GatewayOptions) -> GatewayOptions:
+    """``options`` whose pods carry ``activeDeadlineSeconds`` for ``maxSessionDuration``
+    (the smaller one if the configured spec has its own)."""
+    deadline = options.time_limits.active_deadline(options.kubernetes.timeouts.pod_stop)
+    if deadline is None:
+        return options
+    pod = options.kubernetes.pod
+    spec = dict(pod.spec)
+    own = spec.get("activeDeadlineSeconds")
+    spec["activeDeadlineSeconds"] = min(deadline, own) if isinstance(own, int) else deadline
+    kubernetes = attrs.evolve(options.kubernetes, pod=attrs.evolve(pod, spec=spec))
     return attrs.evolve(options, kubernetes=kubernetes)
 
 

@@ -33,6 +33,7 @@ from ..configtools import (
     InvalidValue,
     check_keys,
     duration,
+    duration_or_off,
     key_path,
     make_converter,
     read_yaml_mapping,
@@ -46,6 +47,7 @@ from ..gateway.lease import default_instance
 from ..gateway.limits import Limits, MaxStartups
 from ..gateway.podtemplate import dns1123_label_problem
 from ..gateway.throttle import LoginPolicy
+from ..gateway.timelimits import SessionTimeLimits
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 2222
@@ -137,6 +139,25 @@ class SSHConfig:
     """Unanswered probes before the connection is closed (and its pod deleted)."""
     max_connections: int = 1000
     """Open connections at once, authenticated or not."""
+    idle_timeout: float = duration_or_off()
+    """No session channel data in either direction for this long ends the connection
+    (keepalives do not count); 0: off."""
+    max_session_duration: float = duration_or_off()
+    """Time from login after which the connection is ended; 0: off. Pods then get
+    ``activeDeadlineSeconds`` = this + ``timeoutGracePeriod`` + ``kubernetes.timeouts.podStop``."""
+    timeout_warning: float = duration_or_off(60.0)
+    """A warning is written to every open session this long before a limit (at most half
+    the limit); 0: none."""
+    timeout_grace_period: float = duration_or_off(10.0)
+    """Time from the SIGTERM at a limit to closing the channels and the connection."""
+
+    @property
+    def time_limits(self) -> SessionTimeLimits:
+        """The gateway's :class:`~kuberun_trio.gateway.timelimits.SessionTimeLimits`."""
+        return SessionTimeLimits(idle_timeout=self.idle_timeout or None,
+                                 max_session_duration=self.max_session_duration or None,
+                                 timeout_warning=self.timeout_warning,
+                                 timeout_grace_period=self.timeout_grace_period)
 
     @property
     def address(self) -> tuple[str, int]:
