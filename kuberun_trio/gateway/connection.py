@@ -72,11 +72,12 @@ from ..errors import KuberunError, PodStartError, client_message
 from .audit import ConnectionAudit, ConnectionEnd
 from .auth import AuthResult
 from .pod import ConnectedPod, ConnectionHandler
-from .session import SessionConfig, SessionMachine, SignalPlan
+from .session import ExecPlan, SessionConfig, SessionMachine, SignalPlan
 from .timelimits import SessionTimeLimits, TimeLimitWatch
 
 if TYPE_CHECKING:
     from ..aio.sshserver import ExecTarget, GatewaySession
+    from ..recording import Recorder, SessionRecording
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ class ConnectionRuntime:
                  make_target: Callable[[ConnectedPod], ExecTarget],
                  close_connection: Callable[[], None],
                  audit: ConnectionAudit | None = None,
-                 time_limits: SessionTimeLimits | None = None) -> None:
+                 time_limits: SessionTimeLimits | None = None,
+                 recorder: Recorder | None = None) -> None:
         self.handler = handler
         self.audit = audit or ConnectionAudit(handler.connection_id, handler.client_address)
         """The connection's audit record (address, policy for commands, byte counters)."""
@@ -105,6 +107,8 @@ class ConnectionRuntime:
         self.end_kind: ConnectionEnd | None = None
         """:attr:`end_reason` in one word (set with it)."""
         self.time_limits = time_limits or SessionTimeLimits()
+        self.recorder = recorder
+        """Records every session channel (``audit.enable``), or None."""
         self.session_config = session_config
         self.username = username
         self.auth = auth
@@ -313,6 +317,8 @@ class ConnectionRuntime:
                    event="session-start", session_id=session_id, kind=kind, **what)
         started = trio.current_time()
         result = None
+        if self.recorder is not None and plan is not None:
+            session.recording = self._record(session_id, plan)
         with trio.CancelScope() as scope:
             session.abort = scope.cancel
             try:
@@ -324,6 +330,9 @@ class ConnectionRuntime:
                 session.fail(f"internal error in the gateway (connection {self.connection_id})")
             finally:
                 self._sessions.discard(session)
+                if session.recording is not None:
+                    session.recording.close()
+                    session.recording = None
                 status = result.exit_code if result is not None else None
                 self._info("session %s exited: %s", session_id,
                            "status " + str(status) if status is not None else "no status",
@@ -332,6 +341,17 @@ class ConnectionRuntime:
                            duration_ms=round(1000 * (trio.current_time() - started)))
         if self._draining is not None and not self._sessions and not self._pending:
             self.abort(self._draining, self._draining_kind)
+
+    def _record(self, session_id: str, plan: ExecPlan) -> SessionRecording:
+        assert self.recorder is not None
+        shell = self.session_config.shell_command[0]
+        command = " ".join(plan.command[-1:] if plan.kind == "exec" else plan.command)
+        return self.recorder.open(
+            connection_id=self.connection_id, number=int(session_id.rsplit("-", 1)[1]),
+            kind=plan.kind, width=plan.width, height=plan.height,
+            env={"TERM": plan.term or "", "SHELL": shell},
+            title=f"{self.username}: {command[:1024]}",
+            fields={**self.audit.fields, "session_id": session_id})
 
     async def _run_signal(self, plan: SignalPlan) -> None:
         from ..aio.sshserver import run_command

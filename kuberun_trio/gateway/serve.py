@@ -55,6 +55,7 @@ import trio
 from ..aio import sshserver
 from ..aio.bridge import ensure_aio_loop, run_aio
 from ..aio.kube import KubeClient, open_kube_client
+from ..recording import Recorder, RecordingOptions
 from .audit import AuditPolicy, ConnectionEnd
 from .auth import Authenticator, AuthResult
 from .config import KubernetesConfig
@@ -118,6 +119,9 @@ class GatewayOptions:
     time_limits: SessionTimeLimits = attrs.Factory(SessionTimeLimits)
     """Idle and maximum session time (:mod:`.timelimits`; both off by default). With a
     maximum, every pod gets ``activeDeadlineSeconds`` (duration + grace + podStop)."""
+    recording: RecordingOptions | None = None
+    """Record every session channel as an asciicast v2 file (:mod:`kuberun_trio.recording`);
+    None: no recording."""
 
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
@@ -160,6 +164,7 @@ class _Server:
         self.kube = kube
         self.hub = hub
         self.reaper = reaper
+        self.recorder: Recorder | None = None
         self.nursery = nursery
         self.session_config = session_config_for(options.kubernetes)
         self.gateway = Gateway(("", 0), _server=self)
@@ -194,7 +199,8 @@ class _Server:
         auth: AuthResult = ssh.auth_result or AuthResult()
         runtime = ConnectionRuntime(handler, self.session_config, username=ssh.username,
                                     auth=auth, make_target=self._target, close_connection=ssh.close,
-                                    audit=ssh.audit, time_limits=self.options.time_limits)
+                                    audit=ssh.audit, time_limits=self.options.time_limits,
+                                    recorder=self.recorder)
         if self.closing is not None:  # authenticated while the gateway shuts down
             runtime.abort(self.closing)
             ssh.audit.connection_end(self.closing, ConnectionEnd.SHUTDOWN)
@@ -362,6 +368,9 @@ async def _serve(options: GatewayOptions, kube: KubeClient, keeper: LeaseKeeper 
         hub = await nursery.start(PodWatchHub(
             kube, label_selector_for_instance(options.instance)).run)
         server = _Server(options, kube, nursery, hub, reaper)
+        if options.recording is not None:
+            server.recorder = Recorder(options.recording)
+            await nursery.start(server.recorder.run)
         server.gateway.connections = connections
         server.gateway.lease, server.gateway.reaper = keeper, reaper
         await nursery.start(reaper.run)
