@@ -30,9 +30,13 @@ def run_module(args: list[str], out: Path, timeout: float) -> dict[str, Any]:
 
 
 def test_gateway_benchmark_quick(tmp_path: Path) -> None:
-    r = run_module(["benchmarks.gateway", "--quick"], tmp_path / "bench.json", 90)
+    # 120 s: the quick run also moves its data once more, with session recording on
+    r = run_module(["benchmarks.gateway", "--quick"], tmp_path / "bench.json", 120)
     systems = {"gateway", "asyncssh", "kube"} | ({"sshd"} if r["sshd"] else set())
     assert set(r["datapath"]) == systems
+    recording = r["recording"]
+    assert recording["files"] >= 1 and recording["bytes_written"] > 0, recording
+    assert 0 < recording["download_mib_s_ratio"] and 0 < recording["upload_mib_s_ratio"]
     for name, dp in r["datapath"].items():
         assert 1 < dp["download_mib_s"] < 100_000, (name, dp)
         assert 1 < dp["upload_mib_s"] < 100_000, (name, dp)

@@ -107,11 +107,23 @@ async def test_a_full_buffer_drops_and_marks_the_recording_incomplete(
     outputs = "".join(data for _, code, data in events if code == "o")
     assert outputs == "x" * 1000 + "after\n"
     assert [data for _, code, data in events if code == "m"] == [
-        "recording incomplete: 2000 bytes not recorded (the disk did not keep up)"]
+        "recording incomplete: 2000 bytes not recorded (the recorder did not keep up)"]
     events_logged = [r.__dict__.get("event") for r in caplog.records]
     assert events_logged.count("recording-incomplete") == 1
     end = [r for r in caplog.records if r.__dict__.get("event") == "recording-end"]
     assert end[0].__dict__["bytes_not_recorded"] == 2000
+
+
+async def test_the_writer_keeps_to_its_cpu_budget(tmp_path: Path) -> None:
+    recorder = Recorder(RecordingOptions(str(tmp_path), cpu_share=0.0))
+    rec = _open(recorder)
+    rec.stdout(b"never written\n")
+    rec.close()
+    await recorder.flush()
+    _, events = _read(rec.path)
+    assert [(code, data) for _, code, data in events] == [
+        ("m", "recording incomplete: 14 bytes not recorded (the recorder did not keep up)")]
+    assert rec.skipped == 14
 
 
 async def test_an_unwritable_directory_is_logged_and_the_session_goes_on(

@@ -14,6 +14,10 @@ bounded (:attr:`RecordingOptions.buffer_bytes` per channel): a chunk that does n
 is dropped and counted, never waited for, so a slow or full disk cannot slow or block a
 session. The writer notes each gap in the file as a marker event (``recording
 incomplete: N bytes not recorded``) and logs ``recording-incomplete`` once per channel.
+The writer thread also has a CPU budget (:attr:`RecordingOptions.cpu_share`): decoding
+and JSON-encoding a flood of binary output costs about as much CPU as relaying it, and
+the thread holds the GIL meanwhile; what is left of a batch past the budget is
+counted and marked the same way, not written.
 
 The writer wakes every :attr:`RecordingOptions.flush_interval` seconds (sooner when a
 buffer is half full), swaps out every channel's pending events on trio's thread, and
@@ -32,6 +36,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -64,6 +69,10 @@ class RecordingOptions:
     """Pending bytes per channel before chunks are dropped (the recording is incomplete)."""
     flush_interval: float = 0.5
     """Longest time between two writes (and flushes) of a file."""
+    cpu_share: float = 0.1
+    """CPU time the writer thread may spend per second (decoding, JSON): beyond it, the
+    rest of a batch is not recorded (marked incomplete), so recording a flood of binary
+    output cannot take the gateway's CPU (and GIL) from the sessions."""
 
 
 class SessionRecording:
@@ -81,6 +90,8 @@ class SessionRecording:
         self.bytes_out = 0
         self.dropped = 0
         """Bytes not recorded because the buffer was full (all so far)."""
+        self.skipped = 0
+        """Bytes not recorded because the writer was over its CPU share (all so far)."""
         self.closed = False
         self.failed = False
         self._recorder = recorder
@@ -94,6 +105,7 @@ class SessionRecording:
         self._decoders = {code: codecs.getincrementaldecoder("utf-8")("replace")
                           for code in ("o", "i")}
         self._reported = 0
+        self.logged_incomplete = False
 
     def __repr__(self) -> str:
         return (f"<SessionRecording {self.path} pending={self._pending} dropped={self.dropped}"
@@ -144,8 +156,10 @@ class SessionRecording:
         dropped, self._reported = self.dropped - self._reported, self.dropped
         return events, dropped, self.closed
 
-    def write(self, events: list[_Event], dropped: int, closing: bool) -> None:
-        """Append ``events`` to the file (in the writer thread)."""
+    def write(self, events: list[_Event], dropped: int, closing: bool,
+              cpu_deadline: float = math.inf) -> None:
+        """Append ``events`` to the file (in the writer thread). Events left when the
+        thread's CPU time passes ``cpu_deadline`` are counted, not written."""
         if self._file is None:
             if self._header is None:
                 return  # failed earlier
@@ -153,16 +167,24 @@ class SessionRecording:
             self._file.write(self._header)
             self._header = None
         lines = []
+        skipped = 0
         for at, code, data in events:
+            if skipped or time.thread_time() > cpu_deadline:
+                skipped += len(data) if code != "r" else 0
+                continue
             if code in self._decoders:
                 data = self._decoders[code].decode(data)
                 if not data:
                     continue
             lines.append(asciicast.event(at - self.started, code, data))
         now = time.monotonic() - self.started
-        if dropped:
-            lines.append(asciicast.event(now, "m", f"recording incomplete: {dropped} bytes "
-                                         f"not recorded (the disk did not keep up)"))
+        if skipped:
+            for decoder in self._decoders.values():
+                decoder.reset()  # a character split at the gap is lost with it
+            self.skipped += skipped
+        if dropped or skipped:
+            lines.append(asciicast.event(now, "m", f"recording incomplete: {dropped + skipped} "
+                                         f"bytes not recorded (the recorder did not keep up)"))
         if closing:
             for code, decoder in self._decoders.items():
                 if rest := decoder.decode(b"", final=True):
@@ -197,6 +219,8 @@ class Recorder:
         self.options = options
         self._open: list[SessionRecording] = []
         self._wake = trio.Event()
+        self._allowance = options.cpu_share  # CPU seconds the writer may use now
+        self._last: float | None = None
 
     def __repr__(self) -> str:
         return f"<Recorder {self.options.directory} open={len(self._open)}>"
@@ -240,26 +264,38 @@ class Recorder:
         batch = [(recording, *recording.take()) for recording in self._open]
         self._open = [r for r, _, _, closing in batch if not closing]
         if batch:
-            await trio.to_thread.run_sync(_write_all, batch)
-        for recording, _, dropped, closing in batch:
-            if dropped and recording.dropped == dropped:  # the first gap of this channel
-                log.warning("recording %s is incomplete: the disk does not keep up",
+            # a token bucket of CPU seconds: cpu_share per second, at most one second's worth
+            share, now = self.options.cpu_share, trio.current_time()
+            if self._last is not None:
+                self._allowance = min(self._allowance + share * (now - self._last), share)
+            self._last = now
+            used = await trio.to_thread.run_sync(_write_all, batch, max(self._allowance, 0.0))
+            self._allowance -= used
+        for recording, _, _, closing in batch:
+            if (recording.dropped or recording.skipped) and not recording.logged_incomplete:
+                recording.logged_incomplete = True
+                log.warning("recording %s is incomplete: the recorder does not keep up",
                             recording.path, extra={"event": "recording-incomplete",
                                                    **recording.fields, "path": recording.path})
             if closing and not recording.failed:
                 log.info("recording %s closed", recording.path, extra={
                     "event": "recording-end", **recording.fields, "path": recording.path,
-                    "bytes_not_recorded": recording.dropped})
+                    "bytes_not_recorded": recording.dropped + recording.skipped})
 
 
-def _write_all(batch: list[tuple[SessionRecording, list[_Event], int, bool]]) -> None:
+def _write_all(batch: list[tuple[SessionRecording, list[_Event], int, bool]],
+               budget: float = math.inf) -> float:
+    """Write every recording's events within ``budget`` CPU seconds; the CPU time used."""
+    started = time.thread_time()
+    deadline = started + budget
     for recording, events, dropped, closing in batch:
         if recording.failed:
             continue
         try:
-            recording.write(events, dropped, closing)
+            recording.write(events, dropped, closing, deadline)
         except (OSError, ValueError) as exc:
             recording.abandon()
             log.error("cannot write recording %s: %s", recording.path, exc,
                       extra={"event": "recording-failed", **recording.fields,
                              "path": recording.path, "error": str(exc)})
+    return time.thread_time() - started
