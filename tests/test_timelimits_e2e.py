@@ -29,8 +29,12 @@ def test_idle_session_is_warned_then_ended(cluster: Cluster, keys: Keys,
     config = {"ssh": {"idleTimeout": "2s", **SHORT}}
     with gateway_with(cluster, keys, tmp_path, "tl-idle", config) as gateway:
         started = time.monotonic()
+        tty = spawn(gateway.ssh("echo ready; exec sleep 600", "-tt"))  # a pty session, too
         result = gateway.run("echo ready; exec sleep 600", timeout=60)
         took = time.monotonic() - started
+        tty_out, tty_err = tty.communicate(timeout=30)
+        assert tty.returncode == 255
+        assert b"kuberun: session idle time limit reached\r\n" in tty_out + tty_err
         assert result.returncode == 255, result
         assert result.stdout == b"ready\n"
         err = result.stderr.decode()
