@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +183,14 @@ def test_audit_config_errors_name_the_keys(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"audit\.file\.directory: .* is not a directory"):
         parse_server_config({"audit": {"enable": True, "file": {
             "directory": str(tmp_path / "f" / "rec")}}}, instance="t", files=True)
+
+
+def test_check_config_says_not_supported(tmp_path: Path) -> None:
+    path = tmp_path / "audit.yaml"
+    path.write_text("audit: {enable: true, format: binary, storage: s3, "
+                    "file: {directory: /tmp}}\n")
+    result = subprocess.run([sys.executable, "-m", "kuberun_trio", "check-config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "audit.format: 'binary' is not supported (supported: asciinema)" in result.stderr
+    assert "audit.storage: 's3' is not supported (supported: file)" in result.stderr
