@@ -30,7 +30,9 @@ def test_idle_session_is_warned_then_ended(cluster: Cluster, keys: Keys,
     with gateway_with(cluster, keys, tmp_path, "tl-idle", config) as gateway:
         started = time.monotonic()
         tty = spawn(gateway.ssh("echo ready; exec sleep 600", "-tt"))  # a pty session, too
-        result = gateway.run("echo ready; exec sleep 600", timeout=60)
+        # the client's keepalives (every second, answered) are not activity
+        result = gateway.run("echo ready; exec sleep 600", "-o", "ServerAliveInterval=1",
+                             timeout=60)
         took = time.monotonic() - started
         tty_out, tty_err = tty.communicate(timeout=30)
         assert tty.returncode == 255
