@@ -464,6 +464,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 again = measure_datapath(gw_port, "bench", ctx, {"gateway": gateway.pid})
                 dp["gateway_metrics"]["cpu_s_per_gib_gateway_off_again"] = \
                     again["cpu_s_per_gib_gateway"]
+            if not args.no_recording:
+                step("data path: gateway with session recording")
+                recorded = Party("gateway-rec", python(
+                    "-m", "benchmarks.gateway_datapath", "--serve-gateway", str(host), str(pub),
+                    "--kubeconfig", str(kubeconfig), "--kube-config", json.dumps(kube_cfg),
+                    "--record", str(workdir / "recordings")), workdir)
+                parties.append(recorded)
+                on = measure_datapath(int(recorded.readline()), "bench", ctx, {
+                    "gateway": recorded.pid})
+                recorded.stop()
+                parties.remove(recorded)
+                casts = list((workdir / "recordings").rglob("*.cast"))
+                results["recording"] = {
+                    "on": on, "off": dp["gateway"], "files": len(casts),
+                    "bytes_written": sum(p.stat().st_size for p in casts),
+                    **{f"{k}_ratio": on[k] / dp["gateway"][k]
+                       for k in ("download_mib_s", "upload_mib_s")}}
+                shutil.rmtree(workdir / "recordings", ignore_errors=True)
             step("data path: asyncssh baseline")
             dp["asyncssh"] = measure_datapath(base_port, "bench", ctx, {"server": baseline.pid})
             if sshd:
@@ -564,6 +582,12 @@ def table(results: dict[str, Any]) -> str:
                      f"{on['cpu_s_per_gib_gateway'] / off:>10.3f}"
                      f"  (off: mean of the runs before and after, if any; {on['scrapes']} scrapes; "
                      "goal <= 1.02)")
+    rec = results.get("recording")
+    if rec:
+        for what in ("download", "upload"):
+            row(f"  {what} MiB/s recording on",
+                {"gateway": rec["on"][f"{what}_mib_s"]},
+                f"{rec[f'{what}_mib_s_ratio']:.2f}x of off (goal >= 0.8x)")
     row("setup to first byte p50 ms", pick(st, "total_ms", "p50"))
     row("setup to first byte p99 ms", pick(st, "total_ms", "p99"))
     row("  handshake p50 ms", pick(st, "handshake_ms", "p50"))
@@ -616,6 +640,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds one fleet connection may take to answer (default 120)")
     parser.add_argument("--logs", type=Path, help="keep every process's stderr in this dir")
     parser.add_argument("--no-sshd", action="store_true", help="skip the sshd baseline")
+    parser.add_argument("--no-recording", action="store_true",
+                        help="skip the data path with session recording on")
     args = parser.parse_args(argv)
     defaults = ({"mib": 16, "keys": 100, "setups": 3, "idle_n": 10, "levels": [10]} if args.quick
                 else {"mib": 512, "keys": 1000, "setups": 30, "idle_n": 100,

@@ -137,12 +137,13 @@ def baseline_main(key_file: str, pub_file: str) -> None:
 
 
 def gateway_main(key_file: str, pub_file: str, kubeconfig: str | None,
-                 kube_config: dict[str, Any] | None = None, metrics: bool = False) -> None:
+                 kube_config: dict[str, Any] | None = None, metrics: bool = False,
+                 record: str | None = None) -> None:
     """Serve the real gateway; print the port; run until stdin closes.
 
     ``kube_config`` is merged into the ``kubernetes:`` section (e.g. API qps, timeouts).
     With ``metrics`` the metrics endpoint is served too (127.0.0.1, a free port printed
-    on a second line).
+    on a second line); ``record`` turns session recording on, into that directory.
     """
     import trio
 
@@ -151,6 +152,7 @@ def gateway_main(key_file: str, pub_file: str, kubeconfig: str | None,
     from kuberun_trio.gateway.config import parse_config
     from kuberun_trio.gateway.serve import GatewayOptions, open_gateway
     from kuberun_trio.observe import MetricsEndpoint
+    from kuberun_trio.recording import RecordingOptions
 
     from .procstats import raise_fd_limit
     from .soak import BENCH_LIMITS
@@ -164,8 +166,10 @@ def gateway_main(key_file: str, pub_file: str, kubeconfig: str | None,
         options = GatewayOptions(
             kubernetes=parse_config(section),
             authenticator=PublicKeyAuthenticator([public_key]),
-            host_keys=(host_key,), port=0, instance="bench", limits=BENCH_LIMITS,
-            metrics_endpoint=MetricsEndpoint("127.0.0.1", 0) if metrics else None)
+            host_keys=(host_key,), port=0, instance="bench-rec" if record else "bench",
+            limits=BENCH_LIMITS,
+            metrics_endpoint=MetricsEndpoint("127.0.0.1", 0) if metrics else None,
+            recording=RecordingOptions(record, stdin=True) if record else None)
         async with open_gateway(options) as gateway:
             print(gateway.address[1], flush=True)
             if gateway.endpoints.metrics is not None:
@@ -257,8 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     elif argv[:1] == ["--serve-gateway"]:
         kube = json.loads(argv[argv.index("--kube-config") + 1]) if "--kube-config" in argv \
             else None
+        record = argv[argv.index("--record") + 1] if "--record" in argv else None
         gateway_main(argv[1], argv[2], argv[4] if argv[3:4] == ["--kubeconfig"] else None, kube,
-                     metrics="--metrics" in argv)
+                     metrics="--metrics" in argv, record=record)
     else:
         parser = argparse.ArgumentParser(prog="python -m benchmarks.gateway_datapath")
         parser.add_argument("--mib", type=int, default=512, help="MiB each way (default 512)")

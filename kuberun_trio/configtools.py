@@ -124,6 +124,14 @@ def duration(default: float, key: str | None = None) -> Any:
     return attrs.field(default=default, metadata=metadata)
 
 
+def duration_or_off(default: float = 0.0, key: str | None = None) -> Any:
+    """Like :func:`duration`, but 0 (``0``, ``"0s"``) or null is allowed: 0.0, "off"."""
+    metadata: dict[str, object] = {"duration": "or-off"}
+    if key is not None:
+        metadata["key"] = key
+    return attrs.field(default=default, metadata=metadata)
+
+
 def unknown_key_problem(key: object, known: Iterable[str], hints: Mapping[str, str]) -> str:
     """``unknown key``, plus a hint for known foreign keys or a close known key."""
     if isinstance(key, str) and key in hints:
@@ -255,6 +263,12 @@ def _structure_duration(value: Any, _type: Any) -> float:
     return parse_duration(value)
 
 
+def _structure_duration_or_off(value: Any, _type: Any) -> float:
+    if value is None or (not isinstance(value, bool) and value in (0, "0", "0s")):
+        return 0.0
+    return parse_duration(value)
+
+
 def make_converter() -> cattrs.Converter:
     """A strict cattrs converter for attrs config classes.
 
@@ -279,7 +293,8 @@ def make_converter() -> cattrs.Converter:
         overrides = {
             a.name: override(
                 rename=config_key(a),
-                struct_hook=_structure_duration if a.metadata.get("duration") else None,
+                struct_hook=(_structure_duration_or_off if a.metadata.get("duration") == "or-off"
+                             else _structure_duration if a.metadata.get("duration") else None),
             )
             for a in attrs.fields(cls)
         }

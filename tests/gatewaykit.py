@@ -53,17 +53,18 @@ def kube_config(cluster: EmbeddedCluster, **pod: Any) -> KubernetesConfig:
 
 
 @contextlib.asynccontextmanager
-async def open_rig(tmp_path: Path, limits: Limits | None = None,
-                   **pod: Any) -> AsyncIterator[Rig]:
+async def open_rig(tmp_path: Path, limits: Limits | None = None, *,
+                   options: dict[str, Any] | None = None, **pod: Any) -> AsyncIterator[Rig]:
+    """``options``: more :class:`GatewayOptions` fields (e.g. ``time_limits``)."""
     client_key = asyncssh.generate_private_key("ssh-ed25519")
     host_key = asyncssh.generate_private_key("ssh-ed25519")
     async with open_aio_loop(), open_embedded_cluster(
             https=True, kubeconfig_path=tmp_path / "kubeconfig", backoff_base=0.2) as cluster:
-        options = GatewayOptions(
+        gateway_options = GatewayOptions(
             kubernetes=kube_config(cluster, **pod),
             authenticator=PublicKeyAuthenticator(
                 [client_key.export_public_key("openssh").decode()]),
             host_keys=(host_key.export_private_key("openssh"),), port=0, instance="test-gw",
-            limits=limits or Limits())
-        async with open_gateway(options) as gateway:
+            limits=limits or Limits(), **(options or {}))
+        async with open_gateway(gateway_options) as gateway:
             yield Rig(cluster, gateway, client_key, host_key)

@@ -35,11 +35,15 @@ def run_module(args: list[str], out: Path, timeout: float) -> dict[str, Any]:
 
 
 def test_gateway_benchmark_quick(tmp_path: Path) -> None:
-    # --quick takes ~30 s on an idle machine; a loaded 2-core one may need several times that
+    # --quick takes ~30 s on an idle machine (it also moves its data once more with session
+    # recording on); a loaded 2-core one may need several times that
     r = run_module(["benchmarks.gateway", "--quick"], tmp_path / "bench.json", 600)
     systems = {"gateway", "gateway_metrics", "asyncssh", "kube"} | (
         {"sshd"} if r["sshd"] else set())
     assert set(r["datapath"]) == systems
+    recording = r["recording"]
+    assert recording["files"] >= 1 and recording["bytes_written"] > 0, recording
+    assert recording["download_mib_s_ratio"] > 0 and recording["upload_mib_s_ratio"] > 0
     for name, dp in r["datapath"].items():
         assert 1 < dp["download_mib_s"] < 100_000, (name, dp)
         assert 1 < dp["upload_mib_s"] < 100_000, (name, dp)

@@ -46,7 +46,9 @@ Forwarding is never offered: ``direct-tcpip`` / ``direct-streamlocal`` opens are
 with ``administratively prohibited`` (not asyncssh's misleading ``Connection refused``),
 ``tcpip-forward`` / ``streamlocal-forward`` and the ``x11-req`` / ``auth-agent-req``
 channel requests fail -- each with a ``request-refused`` line. Session payload bytes are
-counted on the audit record where they already flow (one integer addition per chunk).
+counted on the audit record where they already flow (one integer addition per chunk);
+a recorded session (:mod:`kuberun_trio.recording`) also hands each chunk, unchanged, to
+its :class:`~kuberun_trio.recording.SessionRecording` at the same places (a bounded append).
 What a client reads on stderr after a failure is
 :func:`~kuberun_trio.errors.client_message` -- never URLs, addresses or library text;
 those go to the ``exec-failed`` / ``exec-ended`` log lines.
@@ -60,7 +62,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import asyncssh
 import attrs
@@ -92,6 +94,9 @@ from ..gateway.session import (
 from ..observe.metrics import ByteCounts, GatewayMetrics, unobserved
 from .bridge import run_trio, translate
 from .execstream import ExecResult, ExecStream, open_exec
+
+if TYPE_CHECKING:
+    from ..recording import SessionRecording
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +231,9 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._writable.set()
         self._finished = False
         self._noticed: set[str] = set()
+        self._ending: str | None = None
+        self.recording: SessionRecording | None = None
+        """Set by the connection while the session is recorded (``audit.enable``)."""
 
     def __repr__(self) -> str:
         return f"<GatewaySession {self.machine!r}>"
@@ -275,6 +283,8 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.audit.bytes_from_client += len(data)
         self._counts.to_pod += len(data)
+        if self.recording is not None:
+            self.recording.stdin(data)
         if self._stream is not None:
             self._stream.send_stdin(data)
             return
@@ -306,12 +316,16 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         if self._chan is not None:
             self.audit.bytes_to_client += len(data)
             self._counts.from_pod += len(data)
+            if self.recording is not None:
+                self.recording.stdout(data)
             self._chan.write(data)
 
     def write_stderr(self, data: bytes) -> None:
         if self._chan is not None:
             self.audit.bytes_to_client += len(data)
             self._counts.from_pod += len(data)
+            if self.recording is not None:
+                self.recording.stderr(data)
             self._chan.write_stderr(data)
 
     async def wait_writable(self) -> None:
@@ -334,6 +348,8 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         if isinstance(action, StartExec):
             self.portal.submit(self)
         elif isinstance(action, Resize):
+            if self.recording is not None:
+                self.recording.resize(action.width, action.height)
             if self._stream is not None:
                 self._stream.resize(action.width, action.height)
         elif isinstance(action, CloseStdin):
@@ -390,6 +406,9 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         self._pending_bytes = 0
         self._apply(self.machine.started())
         result = await stream.run(self)
+        if self._ending is not None:  # the gateway ended it (a time limit): 255, as sshd
+            self.fail(self._ending)
+            return result
         if result.exit_code in (None, KILLED) and target.pod_loss is not None:
             reason = await run_trio(target.pod_loss, POD_LOSS_WAIT)
             if reason is not None:  # the pod is gone: say so, not "killed by a signal"
@@ -429,6 +448,12 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
             if not told:
                 self._do(SendStderr(f"kuberun: {message}\n"))
             self._chan.exit(255)
+
+    def end_soon(self, message: str) -> None:
+        """The gateway is ending this session: tell the client now; when the process
+        exits, report ``message`` (not repeated) and exit status 255."""
+        self.notice(message)
+        self._ending = message
 
     def notice(self, message: str) -> None:
         """Write ``message`` on stderr without ending the session (e.g. shutdown ahead)."""

@@ -32,6 +32,8 @@ CONDITION_ORDER = (
     "PodScheduled",
     "DisruptionTarget",
 )
+DEADLINE_MESSAGE = "Pod was active on the node longer than the specified deadline"
+"""The kubelet's status message (and event) for ``activeDeadlineSeconds``."""
 EVICTED_MESSAGE = "The node was low on resource: memory. "
 MANAGED = frozenset(
     (
@@ -123,6 +125,7 @@ def pod_status(
     evicted: bool,
     host_ip: str,
     start_time: str | None,
+    failure: tuple[str, str] | None = None,
 ) -> Obj:
     """The status object for ``phase``; updates ``conditions`` on the way."""
     conditions.set("PodReadyToStartContainers", sandbox_up)
@@ -142,6 +145,8 @@ def pod_status(
     st["conditions"] = conditions.ordered()
     if evicted:
         st.update(message=EVICTED_MESSAGE, reason="Evicted")
+    elif failure is not None:
+        st.update(reason=failure[0], message=failure[1])
     st.update(hostIP=host_ip, hostIPs=[{"ip": host_ip}])
     if has_sandbox:
         st.update(podIP=host_ip, podIPs=[{"ip": host_ip}])

@@ -18,6 +18,12 @@ the terminal status and removes the pod (DELETED). A DELETED event (grace 0)
 cancels the worker (:meth:`PodWorker.gone`), whose ``finally`` destroys the
 sandbox. Eviction is a grace-0 termination that leaves the pod in phase
 Failed, reason Evicted.
+
+``spec.activeDeadlineSeconds``: as the kubelet does, counted from the pod's start
+(``status.startTime``); a task re-reads the (possibly updated) spec at least once a
+second. When the deadline passes, the event ``DeadlineExceeded`` is recorded, the
+containers are stopped (SIGTERM, SIGKILL after ``terminationGracePeriodSeconds``) and
+the pod ends in phase Failed, reason ``DeadlineExceeded``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from . import status as api_status
 from .container import Container
 from .env import downward_fields
 from .podstatus import (
+    DEADLINE_MESSAGE,
     EVICTED_MESSAGE,
     Conditions,
     Obj,
@@ -69,6 +76,9 @@ class PodWorker:
         self.terminating = False
         self.deleting = False
         self.evicted = False
+        self.failure: tuple[str, str] | None = None
+        """(reason, message) of a kubelet-made failure other than eviction."""
+        self._started_at = 0.0
         self.removed = False
         self.finished = trio.Event()  # terminal status written
         self.done = trio.Event()  # task over
@@ -117,6 +127,7 @@ class PodWorker:
             evicted=self.evicted,
             host_ip=self.kubelet.host_ip,
             start_time=self.start_time,
+            failure=self.failure,
         )
         if st == self._written:
             return
@@ -171,6 +182,7 @@ class PodWorker:
         if not node:
             self._schedule()
         self.start_time = now_rfc3339()
+        self._started_at = trio.current_time()
         self.sync()
         if not self.terminating:
             self.sandbox = await PodSandbox.create(
@@ -180,13 +192,16 @@ class PodWorker:
             self.sync()
             async with trio.open_nursery() as outer:
                 self._outer = outer
+                outer.start_soon(self._watch_deadline)
                 async with trio.open_nursery() as inner:
                     for c in self.containers:
                         inner.start_soon(c.run)
                 self._loops_done.set()
+                outer.cancel_scope.cancel()  # the deadline watch (a killer has finished)
             self._outer = None
             await self.sandbox.destroy()
-        self.terminal_phase = "Failed" if self.evicted else self.phase(terminal=True)
+        failed = self.evicted or self.failure is not None
+        self.terminal_phase = "Failed" if failed else self.phase(terminal=True)
         self.sync()
         self.finished.set()
         if not self.deleting:
@@ -246,6 +261,30 @@ class PodWorker:
             for c in self.containers:
                 if c.process is not None:
                     c.process.kill_group()
+
+    async def _watch_deadline(self) -> None:
+        """End the pod once ``spec.activeDeadlineSeconds`` since its start have passed."""
+        while not self.terminating:
+            seconds = self.pod["spec"].get("activeDeadlineSeconds")
+            now = trio.current_time()
+            if isinstance(seconds, int) and not isinstance(seconds, bool) and seconds > 0:
+                left = self._started_at + seconds - now
+                if left <= 0:
+                    self.deadline_exceeded()
+                    return
+                await trio.sleep(min(left, 1.0))
+            else:
+                await trio.sleep(1.0)
+
+    def deadline_exceeded(self) -> None:
+        if self.terminal_phase is not None or self.terminating:
+            return
+        self.failure = ("DeadlineExceeded", DEADLINE_MESSAGE)
+        self.terminal_phase = "Failed"  # at once, as the kubelet reports it
+        self.event("Warning", "DeadlineExceeded", DEADLINE_MESSAGE)
+        grace = self.pod["spec"].get("terminationGracePeriodSeconds")
+        self.terminate(float(grace) if isinstance(grace, int | float) else 30.0)
+        self.sync()
 
     def evict(self) -> None:
         if self.terminal_phase is not None or self.evicted:

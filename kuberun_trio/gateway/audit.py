@@ -20,8 +20,11 @@ on the logger ``kuberun_trio.audit`` whose ``extra`` always holds ``event``,
   ``username`` tried (if any): the connection ended before a login succeeded (login
   grace time, client disconnect, a limit such as ``maxStartups`` -- which calls
   :func:`log_pre_auth_end` or this method before it drops the connection);
-* :meth:`connection_end` -- ``connection-end`` with ``reason``, ``duration_ms``,
-  ``bytes_from_client``, ``bytes_to_client`` and ``requests_refused``.
+* :meth:`connection_end` -- ``connection-end`` with ``reason`` (the words),
+  ``end`` (one of the :class:`ConnectionEnd` values: ``idle``, ``max-duration``,
+  ``client``, ``shutdown``, ``pod-lost``, ``error`` -- the metric label of
+  ``kuberun_connections_ended_total``), ``duration_ms``, ``bytes_from_client``,
+  ``bytes_to_client`` and ``requests_refused``.
 
 At most one of the two end events is written per connection.
 
@@ -38,8 +41,10 @@ is cut at a character boundary, the line says ``command_truncated=true`` and the
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -52,6 +57,23 @@ REFUSALS_LOGGED = 20
 can send env or signal requests without end, and each must not cost a log line)."""
 _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message", "asctime"}
+
+
+class ConnectionEnd(enum.Enum):
+    """Why an authenticated connection ended, in one word (a closed set: metric labels)."""
+
+    IDLE = "idle"
+    """``ssh.idleTimeout``: no channel data for that long."""
+    MAX_DURATION = "max-duration"
+    """``ssh.maxSessionDuration`` reached."""
+    CLIENT = "client"
+    """The client left (disconnect, lost TCP, keepalives unanswered)."""
+    SHUTDOWN = "shutdown"
+    """The gateway shut down."""
+    POD_LOST = "pod-lost"
+    """The pod was deleted, evicted or killed under the connection."""
+    ERROR = "error"
+    """The pod could not be started, or the gateway failed."""
 
 
 @attrs.frozen
@@ -101,6 +123,8 @@ class ConnectionAudit:
         self.refusals = 0
         """Client requests refused so far (all of them, logged or not)."""
         self.ended = False
+        self.on_end: Callable[[ConnectionEnd], None] = lambda end: None
+        """Called once with the connection's end (the gateway counts it in its metrics)."""
 
     def __repr__(self) -> str:
         return (f"<ConnectionAudit {self.connection_id} {self.remote_address} "
@@ -160,16 +184,23 @@ class ConnectionAudit:
         self.emit(logging.INFO, "pre-auth-end", "connection %s ended before login: %s",
                   self.connection_id, reason, reason=reason, duration_ms=took, **more)
 
-    def connection_end(self, reason: str, **fields: Any) -> None:
-        """The connection ended (once; later calls do nothing)."""
+    def connection_end(self, reason: str, end: ConnectionEnd = ConnectionEnd.CLIENT,
+                       **fields: Any) -> None:
+        """The connection ended (once; later calls do nothing).
+
+        ``reason`` says why in words; ``end`` is the same in one word: every
+        authenticated connection's end passes here, so this is where a counter of ends by
+        ``end.value`` belongs.
+        """
         if self.ended:
             return
         self.ended = True
+        self.on_end(end)
         took = self.duration_ms()
         self.emit(logging.INFO, "connection-end",
                   "connection %s ended after %d ms: %s (%d bytes in, %d bytes out)",
                   self.connection_id, took, reason, self.bytes_from_client,
-                  self.bytes_to_client, reason=reason, duration_ms=took,
+                  self.bytes_to_client, reason=reason, end=end.value, duration_ms=took,
                   bytes_from_client=self.bytes_from_client,
                   bytes_to_client=self.bytes_to_client, requests_refused=self.refusals,
                   **fields)

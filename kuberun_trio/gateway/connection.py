@@ -9,6 +9,7 @@ handshake and runs as one task in the server's nursery::
     └── handler.connected(...)             creates the pod; deletes it on exit (shielded)
         └── session nursery
             ├── pod-loss watcher           pod deleted/evicted/killed → tell sessions, end
+            ├── time-limit watch           idle / max duration (timelimits.py), if set
             ├── session task xM            one pods/exec each (GatewaySession.serve_exec)
             └── signal task xK             a second exec that delivers a signal
 
@@ -45,7 +46,15 @@ The client never reads an API server's address or a client library's exception t
 it is told :func:`~kuberun_trio.errors.client_message` and the connection id, which
 finds the detail in the log. :attr:`ConnectionRuntime.end_reason` (the first cause:
 client disconnected, pod lost, pod start failed, shutdown) goes into the
-``connection-end`` line the server writes when ``run`` returns.
+``connection-end`` line the server writes when ``run`` returns, and
+:attr:`ConnectionRuntime.end_kind` says the same in one word
+(:class:`~.audit.ConnectionEnd`).
+
+Session time limits (:mod:`.timelimits`): the connection is the watch's
+:class:`~.timelimits.TimeLimitTarget`. At a limit it drains like a shutdown (no new
+sessions; the connection closes once its last session ended) after a SIGTERM to every
+session's process through the signal exec; each session that ends then reports exit
+status 255; after the grace period :meth:`ConnectionRuntime.abort` ends the rest.
 """
 
 from __future__ import annotations
@@ -61,13 +70,15 @@ import trio
 from ..aio.bridge import run_aio
 from ..errors import KuberunError, PodStartError, client_message
 from ..observe.metrics import GatewayMetrics, unobserved
-from .audit import ConnectionAudit
+from .audit import ConnectionAudit, ConnectionEnd
 from .auth import AuthResult
 from .pod import ConnectedPod, ConnectionHandler
-from .session import SessionConfig, SessionMachine, SignalPlan
+from .session import ExecPlan, SessionConfig, SessionMachine, SignalPlan
+from .timelimits import SessionTimeLimits, TimeLimitWatch
 
 if TYPE_CHECKING:
     from ..aio.sshserver import ExecTarget, GatewaySession
+    from ..recording import Recorder, SessionRecording
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +105,20 @@ class ConnectionRuntime:
                  make_target: Callable[[ConnectedPod], ExecTarget],
                  close_connection: Callable[[], None],
                  audit: ConnectionAudit | None = None,
-                 metrics: GatewayMetrics | None = None) -> None:
+                 metrics: GatewayMetrics | None = None,
+                 time_limits: SessionTimeLimits | None = None,
+                 recorder: Recorder | None = None) -> None:
         self.handler = handler
         self.audit = audit or ConnectionAudit(handler.connection_id, handler.client_address)
         """The connection's audit record (address, policy for commands, byte counters)."""
         self.end_reason: str | None = None
         """Why the connection ended (the first cause wins), for the ``connection-end`` line."""
         self.metrics = metrics or unobserved()
+        self.end_kind: ConnectionEnd | None = None
+        """:attr:`end_reason` in one word (set with it)."""
+        self.time_limits = time_limits or SessionTimeLimits()
+        self.recorder = recorder
+        """Records every session channel (``audit.enable``), or None."""
         self.session_config = session_config
         self.username = username
         self.auth = auth
@@ -113,6 +131,7 @@ class ConnectionRuntime:
         self._sessions: set[GatewaySession] = set()
         self._failure: str | None = None
         self._draining: str | None = None
+        self._draining_kind = ConnectionEnd.SHUTDOWN
         self._session_ids: dict[SessionMachine, str] = {}
         self._told = trio.Event()
         self._ssh_closed = False
@@ -159,28 +178,54 @@ class ConnectionRuntime:
         if self._nursery is not None:
             self._nursery.start_soon(self._run_signal, plan)
 
+    def _ended(self, reason: str, kind: ConnectionEnd) -> None:
+        """Record why the connection ends (the first cause wins)."""
+        if self.end_reason is None:
+            self.end_reason, self.end_kind = reason, kind
+
     def closed(self) -> None:
-        self.end_reason = self.end_reason or self.audit.lost_reason or "client disconnected"
+        reason = self.audit.lost_reason or "client disconnected"
+        self._ended(reason, ConnectionEnd.ERROR if reason.startswith("internal error")
+                    else ConnectionEnd.CLIENT)
         self._scope.cancel()
         self._told.set()  # nobody left to tell
 
     # -- the server's ways to end a connection -------------------------------
-    def drain(self, message: str) -> None:
+    def drain(self, message: str, kind: ConnectionEnd = ConnectionEnd.SHUTDOWN) -> None:
         """Graceful shutdown: tell open sessions, refuse new ones, close once idle."""
-        self._draining = message
+        self._draining, self._draining_kind = message, kind
         for session in [*self._pending, *self._sessions]:
             session.notice(message)
         if not self._sessions:
-            self.abort(message)
+            self.abort(message, kind)
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: str, kind: ConnectionEnd = ConnectionEnd.SHUTDOWN) -> None:
         """End now: ``reason`` and exit status 255 on every session, close, cancel ``run``."""
-        self.end_reason = self.end_reason or reason
+        self._ended(reason, kind)
         if self._failure is None:
             self._end(reason)
         self._told.set()  # no lingering for a session to tell (see _fail)
         self._close()
         self._scope.cancel()
+
+    # -- TimeLimitTarget (timelimits.py) ------------------------------------------
+    def warn(self, message: str) -> None:
+        for session in [*self._pending, *self._sessions]:
+            session.notice(message)
+
+    def limit_reached(self, message: str, kind: ConnectionEnd) -> None:
+        """SIGTERM every running session's process; each ends with ``message`` and 255."""
+        self._draining, self._draining_kind = message, kind
+        for session in [*self._pending, *self._sessions]:
+            session.end_soon(message)
+            plan = session.machine.terminate()
+            if plan is not None and self._nursery is not None:
+                self._nursery.start_soon(self._run_signal, plan)
+        if not self._sessions:
+            self.abort(message, kind)
+
+    def close(self, message: str, kind: ConnectionEnd) -> None:
+        self.abort(message, kind)
 
     def _info(self, message: str, *args: Any, event: str, level: int = logging.INFO,
               **fields: Any) -> None:
@@ -189,6 +234,8 @@ class ConnectionRuntime:
     # -- the connection task ------------------------------------------------
     async def run(self) -> None:
         """Serve the connection until the client leaves. Never raises (but Cancelled)."""
+        watch = (TimeLimitWatch(self.time_limits, self.audit, self)
+                 if self.time_limits.enabled else None)  # the login was just now
         try:
             with self._scope:
                 async with self.handler.connected(self.username, self.auth) as pod:
@@ -196,6 +243,8 @@ class ConnectionRuntime:
                                                 pod_loss=self.pod_loss_reason)
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
+                        if watch is not None:
+                            nursery.start_soon(watch.run)
                         for session in self._pending:
                             nursery.start_soon(self._run_session, session)
                         self._pending.clear()
@@ -206,6 +255,7 @@ class ConnectionRuntime:
                         self._info("pod %s lost: %s: %s", pod.name, loss.reason, loss.message,
                                    event="pod-lost", level=logging.WARNING, pod=pod.name,
                                    reason=loss.reason)
+                        self._ended(reason, ConnectionEnd.POD_LOST)
                         self._end(reason)
                         nursery.cancel_scope.cancel()
         except PodStartError as exc:
@@ -239,7 +289,7 @@ class ConnectionRuntime:
 
     def _end(self, reason: str, *, close: bool = True) -> None:
         """Tell every session why the connection ends, then close it."""
-        self.end_reason = self.end_reason or reason
+        self._ended(reason, ConnectionEnd.ERROR)  # callers set their own kind first
         self._failure = reason
         for session in [*self._pending, *self._sessions]:
             session.fail(reason)
@@ -258,6 +308,7 @@ class ConnectionRuntime:
         wait (at most :data:`FAILURE_LINGER` s) for the client to open one: clients
         open their session channel right after authentication, and the reason should
         reach the user's terminal, not only the log."""
+        self._ended(reason, ConnectionEnd.ERROR)
         self._end(reason, close=False)
         with trio.move_on_after(FAILURE_LINGER):
             await self._told.wait()
@@ -281,6 +332,8 @@ class ConnectionRuntime:
         started = trio.current_time()
         result, cancelled = None, False
         self.metrics.session_started(kind)
+        if self.recorder is not None and plan is not None:
+            session.recording = self._record(session_id, plan)
         with trio.CancelScope() as scope:
             session.abort = scope.cancel
             try:
@@ -295,6 +348,9 @@ class ConnectionRuntime:
                 session.fail(f"internal error in the gateway (connection {self.connection_id})")
             finally:
                 self._sessions.discard(session)
+                if session.recording is not None:
+                    session.recording.close()
+                    session.recording = None
                 status = result.exit_code if result is not None else None
                 self.metrics.session_ended(kind, session_result(status, cancelled))
                 self._info("session %s exited: %s", session_id,
@@ -303,7 +359,18 @@ class ConnectionRuntime:
                            exit_status=status,
                            duration_ms=round(1000 * (trio.current_time() - started)))
         if self._draining is not None and not self._sessions and not self._pending:
-            self.abort(self._draining)
+            self.abort(self._draining, self._draining_kind)
+
+    def _record(self, session_id: str, plan: ExecPlan) -> SessionRecording:
+        assert self.recorder is not None
+        shell = self.session_config.shell_command[0]
+        command = " ".join(plan.command[-1:] if plan.kind == "exec" else plan.command)
+        return self.recorder.open(
+            connection_id=self.connection_id, number=int(session_id.rsplit("-", 1)[1]),
+            kind=plan.kind, width=plan.width, height=plan.height,
+            env={"TERM": plan.term or "", "SHELL": shell},
+            title=f"{self.username}: {command[:1024]}",
+            fields={**self.audit.fields, "session_id": session_id})
 
     async def _run_signal(self, plan: SignalPlan) -> None:
         from ..aio.sshserver import run_command

@@ -58,7 +58,8 @@ from ..aio.kube import KubeClient, open_kube_client
 from ..observe import GatewayMetrics, HealthEndpoint, MetricsEndpoint, Readiness
 from ..observe.health import probe_api
 from ..observe.service import EndpointAddresses, serve_endpoints
-from .audit import AuditPolicy
+from ..recording import Recorder, RecordingOptions
+from .audit import AuditPolicy, ConnectionEnd
 from .auth import Authenticator, AuthResult
 from .config import KubernetesConfig
 from .connection import ConnectionRuntime
@@ -78,6 +79,7 @@ from .podwatch import PodWatchHub
 from .reaper import GcOptions, Reaper
 from .session import SessionConfig
 from .throttle import LoginPolicy
+from .timelimits import SessionTimeLimits
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,12 @@ class GatewayOptions:
     """Serve ``/healthz`` and ``/readyz`` here (None: not served)."""
     readiness: Readiness | None = None
     """The readiness state to use (see :attr:`Gateway.readiness`); None: a new one."""
+    time_limits: SessionTimeLimits = attrs.Factory(SessionTimeLimits)
+    """Idle and maximum session time (:mod:`.timelimits`; both off by default). With a
+    maximum, every pod gets ``activeDeadlineSeconds`` (duration + grace + podStop)."""
+    recording: RecordingOptions | None = None
+    """Record every session channel as an asciicast v2 file (:mod:`kuberun_trio.recording`);
+    None: no recording."""
 
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
@@ -179,6 +187,7 @@ class _Server:
         self.kube = kube
         self.hub = hub
         self.reaper = reaper
+        self.recorder: Recorder | None = None
         self.nursery = nursery
         self.session_config = session_config_for(options.kubernetes)
         self.metrics = options.metrics or GatewayMetrics()
@@ -210,6 +219,7 @@ class _Server:
         """Called on handshake success: start the connection's task."""
         cid = ssh.connection_id
         client = ssh.audit.remote_address
+        ssh.audit.on_end = lambda end: self.metrics.connection_ended(end.value)
         adapter = logging.LoggerAdapter(log, ssh.audit.fields)
         handler = ConnectionHandler(self.options.kubernetes, cid, client,
                                     adapter, kube=self.kube, instance=self.options.instance,
@@ -218,11 +228,13 @@ class _Server:
         auth: AuthResult = ssh.auth_result or AuthResult()
         runtime = ConnectionRuntime(handler, self.session_config, username=ssh.username,
                                     auth=auth, make_target=self._target, close_connection=ssh.close,
-                                    audit=ssh.audit, metrics=self.metrics)
+                                    audit=ssh.audit, metrics=self.metrics,
+                                    time_limits=self.options.time_limits,
+                                    recorder=self.recorder)
         if self.closing is not None:  # authenticated while the gateway shuts down
             self.metrics.connection_rejected("shutdown")
             runtime.abort(self.closing)
-            ssh.audit.connection_end(self.closing)
+            ssh.audit.connection_end(self.closing, ConnectionEnd.SHUTDOWN)
             return runtime
         log.info("connection %s: %r from %s authenticated (%s)", cid, ssh.username, client,
                  auth.method or "?", extra={"event": "connection-start", **ssh.audit.fields,
@@ -248,6 +260,7 @@ class _Server:
             self.gateway.connections.pop(runtime.connection_id, None)
             self._changed.set()
             runtime.audit.connection_end(runtime.end_reason or "ended",
+                                         runtime.end_kind or ConnectionEnd.ERROR,
                                          username=runtime.username)
 
     async def _wait_connections_gone(self) -> None:
@@ -345,7 +358,8 @@ async def serve_gateway(
             keeper = LeaseKeeper(kube, options.lease, options.instance)
             await keeper.acquire()  # before anything touches pods
         try:
-            await _serve(_with_identity(options, keeper), kube, keeper, task_status)
+            await _serve(_with_deadline(_with_identity(options, keeper)), kube, keeper,
+                         task_status)
         finally:
             if keeper is not None:
                 await keeper.release()
@@ -361,6 +375,20 @@ def _with_identity(options: GatewayOptions, keeper: LeaseKeeper | None) -> Gatew
         annotations[ANNOTATION_LEASE] = keeper.ref
     metadata["annotations"] = annotations
     kubernetes = attrs.evolve(options.kubernetes, pod=attrs.evolve(pod, metadata=metadata))
+    return attrs.evolve(options, kubernetes=kubernetes)
+
+
+def _with_deadline(options: GatewayOptions) -> GatewayOptions:
+    """``options`` whose pods carry ``activeDeadlineSeconds`` for ``maxSessionDuration``
+    (the smaller one if the configured spec has its own)."""
+    deadline = options.time_limits.active_deadline(options.kubernetes.timeouts.pod_stop)
+    if deadline is None:
+        return options
+    pod = options.kubernetes.pod
+    spec = dict(pod.spec)
+    own = spec.get("activeDeadlineSeconds")
+    spec["activeDeadlineSeconds"] = min(deadline, own) if isinstance(own, int) else deadline
+    kubernetes = attrs.evolve(options.kubernetes, pod=attrs.evolve(pod, spec=spec))
     return attrs.evolve(options, kubernetes=kubernetes)
 
 
@@ -382,6 +410,9 @@ async def _serve(options: GatewayOptions, kube: KubeClient, keeper: LeaseKeeper 
         hub = await nursery.start(PodWatchHub(
             kube, label_selector_for_instance(options.instance)).run)
         server = _Server(options, kube, nursery, hub, reaper)
+        if options.recording is not None:
+            server.recorder = Recorder(options.recording)
+            await nursery.start(server.recorder.run)
         server.gateway.connections = connections
         server.gateway.lease, server.gateway.reaper = keeper, reaper
         await _start_observing(server, kube, hub, nursery)

@@ -578,6 +578,13 @@ class SessionMachine:
         argv = shellwrap.signal_argv(name, self._pid_files, shell=self._config.wrapper_shell)
         return SendSignal(SignalPlan(signal=name, argv=argv, container=self._container))
 
+    def terminate(self) -> SignalPlan | None:
+        """The gateway's own SIGTERM (a session time limit): the plan, or None if no
+        process runs. Unlike a client ``signal`` it also reaches subsystems."""
+        if self.state is not State.RUNNING:
+            return None
+        return self._send_signal("TERM").plan
+
     def eof(self) -> Outcome:
         """The client sent EOF: close the exec's stdin (now, or once it runs)."""
         if not self._step(Input.EOF):

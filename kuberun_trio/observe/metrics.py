@@ -186,6 +186,9 @@ class GatewayMetrics:
         self._rejected = Counter("kuberun_connections_rejected",
                                  "Connections refused or ended by the gateway before they "
                                  "were served, by reason.", ["reason"], registry=r)
+        self._ended = Counter("kuberun_connections_ended",
+                              "Authenticated connections ended, by reason (idle, max-duration, "
+                              "client, shutdown, pod-lost, error).", ["reason"], registry=r)
         for kind in SESSION_TYPES:  # the series exist from the start (rate() needs them)
             self._sessions_active.labels(kind)
         self._current.labels(COUNTRY)
@@ -234,6 +237,10 @@ class GatewayMetrics:
         """A connection refused or ended before it was served; ``reason`` is a fixed word
         (``shutdown``, ``auth``, ``max-startups``, ``max-connections``, ...)."""
         self._rejected.labels(label_token(reason)).inc()
+
+    def connection_ended(self, reason: str) -> None:
+        """An authenticated connection ended; ``reason`` is a ``ConnectionEnd`` value."""
+        self._ended.labels(label_token(reason)).inc()
 
     # -- authentication ---------------------------------------------------------
     def auth_result(self, authtype: str, *, accepted: bool) -> None:

@@ -1,5 +1,5 @@
 """The server's YAML configuration: ``ssh``, ``auth``, ``security``, ``kubernetes``, ``log``,
-``lease``, ``gc``, ``metrics``, ``health`` (and ``instance``).
+``lease``, ``gc``, ``metrics``, ``health``, ``audit`` (and ``instance``).
 
 Theory of operation
 -------------------
@@ -33,6 +33,7 @@ from ..configtools import (
     InvalidValue,
     check_keys,
     duration,
+    duration_or_off,
     key_path,
     make_converter,
     read_yaml_mapping,
@@ -46,6 +47,8 @@ from ..gateway.lease import default_instance
 from ..gateway.limits import Limits, MaxStartups
 from ..gateway.podtemplate import dns1123_label_problem
 from ..gateway.throttle import LoginPolicy
+from ..gateway.timelimits import SessionTimeLimits
+from ..recording import RecordingOptions
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 2222
@@ -137,6 +140,25 @@ class SSHConfig:
     """Unanswered probes before the connection is closed (and its pod deleted)."""
     max_connections: int = 1000
     """Open connections at once, authenticated or not."""
+    idle_timeout: float = duration_or_off()
+    """No session channel data in either direction for this long ends the connection
+    (keepalives do not count); 0: off."""
+    max_session_duration: float = duration_or_off()
+    """Time from login after which the connection is ended; 0: off. Pods then get
+    ``activeDeadlineSeconds`` = this + ``timeoutGracePeriod`` + ``kubernetes.timeouts.podStop``."""
+    timeout_warning: float = duration_or_off(60.0)
+    """A warning is written to every open session this long before a limit (at most half
+    the limit); 0: none."""
+    timeout_grace_period: float = duration_or_off(10.0)
+    """Time from the SIGTERM at a limit to closing the channels and the connection."""
+
+    @property
+    def time_limits(self) -> SessionTimeLimits:
+        """The gateway's :class:`~kuberun_trio.gateway.timelimits.SessionTimeLimits`."""
+        return SessionTimeLimits(idle_timeout=self.idle_timeout or None,
+                                 max_session_duration=self.max_session_duration or None,
+                                 timeout_warning=self.timeout_warning,
+                                 timeout_grace_period=self.timeout_grace_period)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -239,6 +261,50 @@ class HealthConfig:
         return parse_listen(self.listen)
 
 
+AUDIT_FORMATS = ("asciinema",)
+AUDIT_STORAGES = ("file",)
+
+
+@attrs.frozen
+class AuditFileConfig:
+    """``audit.file``."""
+
+    directory: str | None = None
+    """Root of the recordings: ``<directory>/<date>/<connection_id>/<n>-<kind>.cast``."""
+
+
+@attrs.frozen
+class InterceptConfig:
+    """``audit.intercept``: which streams are recorded."""
+
+    stdin: bool = False
+    """Client input (typed passwords are input: off by default)."""
+    stdout: bool = True
+    stderr: bool = True
+
+
+@attrs.frozen
+class AuditConfig:
+    """Session recording (``audit``; ContainerSSH's keys, see :mod:`kuberun_trio.recording`)."""
+
+    enable: bool = False
+    format: str = "asciinema"
+    """Only ``asciinema`` (asciicast v2) is supported."""
+    storage: str = "file"
+    """Only ``file`` is supported."""
+    file: AuditFileConfig = attrs.Factory(AuditFileConfig)
+    intercept: InterceptConfig = attrs.Factory(InterceptConfig)
+
+    @property
+    def recording(self) -> RecordingOptions | None:
+        """The gateway's :class:`~kuberun_trio.recording.RecordingOptions`, or None if off."""
+        if not self.enable or self.file.directory is None:
+            return None
+        i = self.intercept
+        return RecordingOptions(directory=self.file.directory, stdin=i.stdin, stdout=i.stdout,
+                                stderr=i.stderr)
+
+
 @attrs.frozen
 class ServerConfig:
     """The whole file."""
@@ -255,6 +321,7 @@ class ServerConfig:
     security: SecurityConfig = attrs.Factory(SecurityConfig)
     metrics: MetricsConfig = attrs.Factory(MetricsConfig)
     health: HealthConfig = attrs.Factory(HealthConfig)
+    audit: AuditConfig = attrs.Factory(AuditConfig)
 
     @property
     def limits(self) -> Limits:
@@ -293,13 +360,15 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 _CONVERTER = make_converter()
 _SECTIONS = ("ssh", "auth", "security", "kubernetes", "log", "lease", "gc", "metrics", "health",
-             "instance")
+             "audit", "instance")
 _HINTS = {
     "authorized_keys": "the key is authorizedKeys",
     "hostKey": "the key is hostKeys (a list)",
     "authorizedKey": "the key is authorizedKeys (a list)",
     "MaxStartups": "the key is maxStartups",
     "maxSessionsPerConnection": "the key is security.maxSessions",
+    "s3": "only audit.storage: file is supported",
+    "passwords": "passwords are never recorded",
 }
 
 
@@ -354,6 +423,10 @@ def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None,
         _check_lease(lease, problems)
     gc = structure_section(_CONVERTER, data.get("gc"), GcConfig, "gc", problems, _HINTS)
     metrics, health = _observe_sections(data, problems)
+    audit = structure_section(_CONVERTER, data.get("audit"), AuditConfig, "audit", problems,
+                              _HINTS)
+    if audit is not None:
+        _check_audit(audit, problems, files=files)
     kubernetes = None
     try:
         kubernetes = parse_config(data.get("kubernetes") or {})
@@ -376,10 +449,39 @@ def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None,
             problems.errors.extend(connection_problems(connection))
     problems.raise_if_any()
     assert ssh is not None and auth is not None and log is not None and kubernetes is not None
-    assert lease is not None and gc is not None and security is not None
+    assert lease is not None and gc is not None and security is not None and audit is not None
     assert metrics is not None and health is not None
     return ServerConfig(ssh=ssh, auth=auth, kubernetes=kubernetes, log=log, lease=lease, gc=gc,
-                        instance=str(name), security=security, metrics=metrics, health=health)
+                        instance=str(name), security=security, metrics=metrics, health=health,
+                        audit=audit)
+
+
+def _check_audit(audit: AuditConfig, problems: ConfigProblems, *, files: bool) -> None:
+    if audit.format not in AUDIT_FORMATS:
+        problems.add("audit.format", f"{audit.format!r} is not supported "
+                     f"(supported: {', '.join(AUDIT_FORMATS)})")
+    if audit.storage not in AUDIT_STORAGES:
+        problems.add("audit.storage", f"{audit.storage!r} is not supported "
+                     f"(supported: {', '.join(AUDIT_STORAGES)})")
+    if audit.enable and audit.file.directory is None:
+        problems.add("audit.file.directory", "required when audit.enable is true")
+    elif audit.enable and files:
+        problem = _directory_problem(audit.file.directory or "")
+        if problem is not None:
+            problems.add("audit.file.directory", problem)
+
+
+def _directory_problem(path: str) -> str | None:
+    """Why recordings cannot be written under ``path`` (it may not exist yet), or None."""
+    path = os.path.expanduser(path)
+    existing = path
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing.rstrip("/")) or "."
+    if not os.path.isdir(existing):
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def _check_lease(lease: LeaseConfig, problems: ConfigProblems) -> None:
@@ -534,6 +636,7 @@ def check_files(config: ServerConfig, *, cluster: bool = False) -> None:
     """
     problems = ConfigProblems()
     _file_problems(config.ssh, config.auth, problems)
+    _check_audit(config.audit, problems, files=True)
     if cluster:
         from .kubecheck import connection_problems
 

@@ -249,6 +249,8 @@ async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Au
                                  limits=settings.config.limits,
                                  audit=settings.config.log.audit, metrics=metrics,
                                  **endpoint_options(settings),
+                                 time_limits=settings.config.ssh.time_limits,
+                                 recording=settings.config.audit.recording,
                                  **gateway_options(settings.config, kubernetes))
         with state.serve_scope:
             async with trio.open_nursery() as nursery:
