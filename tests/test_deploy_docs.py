@@ -101,10 +101,23 @@ def test_deployment_args_and_mounts_give_a_valid_configuration(tmp_path: Path,
     secret = documented_secret(tmp_path)
     args, _ = mounted_gateway(objects, secret, tmp_path / "root")
     config_file = args[args.index("--config") + 1]
+    # As in the pod: the service host is set; outside a real pod the service account token
+    # is all check-config may miss (it checks the in-cluster environment too).
+    pod_env = {**os.environ, "KUBERNETES_SERVICE_HOST": "10.96.0.1",
+               "KUBERNETES_SERVICE_PORT": "443"}
     result = subprocess.run([sys.executable, "-m", "kuberun_trio", "check-config",
-                             str(config_file)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert "listen 0.0.0.0:2222" in result.stdout and "via inCluster" in result.stdout
+                             str(config_file)], capture_output=True, text=True, timeout=60,
+                            env=pod_env)
+    problems = result.stderr.splitlines()[1:]
+    token = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    if os.path.exists(token):
+        assert result.returncode == 0, result.stderr
+        assert "listen 0.0.0.0:2222" in result.stdout and "via inCluster" in result.stdout
+    else:
+        assert result.returncode == 2, result.stderr
+        assert [p.split(":")[0].strip() for p in problems] == [
+            "kubernetes.connection.inCluster"], result.stderr
+        assert f"file not found: {token}" in result.stderr
     # The same arguments, through the server's own parser and settings, in a pod.
     parsed = build_parser().parse_args(args)
     env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "POD_NAME": "kuberun-trio-abc12",

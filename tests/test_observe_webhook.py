@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 
-from test_webhook import KEY, NO_THROTTLE, ok, webhook_server
+from test_webhook import KEY, ok, webhook_server
 
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.observe import GatewayMetrics
@@ -18,7 +18,7 @@ async def test_webhook_requests_and_failures_are_counted() -> None:
     async with webhook_server() as hook:
         auth = ServerAuthenticator(AuthConfig(webhook=WebhookConfig(url=hook.url, timeout=0.5)),
                                    logger=logging.getLogger("test.webhook"),
-                                   throttle=NO_THROTTLE, metrics=metrics)
+                                   metrics=metrics)
         hook.replies["/auth/password"] = ok()
         assert await auth.check_password("c1", "alice", "pw") is not None
         hook.replies["/auth/password"] = (200, b'{"success": false}')
@@ -48,7 +48,7 @@ async def test_unreachable_webhook_counts_a_connection_failure() -> None:
     async with open_aio_loop():
         auth = ServerAuthenticator(
             AuthConfig(webhook=WebhookConfig(url=f"http://127.0.0.1:{port}/auth")),
-            logger=logging.getLogger("test.webhook"), throttle=NO_THROTTLE, metrics=metrics)
+            logger=logging.getLogger("test.webhook"), metrics=metrics)
         assert await auth.check_public_key("c1", "alice", KEY) is None
     assert metrics.sample("containerssh_auth_server_failures_total", {
         "type": "hard", "authtype": "pubkey", "retry": "0", "reason": "connection"}) == 1
