@@ -59,13 +59,14 @@ def test_penalty_box_while_attempts_are_refused() -> None:
     limiter = LoginLimiter(POLICY)
     for _ in range(7):
         limiter.admit([A], 0.0)  # turns booked up to 15 s ahead
-    assert limiter.penalized(A, 0.0) == 7.0  # attempts refused until 15 - 8 s
-    assert limiter.penalized(A, 7.5) == 0.0
-    assert limiter.admit([A], 7.5).wait == 7.5  # admitted: turn at 15, next at 23
-    assert limiter.admit([A], 7.6).refused
-    assert limiter.penalized(A, 11.0) == pytest.approx(4.0)  # next turn 23 - 8 - 11
-    assert limiter.penalized(A, 16.0) == 0.0
     assert limiter.penalized("addr:192.0.2.1", 0.0) == 0.0
+    assert limiter.penalized(A, 0.0) == 7.0  # attempts refused until 15 - 8 s
+    assert limiter.penalized(A, 6.0) == 4.0  # each dropped connection: 4 s more
+    assert limiter.penalized(A, 9.0) == 4.0
+    assert limiter.penalized(A, 13.5) == 0.0  # quiet for 4 s, next turn near: out
+    assert limiter.admit([A], 13.5).wait == 1.5  # turn at 15, next at 23
+    assert limiter.admit([A], 13.6).refused  # 23 is more than 8 s away
+    assert limiter.penalized(A, 14.0) == 4.0  # the refusal put it back in the box
 
 
 def test_a_cancelled_attempt_refunds_nothing() -> None:

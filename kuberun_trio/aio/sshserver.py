@@ -87,6 +87,10 @@ class ExecTarget:
     (SIGKILL), which is what eviction and a killed pod look like from the exec."""
 
 
+DROP_AFTER = 2.0
+"""Seconds a connection from a penalized address is held (never read) before it is
+closed: an attacker whose connections were closed at once would only reconnect faster."""
+
 KILLED = 137
 """128 + SIGKILL: the exit code of every process of an evicted or killed pod."""
 POD_LOSS_WAIT = 1.0
@@ -384,7 +388,10 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self.peer = (str(peer[0]), int(peer[1]))
         self.login = self.auth.connection(self.connection_id, *self.peer)
         if not self.auth.admit_connection(self.login):  # before the costly key exchange
-            asyncio.get_running_loop().call_soon(conn.abort)
+            transport = conn._transport  # asyncssh offers no public pause
+            if transport is not None:
+                transport.pause_reading()
+            asyncio.get_running_loop().call_later(DROP_AFTER, conn.abort)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.portal is not None:

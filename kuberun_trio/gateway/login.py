@@ -138,6 +138,7 @@ class LoginGate:
     # -- the attempts --------------------------------------------------------------------
     async def turn(self, state: LoginState, username: str, method: str) -> Refusal | None:
         """Count a try and wait for this attempt's turn; a Refusal if it must not proceed."""
+        state.proof = None  # only the attempt that asyncssh answers with success proves
         if state.tries >= self.policy.max_tries:  # pipelined past the limit
             return self._too_many(state, username, method)
         state.tries += 1
