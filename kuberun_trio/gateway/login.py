@@ -26,9 +26,10 @@ limiter for that address and username and writes the one ``auth allow`` line, wi
 method and, for keys, the SHA256 fingerprint.
 
 **Penalty box.** A new connection from an address whose login attempts are being refused
-at once (:meth:`~.throttle.LoginLimiter.penalized`) is dropped by
-:meth:`LoginGate.admit_connection` right after the TCP accept, before the key exchange --
-the costly part of a connection an attacker can make the gateway do for free.
+at once (:meth:`~.throttle.LoginLimiter.penalized`) is refused by
+:meth:`LoginGate.admit_connection` right after the TCP accept; the SSH side holds it
+unread for a moment and closes it, before the key exchange -- the costly part of a
+connection an attacker can make the gateway do for free.
 
 Log lines (logger ``kuberun_trio.gateway.login``, each with ``event``, ``connection_id``,
 ``username``, ``remote_address``): ``auth`` (``result`` ``allow``), ``auth-delayed``
