@@ -32,7 +32,7 @@ from kuberun_trio.aio.bridge import open_aio_loop
 pytestmark = pytest.mark.skipif(shutil.which("ssh") is None, reason="needs OpenSSH")
 
 DELAY, MAX_DELAY, FREE = 0.5, 2.0, 3
-USERS = ("par", "pipe", "query", "tries", "keys", "honest")
+USERS = ("par", "pipe", "query", "tries", "keys", "honest", "boxed")
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +183,27 @@ async def test_allow_logged_once_with_the_key_fingerprint(
     allow, = records(gateway, event="auth", result="allow", username="honest")
     assert (allow["method"], allow["fingerprint"]) == ("publickey", fingerprint)
     assert allow["message"].endswith(f"by publickey {fingerprint}")
+
+
+async def test_penalized_address_is_dropped_before_the_key_exchange(
+        gateway: GatewayServer) -> None:
+    async with open_aio_loop():
+        stop = trio.current_time() + 5
+
+        async def flood() -> None:
+            tries = guesses("box")
+            while trio.current_time() < stop:
+                await attack(gateway.port, "boxed", tries, source="127.0.7.8")
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(12):
+                nursery.start_soon(flood)
+            await trio.sleep(3)  # its attempts are being refused by now
+            boxed = await attack(gateway.port, "boxed", iter(["x"]), source="127.0.7.8")
+            elsewhere = await attack(gateway.port, "honest", iter([gateway.password["honest"]]),
+                                     source="127.0.7.9")
+    assert boxed.prompts == 0, boxed  # no key exchange, no auth
+    assert boxed.ended.startswith(("ConnectionLost", "ConnectionReset")), boxed
+    assert elsewhere.ended == "success", elsewhere
+    dropped = records(gateway, event="auth-throttled-connection")
+    assert dropped and all(r["remote_address"].startswith("127.0.7.8:") for r in dropped)

@@ -59,13 +59,14 @@ def test_penalty_box_while_attempts_are_refused() -> None:
     limiter = LoginLimiter(POLICY)
     for _ in range(7):
         limiter.admit([A], 0.0)  # turns booked up to 15 s ahead
-    assert limiter.penalized(A, 0.0) == 7.0  # attempts refused until 15 - 8 s
-    assert limiter.penalized(A, 7.5) == 0.0
-    assert limiter.admit([A], 7.5).wait == 7.5  # admitted: turn at 15, next at 23
-    assert limiter.admit([A], 7.6).refused
-    assert limiter.penalized(A, 11.0) == pytest.approx(4.0)  # next turn 23 - 8 - 11
-    assert limiter.penalized(A, 16.0) == 0.0
     assert limiter.penalized("addr:192.0.2.1", 0.0) == 0.0
+    assert limiter.penalized(A, 0.0) == 7.0  # attempts refused until 15 - 8 s
+    assert limiter.penalized(A, 6.0) == 4.0  # each dropped connection: 4 s more
+    assert limiter.penalized(A, 9.0) == 4.0
+    assert limiter.penalized(A, 13.5) == 0.0  # quiet for 4 s, next turn near: out
+    assert limiter.admit([A], 13.5).wait == 1.5  # turn at 15, next at 23
+    assert limiter.admit([A], 13.6).refused  # 23 is more than 8 s away
+    assert limiter.penalized(A, 14.0) == 4.0  # the refusal put it back in the box
 
 
 def test_a_cancelled_attempt_refunds_nothing() -> None:
@@ -232,18 +233,29 @@ async def test_hash_queue_one_per_source_and_bounded() -> None:
     assert sorted(done) == ["a", "b"]
 
 
-async def test_a_flood_from_one_address_does_not_starve_another(tmp_path: Path) -> None:
+async def test_a_flood_from_one_address_does_not_starve_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before the fix every check queued FIFO behind the flood's (2 threads)."""
     (tmp_path / "pw").write_text(
-        "alice:" + bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=10)).decode() + "\n")
+        "alice:" + bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=8)).decode() + "\n")
     auth = ServerAuthenticator(AuthConfig(password_file=str(tmp_path / "pw"),
                                           password_hashing=PasswordHashingConfig(threads=2)),
                                logger=logging.getLogger("test.hashing"))
-    finished: list[str] = []
+    hashed: list[str] = []
+    real = passwords.check_password
+
+    def counting(target: str, password: str) -> bool:
+        hashed.append(password)
+        return real(target, password)
+
+    monkeypatch.setattr(passwords, "check_password", counting)
+    hashed_before_legit: list[int] = []
 
     async def attempt(who: str, password: str, remote: str) -> None:
-        await auth.check_password(who, "alice", password, remote_address=remote)
-        finished.append(who)
+        result = await auth.check_password(who, "alice", password, remote_address=remote)
+        if who == "legit":
+            assert result is not None
+            hashed_before_legit.append(len(hashed))
 
     async with trio.open_nursery() as nursery:
         for i in range(20):
@@ -251,7 +263,8 @@ async def test_a_flood_from_one_address_does_not_starve_another(tmp_path: Path) 
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(attempt, "legit", "right", "192.0.2.50:4000")
     # the flood's address had one check running; the others were refused at once
-    assert finished.index("legit") >= len(finished) - 2
+    assert hashed_before_legit[0] <= 2, hashed_before_legit
+    assert hashed.count("wrong") == 1
 
 
 async def test_every_user_costs_one_hash_of_each_class(tmp_path: Path,

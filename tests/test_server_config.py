@@ -14,6 +14,7 @@ import pytest
 from kuberun_trio.cli import build_parser
 from kuberun_trio.errors import ConfigError, ConfigErrors
 from kuberun_trio.gateway.limits import Limits, MaxStartups
+from kuberun_trio.gateway.throttle import LoginPolicy
 from kuberun_trio.server.config import (
     AuthConfig,
     WebhookConfig,
@@ -102,6 +103,26 @@ def test_webhook_rules() -> None:
     assert problems({"auth": {"webhook": {}}}) == {"auth.webhook.url": "required"}
     assert problems({"ssh": {"hostKey": "/k"}}) == {
         "ssh.hostKey": "unknown key: the key is hostKeys (a list)"}
+
+
+def test_login_limits() -> None:
+    config = parse_server_config({"auth": {
+        "maxTries": 3, "throttle": {"freeFailures": 0, "delay": "250ms", "maxDelay": "1m",
+                                    "forgetAfter": "1h"},
+        "passwordHashing": {"threads": 4, "queue": 0}}})
+    policy = config.auth.login_policy()
+    assert (policy.max_tries, policy.free_failures, policy.delay, policy.max_delay,
+            policy.forget_after) == (3, 0, 0.25, 60.0, 3600.0)
+    assert config.auth.password_hashing.threads == 4
+    assert parse_server_config({}).auth.login_policy() == LoginPolicy()
+    found = problems({"auth": {"maxTries": 0, "throttle": {"delay": "5s", "maxDelay": "1s",
+                                                           "freeFailures": -1},
+                               "passwordHashing": {"threads": 0, "queue": -1}}})
+    assert set(found) == {"auth.maxTries", "auth.throttle.maxDelay",
+                          "auth.throttle.freeFailures", "auth.passwordHashing.threads",
+                          "auth.passwordHashing.queue"}
+    assert found["auth.throttle.maxDelay"] == "must be at least auth.throttle.delay (5s), got 1s"
+    assert "auth.throttle.dealy" in problems({"auth": {"throttle": {"dealy": "1s"}}})
 
 
 @pytest.mark.parametrize(("text", "expected"), [

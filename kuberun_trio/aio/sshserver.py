@@ -127,6 +127,10 @@ class ExecTarget:
     """Where exec starts are counted (None: nowhere in particular)."""
 
 
+DROP_AFTER = 2.0
+"""Seconds a connection from a penalized address is held (never read) before it is
+closed: an attacker whose connections were closed at once would only reconnect faster."""
+
 KILLED = 137
 """128 + SIGKILL: the exit code of every process of an evicted or killed pod."""
 POD_LOSS_WAIT = 1.0
@@ -531,7 +535,10 @@ class GatewaySSHServer(asyncssh.SSHServer):
         if not self.auth.admit_connection(self.login):  # before the costly key exchange
             self._end_reason = "dropped: too many failed logins from this address"
             self.metrics.connection_rejected("auth-throttled")
-            asyncio.get_running_loop().call_soon(conn.abort)
+            transport = conn._transport  # asyncssh offers no public pause
+            if transport is not None:
+                transport.pause_reading()
+            asyncio.get_running_loop().call_later(DROP_AFTER, conn.abort)
             return
         if self.admission is None:
             return

@@ -6,6 +6,8 @@ connection into a pod manifest; ``pod`` owns a connection's pod (create, wait,
 delete); ``connection`` is the connection nursery with its session tasks;
 ``session`` and ``shellwrap`` are the sans-IO session machine and its exec
 wrapper; ``podstate`` judges pod states; ``podwatch`` shares one pod watch per
-namespace; ``auth`` is the authenticator protocol. The module map with more
+namespace; ``auth`` is the authenticator protocol; ``throttle`` (the sans-IO login
+limiter), ``login`` (the gate every login attempt passes) and ``refusals`` (the one
+function every refusal is logged through) limit logins. The module map with more
 detail is in ``docs/architecture.md``.
 """

@@ -26,9 +26,10 @@ limiter for that address and username and writes the one ``auth allow`` line, wi
 method and, for keys, the SHA256 fingerprint.
 
 **Penalty box.** A new connection from an address whose login attempts are being refused
-at once (:meth:`~.throttle.LoginLimiter.penalized`) is dropped by
-:meth:`LoginGate.admit_connection` right after the TCP accept, before the key exchange --
-the costly part of a connection an attacker can make the gateway do for free.
+at once (:meth:`~.throttle.LoginLimiter.penalized`) is refused by
+:meth:`LoginGate.admit_connection` right after the TCP accept; the SSH side holds it
+unread for a moment and closes it, before the key exchange -- the costly part of a
+connection an attacker can make the gateway do for free.
 
 Log lines (logger ``kuberun_trio.gateway.login``, each with ``event``, ``connection_id``,
 ``username``, ``remote_address``): ``auth`` (``result`` ``allow``), ``auth-delayed``
@@ -138,6 +139,7 @@ class LoginGate:
     # -- the attempts --------------------------------------------------------------------
     async def turn(self, state: LoginState, username: str, method: str) -> Refusal | None:
         """Count a try and wait for this attempt's turn; a Refusal if it must not proceed."""
+        state.proof = None  # only the attempt that asyncssh answers with success proves
         if state.tries >= self.policy.max_tries:  # pipelined past the limit
             return self._too_many(state, username, method)
         state.tries += 1

@@ -32,7 +32,8 @@ Under a steady attack each key lets one credential be checked per ``max_delay``.
 
 An address key whose attempts are being refused is *in the penalty box*
 (:meth:`LoginLimiter.penalized`): the gateway then drops its new connections before the
-key exchange. Each refusal keeps it there for ``max_delay / 2`` more.
+key exchange. Each refusal, and each dropped connection, keeps it there for
+``max_delay / 2`` more.
 
 A key is forgotten ``forget_after`` seconds after its last attempt; at most
 ``max_entries`` keys are kept (least recently used go first).
@@ -167,14 +168,20 @@ class LoginLimiter:
 
         A key is in the box while an attempt now would be refused at once, and for
         ``max_delay / 2`` after an attempt was refused because of it: the gateway drops a
-        new connection from a boxed address at once, before the (costly) key exchange,
-        and an attacker that keeps retrying keeps itself in the box.
+        new connection from a boxed address at once, before the (costly) key exchange.
+        Asking while in the box counts as a refused attempt (``refused=True``): an attacker
+        that keeps retrying keeps itself in the box, until it stays quiet ``max_delay / 2``.
         """
         entry = self._entries.get(key)
         if entry is None:
             return 0.0
-        return max(0.0, entry.next_at - now - self.policy.max_delay,
+        wait = max(0.0, entry.next_at - now - self.policy.max_delay,
                    entry.refused_at + self.policy.max_delay / 2 - now)
+        if wait > 0:
+            entry.refused_at = now
+            entry.last = now
+            wait = max(wait, self.policy.max_delay / 2)
+        return wait
 
     def succeeded(self, keys: Iterable[str]) -> None:
         """A proven login: its keys start again from zero."""
