@@ -161,6 +161,42 @@ async def test_gate_waits_before_checking_and_cancelling_refunds_nothing(
     assert gate.limiter.charged("user:alice", trio.current_time()) == 0
 
 
+async def test_a_burst_of_good_logins_from_one_address_is_not_refused(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Ten parallel logins from one address (a CI runner, a NAT) all get in: turns booked
+    behind attempts that then prove themselves are booked afresh, not refused. The same
+    burst of wrong passwords is still refused, since nothing resets its keys."""
+    class Slow(Recorder):  # a check takes a while (a hash, a webhook): the burst overlaps
+        async def check_password(self, connection_id: str, username: str, password: str, *,
+                                 remote_address: str = "") -> AuthResult | None:
+            await trio.sleep(0.05)
+            return await super().check_password(connection_id, username, password)
+
+    gate = LoginGate(Slow())  # the defaults: 3 free, 1 s doubling, refused beyond 10 s
+    results: list[object] = []
+
+    async def login(n: int, password: str) -> None:
+        state = gate.connection(f"c{n}", "192.0.2.9", 1000 + n)
+        result = await gate.password(state, "erin", password)
+        if isinstance(result, AuthResult):
+            assert gate.completed(state, "erin") is not None  # asyncssh's auth_completed
+        results.append(result)
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for n in range(10):
+            nursery.start_soon(login, n, "right")
+    assert all(isinstance(r, AuthResult) for r in results), results
+    assert trio.current_time() - start < 1.0  # no turn waited out its penalty
+    results.clear()
+    async with trio.open_nursery() as nursery:
+        for n in range(10):
+            nursery.start_soon(login, n, "wrong")
+    assert len(results) == 10 and all(isinstance(r, Refusal) for r in results)
+    assert any(r.banner for r in results if isinstance(r, Refusal))  # refused, not checked
+    assert gate.limiter.refused > 0
+
+
 async def test_gate_counts_tries_and_disconnects(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "kuberun_trio.gateway.login")
     gate = LoginGate(Recorder(), LoginPolicy(max_tries=3, free_failures=100))

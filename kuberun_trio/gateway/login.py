@@ -99,6 +99,8 @@ class LoginGate:
         self.policy = self.limiter.policy
         self._log = logger or log
         self._dropped_logged: OrderedDict[str, float] = OrderedDict()
+        self._reset = trio.Event()
+        """Set (and replaced) whenever a proven login resets its keys (see :meth:`turn`)."""
 
     def __repr__(self) -> str:
         return f"<LoginGate {self.authenticator!r} {self.limiter!r}>"
@@ -143,22 +145,51 @@ class LoginGate:
         if state.tries >= self.policy.max_tries:  # pipelined past the limit
             return self._too_many(state, username, method)
         state.tries += 1
-        admission = self.limiter.admit(login_keys(state.ip, username), trio.current_time())
-        if admission.refused:
-            later = f"too many failed logins; try again in {admission.wait:.0f} s"
-            refuse(self._log, "auth-throttled", "auth throttled: user %r from %s by %s: %s",
-                   username, state.remote_address, method, later,
-                   reason=f"{admission.key}: next turn in {admission.wait:.1f} s",
-                   **self._fields(state, username, method=method))
-            return self.failed(state, username, method, banner=f"kuberun: {later}\r\n")
-        if admission.wait > 0:
-            self._log.info("auth delayed: user %r from %s by %s waits %.1f s (%s)", username,
-                           state.remote_address, method, admission.wait, admission.key,
-                           extra={"event": "auth-delayed", "wait": round(admission.wait, 3),
-                                  "key": admission.key,
-                                  **self._fields(state, username, method=method)})
-            await trio.sleep(admission.wait)
-        return None
+        keys = login_keys(state.ip, username)
+        while True:
+            now = trio.current_time()
+            admission = self.limiter.admit(keys, now)
+            charged = [self.limiter.charged(key, now) for key in keys]
+            if admission.refused:
+                # Turns booked by attempts still in flight may be a burst of good logins
+                # from one address (a NAT, a CI runner): wait a while for one of them to
+                # prove itself and reset the keys, then book afresh. An attacker's
+                # attempts never reset anything, so they are refused all the same.
+                if await self._reset_within(keys, charged, self.policy.max_delay):
+                    continue
+                self.limiter.refused_now(admission.key, trio.current_time())
+                later = f"too many failed logins; try again in {admission.wait:.0f} s"
+                refuse(self._log, "auth-throttled", "auth throttled: user %r from %s by %s: %s",
+                       username, state.remote_address, method, later,
+                       reason=f"{admission.key}: next turn in {admission.wait:.1f} s",
+                       **self._fields(state, username, method=method))
+                return self.failed(state, username, method, banner=f"kuberun: {later}\r\n")
+            if admission.wait > 0:
+                self._log.info("auth delayed: user %r from %s by %s waits %.1f s (%s)", username,
+                               state.remote_address, method, admission.wait, admission.key,
+                               extra={"event": "auth-delayed", "wait": round(admission.wait, 3),
+                                      "key": admission.key,
+                                      **self._fields(state, username, method=method)})
+                if await self._reset_within(keys, charged, admission.wait):
+                    continue  # a proven login cleared what this turn waited for
+            return None
+
+    async def _reset_within(self, keys: tuple[str, ...], charged: list[int],
+                            seconds: float) -> bool:
+        """Wait ``seconds``; True as soon as a proven login has reset one of
+        ``keys`` (its charge dropped below ``charged``), so that the attempt may book again.
+
+        Cancellation refunds nothing: the booking made before the wait stays.
+        """
+        with trio.move_on_after(seconds):
+            while True:
+                reset = self._reset
+                await reset.wait()
+                now = trio.current_time()
+                if any(self.limiter.charged(key, now) < before
+                       for key, before in zip(keys, charged, strict=True)):
+                    return True
+        return False
 
     async def password(self, state: LoginState, username: str,
                        password: str) -> AuthResult | Refusal:
@@ -216,6 +247,8 @@ class LoginGate:
         if proof is None:
             return None
         self.limiter.succeeded(login_keys(state.ip, username))
+        self._reset.set()  # wake the turns that waited behind these keys
+        self._reset = trio.Event()
         more: dict[str, Any] = {"method": proof.method, "result": "allow",
                                 "reason": proof.result.reason or "accepted"}
         how = proof.method

@@ -183,6 +183,13 @@ class LoginLimiter:
             wait = max(wait, self.policy.max_delay / 2)
         return wait
 
+    def refused_now(self, key: str, now: float) -> None:
+        """An attempt booked earlier is refused now (after waiting in vain for a proven
+        login): the key stays in the penalty box from ``now``, as at a refused booking."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.refused_at = entry.last = now
+
     def succeeded(self, keys: Iterable[str]) -> None:
         """A proven login: its keys start again from zero."""
         for key in keys:
