@@ -42,6 +42,7 @@ class ScriptedHandler:
     """The parts of :class:`ConnectionHandler` that :class:`ConnectionRuntime` uses."""
 
     connection_id = "conn-1"
+    client_address = "192.0.2.1:2222"
 
     def __init__(self, *, fail: BaseException | None = None, signal_timeout: float = 5) -> None:
         self.fail = fail
@@ -79,6 +80,7 @@ class ScriptedSession:
         self.notices: list[str] = []
         self.abort: Callable[[], None] | None = None
         self.result: ExecResult | None = None
+        self.recording = None
 
     def fail(self, reason: str) -> None:
         self.failed.append(reason)
@@ -159,7 +161,7 @@ async def test_one_session_crashing_leaves_its_siblings_and_the_connection(
             await sibling_gate.started.wait()
             while "session-error" not in events(caplog):
                 await trio.sleep(0.01)
-        assert crashing.failed == ["internal error: RuntimeError"]
+        assert crashing.failed == ["internal error in the gateway (connection conn-1)"]
         sibling_gate.open()
         with trio.fail_after(10):
             while sibling.result is None:
@@ -180,7 +182,7 @@ async def test_an_unexpected_error_in_run_is_contained_and_told(
     submit(rt, waiting)  # opened before the pod: pending
     with trio.fail_after(60):
         await rt.run()  # does not raise
-    assert waiting.failed == ["internal error in the gateway"]
+    assert waiting.failed == ["internal error in the gateway (connection conn-1)"]
     assert closes == ["closed"] and rt.finished.is_set()
     crashed = [r for r in caplog.records if getattr(r, "event", "") == "connection-error"]
     assert crashed and crashed[0].exc_info is not None  # the traceback is in the log

@@ -19,15 +19,16 @@ import trio
 from asyncssh.packet import SSHPacket, String
 
 from kuberun_trio.aio import sshserver
-from kuberun_trio.aio.bridge import open_aio_loop, run_aio
+from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.aio.execstream import ExecResult
 from kuberun_trio.aio.sshserver import (
     PENDING_INPUT_LIMIT,
     ExecTarget,
     GatewayChannel,
     GatewaySession,
-    GatewaySSHServer,
 )
+from kuberun_trio.gateway.audit import ConnectionAudit
+from kuberun_trio.gateway.login import LoginGate
 from kuberun_trio.gateway.session import SessionConfig, SessionMachine, State
 
 
@@ -154,6 +155,7 @@ class RecordingSession:
     def __init__(self) -> None:
         self.env: list[tuple[str, str]] = []
         self.signals: list[str] = []
+        self.audit = ConnectionAudit("c-5", "192.0.2.5:22")
 
     def env_requested(self, name: str, value: str) -> bool:
         self.env.append((name, value))
@@ -215,19 +217,22 @@ async def aio_loop() -> AsyncIterator[None]:
     (("127.0.0.1", 40000), "127.0.0.1:40000"),
 ])
 async def test_the_authenticator_gets_a_bracketed_ipv6_remote(
-        aio_loop: None, peer: tuple[str, int], remote: str) -> None:
+        peer: tuple[str, int], remote: str) -> None:
     seen: list[tuple[str, str, str, str]] = []
 
-    async def check(connection_id: str, username: str, credential: str, *,
-                    remote_address: str) -> Any:
-        await trio.lowlevel.checkpoint()
-        seen.append((connection_id, username, credential, remote_address))
-        return None  # refused
+    class Check:
+        def methods(self) -> frozenset[str]:
+            return frozenset({"password"})
 
-    server = GatewaySSHServer(lambda s: None, auth=None,  # type: ignore[arg-type,return-value]
-                              connection_id="c-6")
-    server.peer = peer
-    assert await run_aio(server._decide, check, "alice", "secret") is False
+        async def check_password(self, connection_id: str, username: str, credential: str, *,
+                                 remote_address: str) -> Any:
+            await trio.lowlevel.checkpoint()
+            seen.append((connection_id, username, credential, remote_address))
+            return None  # refused
+
+    gate = LoginGate(Check())  # type: ignore[arg-type]
+    state = gate.connection("c-6", *peer)  # what GatewaySSHServer.connection_made does
+    assert await gate.password(state, "alice", "secret") is not None  # a refusal
     assert seen == [("c-6", "alice", "secret", remote)]
 
 
