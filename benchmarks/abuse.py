@@ -20,8 +20,9 @@ taken after the attacker's first 5 checked guesses, until the attack stops.
 
 The limit scenarios (channels per connection, connections per user) start a second
 gateway with ``security.maxSessions`` / ``security.maxConnectionsPerUser`` = 10 and report
-``supported: false`` when this build refuses those keys. More (pods left after an API
-stall) plug in the same way; :data:`SCENARIOS` lists what this build has.
+``supported: false`` when this build refuses those keys. Pods left after an API stall
+longer than ``podStop`` are measured by :mod:`.abuse_stall` in a process of its own (its
+own cluster, whose API server it stalls).
 """
 
 from __future__ import annotations
@@ -367,6 +368,22 @@ async def connections_per_user(bench: Bench) -> dict[str, Any]:
             "met": len(conns) == LIMIT}
 
 
+async def pods_after_api_stall(bench: Bench) -> dict[str, Any]:
+    """Pods left after the API server stalls longer than podStop while clients connect
+    (goal: 0 within one sweep). Its own gateway and cluster: ``benchmarks.abuse_stall``."""
+    with tempfile.TemporaryDirectory(prefix="abuse-stall-") as tmp:
+        out = Path(tmp) / "stall.json"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "benchmarks.abuse_stall", "--json", str(out),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        await proc.wait()
+        if not out.exists():
+            return {"error": f"benchmarks.abuse_stall exited {proc.returncode}", "met": False}
+        result: dict[str, Any] = json.loads(out.read_text())
+    result["met"] = result["pods_left_after_one_sweep"] == 0
+    return result
+
+
 SCENARIOS: dict[str, Callable[[Bench], Any]] = {
     "parallel": parallel_guessing,
     "distributed": distributed_guessing,
@@ -375,6 +392,7 @@ SCENARIOS: dict[str, Callable[[Bench], Any]] = {
     "login_during_flood": login_during_flood,
     "channels_per_connection": channels_per_connection,
     "connections_per_user": connections_per_user,
+    "pods_after_api_stall": pods_after_api_stall,
 }
 """Every scenario by name, run in this order (``--only`` picks some)."""
 

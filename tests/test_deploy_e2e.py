@@ -11,6 +11,7 @@ import base64
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -44,11 +45,25 @@ def authorize(tmp_path: Path, keys_dir: Path) -> None:
         f.write((tmp_path / "alice.pub").read_text())
 
 
+def loopback_endpoints(config_file: Path) -> None:
+    """The probes' endpoints move to free loopback ports (other tests run beside this one)."""
+    config = yaml.safe_load(config_file.read_text())
+    assert (config["health"]["enable"], config["metrics"]["enable"]) == (True, True)
+    config["health"]["listen"] = config["metrics"]["listen"] = "127.0.0.1:0"
+    config_file.write_text(yaml.safe_dump(config))
+
+
+def probe(url: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return int(answer.status), bytes(answer.read())
+
+
 async def test_the_deployed_configuration_serves_ssh(tmp_path: Path,
                                                      cluster: EmbeddedCluster) -> None:
     objects = render(BASE)
     secret = documented_secret(tmp_path)
     args, places = mounted_gateway(objects, secret, tmp_path / "root")
+    loopback_endpoints(Path(args[args.index("--config") + 1]))
     authorize(tmp_path, Path(places["/etc/kuberun-trio/authorized-keys"]))
     # The rendered Namespace, sent as JSON (the embedded cluster serves no openapi for
     # kubectl's validation, and `kubectl create namespace` 1.33 sends protobuf).
@@ -69,11 +84,14 @@ async def test_the_deployed_configuration_serves_ssh(tmp_path: Path,
         assert proc.stdout is not None
         out = b""
         with trio.fail_after(60):
-            while b"host key" not in out:
+            while b"connect with" not in out:
                 chunk = await proc.stdout.receive_some(4096)
                 assert chunk, log.read_text()
                 out += chunk
         port = int(out.split(b"listening on 127.0.0.1:", 1)[1].split()[0])
+        # what the Deployment's readiness probe asks
+        ready_url = out.split(b"health at ", 1)[1].split()[0].decode()
+        assert await trio.to_thread.run_sync(probe, ready_url) == (200, b"ok")
         (tmp_path / "known_hosts").write_text(known_hosts_line("127.0.0.1", port, host_key))
         with trio.fail_after(60):
             result = await trio.run_process(

@@ -206,8 +206,9 @@ def test_gateway_identity_probes_and_shutdown(tree: str) -> None:
     assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace",
                    "POD_UID": "metadata.uid"}
     # TCP on the SSH port until the health endpoint lands (then httpGet /readyz, /healthz).
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container_port(container, container[probe]["tcpSocket"]["port"]) == 2222
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = container[probe]["httpGet"]
+        assert (container_port(container, get["port"]), get["path"]) == (7000, path)
     assert {p["containerPort"] for p in container["ports"]} == {2222, 9100, 7000}
     config = parse_server_config(gateway_config(render(tree)), instance="test")
     grace = float(option(container["args"], "--grace"))

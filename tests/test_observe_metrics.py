@@ -57,6 +57,8 @@ async def test_series_after_real_connections(tmp_path: Path) -> None:
         text = await rig.scrape()
         assert value(text, "containerssh_ssh_current_connections", country="XX") == 0
         assert value(text, "containerssh_backend_errors_total") == 0
+        assert value(text, "kuberun_connections_ended_total", reason="client") == 1
+        assert value(text, "kuberun_connections_ended_total", reason="error") is None
 
 
 async def test_stdin_bytes_counted(tmp_path: Path) -> None:
