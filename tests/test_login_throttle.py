@@ -189,12 +189,21 @@ async def test_a_burst_of_good_logins_from_one_address_is_not_refused(
     assert all(isinstance(r, AuthResult) for r in results), results
     assert trio.current_time() - start < 1.0  # no turn waited out its penalty
     results.clear()
+    throttled: list[float] = []
+
+    async def guess(n: int) -> None:
+        await login(n, "wrong")
+        if isinstance(results[-1], Refusal) and results[-1].banner:
+            throttled.append(trio.current_time() - start)
+
+    start = trio.current_time()
     async with trio.open_nursery() as nursery:
         for n in range(10):
-            nursery.start_soon(login, n, "wrong")
+            nursery.start_soon(guess, n)
     assert len(results) == 10 and all(isinstance(r, Refusal) for r in results)
-    assert any(r.banner for r in results if isinstance(r, Refusal))  # refused, not checked
-    assert gate.limiter.refused > 0
+    assert throttled and gate.limiter.refused > 0  # refused without being checked
+    # refused as soon as the first guesses are known to have failed, not after maxDelay
+    assert max(throttled) < 1.0, throttled
 
 
 async def test_gate_counts_tries_and_disconnects(caplog: pytest.LogCaptureFixture) -> None:

@@ -151,11 +151,13 @@ class LoginGate:
             admission = self.limiter.admit(keys, now)
             charged = [self.limiter.charged(key, now) for key in keys]
             if admission.refused:
-                # Turns booked by attempts still in flight may be a burst of good logins
-                # from one address (a NAT, a CI runner): wait a while for one of them to
-                # prove itself and reset the keys, then book afresh. An attacker's
-                # attempts never reset anything, so they are refused all the same.
-                if await self._reset_within(keys, charged, self.policy.max_delay):
+                # With no failure known yet, the turns ahead were booked by attempts still
+                # in flight: maybe a burst of good logins from one address (a NAT, a CI
+                # runner). Wait for one of them to prove itself and reset the keys (then
+                # book afresh), or to fail (then refuse). An attacker's first failures are
+                # known within moments, and from then on it is refused at once.
+                if not self._failures_known(keys) and \
+                        await self._reset_within(keys, charged, self.policy.max_delay):
                     continue
                 self.limiter.refused_now(admission.key, trio.current_time())
                 later = f"too many failed logins; try again in {admission.wait:.0f} s"
@@ -174,6 +176,14 @@ class LoginGate:
                     continue  # a proven login cleared what this turn waited for
             return None
 
+    def _failures_known(self, keys: tuple[str, ...]) -> bool:
+        return any(self.limiter.failures(key) for key in keys)
+
+    def _wake(self) -> None:
+        """Wake every turn waiting in :meth:`_reset_within` to look again."""
+        self._reset.set()
+        self._reset = trio.Event()
+
     async def _reset_within(self, keys: tuple[str, ...], charged: list[int],
                             seconds: float) -> bool:
         """Wait ``seconds``; True as soon as a proven login has reset one of
@@ -189,6 +199,8 @@ class LoginGate:
                 if any(self.limiter.charged(key, now) < before
                        for key, before in zip(keys, charged, strict=True)):
                     return True
+                if seconds >= self.policy.max_delay and self._failures_known(keys):
+                    return False  # a deferred refusal: a failure is known now
         return False
 
     async def password(self, state: LoginState, username: str,
@@ -230,6 +242,8 @@ class LoginGate:
     def failed(self, state: LoginState, username: str, method: str,
                banner: str | None = None) -> Refusal:
         """An attempt failed: disconnect once ``max_tries`` tries failed."""
+        self.limiter.failed(login_keys(state.ip, username))
+        self._wake()  # deferred refusals behind these keys wait no longer
         if state.tries >= self.policy.max_tries:
             return self._too_many(state, username, method)
         return Refusal(banner=banner)
@@ -247,8 +261,7 @@ class LoginGate:
         if proof is None:
             return None
         self.limiter.succeeded(login_keys(state.ip, username))
-        self._reset.set()  # wake the turns that waited behind these keys
-        self._reset = trio.Event()
+        self._wake()  # the turns that waited behind these keys may book afresh
         more: dict[str, Any] = {"method": proof.method, "result": "allow",
                                 "reason": proof.result.reason or "accepted"}
         how = proof.method

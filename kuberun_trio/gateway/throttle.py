@@ -96,6 +96,8 @@ class _Entry:
     last: float = 0.0
     refused_at: float = float("-inf")
     """When an attempt was last refused at once because of this key."""
+    failures: int = 0
+    """Attempts known to have failed (the rest of ``charged`` may still be in flight)."""
 
 
 def address_key(ip: str) -> str:
@@ -182,6 +184,18 @@ class LoginLimiter:
             entry.last = now
             wait = max(wait, self.policy.max_delay / 2)
         return wait
+
+    def failed(self, keys: Iterable[str]) -> None:
+        """Attempts on ``keys`` are known to have failed (not merely booked)."""
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.failures += 1
+
+    def failures(self, key: str) -> int:
+        """Failures known for ``key`` since its last reset."""
+        entry = self._entries.get(key)
+        return 0 if entry is None else entry.failures
 
     def refused_now(self, key: str, now: float) -> None:
         """An attempt booked earlier is refused now (after waiting in vain for a proven
