@@ -83,6 +83,8 @@ async def test_1000_channels_on_one_connection_get_exactly_max_sessions(
         assert refused[0].code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
         assert refused[0].reason == "kuberun: too many sessions on this connection (limit 10)"
         assert len(refusals(caplog, "max-sessions")) == 990
+        assert rig.gateway.metrics.sample("kuberun_requests_refused_total",
+                                          {"request": "max-sessions"}) == 990
         # A closed session makes room for another.
         opened[0].close()
         await aio(opened[0].wait_closed)

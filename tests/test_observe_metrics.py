@@ -61,6 +61,17 @@ async def test_series_after_real_connections(tmp_path: Path) -> None:
         assert value(text, "kuberun_connections_ended_total", reason="error") is None
 
 
+async def test_refused_requests_counted_by_request(tmp_path: Path) -> None:
+    async with open_observed(tmp_path) as rig:
+        conn = await rig.connect(USER)
+        with pytest.raises(asyncssh.ChannelOpenError):  # forwarding is off
+            await aio(conn.open_connection, "localhost", 80)
+        text = await rig.scrape()
+        assert value(text, "kuberun_requests_refused_total", request="port-forwarding") == 1
+        conn.close()
+        await aio(conn.wait_closed)
+
+
 async def test_stdin_bytes_counted(tmp_path: Path) -> None:
     async with open_observed(tmp_path) as rig:
         conn = await rig.connect(USER)

@@ -530,6 +530,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self.peer = (str(peer[0]), int(peer[1]))
         self.audit.remote_address = format_address(*self.peer)
         self.audit.accepted()
+        self.audit.on_refused = self.metrics.request_refused
         self.metrics.connection_opened()
         self.login = self.auth.connection(self.connection_id, *self.peer)
         if not self.auth.admit_connection(self.login):  # before the costly key exchange
@@ -566,6 +567,8 @@ class GatewaySSHServer(asyncssh.SSHServer):
         host, port = self.peer
         report_refusal(refusal, connection_id=self.connection_id, client=f"{host}:{port}",
                        username=self.username)
+        if refusal.scope != "connection":  # connections are counted where they are dropped
+            self.metrics.request_refused(refusal.reason)
 
     def _disconnect(self, refusal: LimitRefusal,
                     code: int = asyncssh.DISC_TOO_MANY_CONNECTIONS) -> None:

@@ -123,6 +123,8 @@ class ConnectionAudit:
         self.refusals = 0
         """Client requests refused so far (all of them, logged or not)."""
         self.ended = False
+        self.on_refused: Callable[[str], None] = lambda request: None
+        """Called with the request's name for each refusal (the gateway counts them)."""
         self.on_end: Callable[[ConnectionEnd], None] = lambda end: None
         """Called once with the connection's end (the gateway counts it in its metrics)."""
 
@@ -161,6 +163,7 @@ class ConnectionAudit:
         ``request-refused-suppressed`` line; ``connection-end`` gives the total.
         """
         self.refusals += 1
+        self.on_refused(request)
         if self.refusals <= REFUSALS_LOGGED:
             self.emit(logging.INFO, "request-refused", "%s request refused: %s", request,
                       reason, request=request, reason=reason, **fields)

@@ -186,6 +186,11 @@ class GatewayMetrics:
         self._rejected = Counter("kuberun_connections_rejected",
                                  "Connections refused or ended by the gateway before they "
                                  "were served, by reason.", ["reason"], registry=r)
+        self._refused_requests = Counter(
+            "kuberun_requests_refused",
+            "Requests refused on authenticated connections, by request (env, exec, subsystem, "
+            "signal, port-forwarding, ...) or by the limit that refused them (max-sessions, "
+            "signal-rate).", ["request"], registry=r)
         self._ended = Counter("kuberun_connections_ended",
                               "Authenticated connections ended, by reason (idle, max-duration, "
                               "client, shutdown, pod-lost, error).", ["reason"], registry=r)
@@ -237,6 +242,10 @@ class GatewayMetrics:
         """A connection refused or ended before it was served; ``reason`` is a fixed word
         (``shutdown``, ``auth``, ``max-startups``, ``max-connections``, ...)."""
         self._rejected.labels(label_token(reason)).inc()
+
+    def request_refused(self, request: str) -> None:
+        """A channel or request was refused; ``request`` is a fixed word."""
+        self._refused_requests.labels(label_token(request)).inc()
 
     def connection_ended(self, reason: str) -> None:
         """An authenticated connection ended; ``reason`` is a ``ConnectionEnd`` value."""
