@@ -94,6 +94,7 @@ from ..gateway.session import (
 from ..observe.metrics import ByteCounts, GatewayMetrics, unobserved
 from .bridge import run_trio, translate
 from .execstream import ExecResult, ExecStream, open_exec
+from .linger import Lingering, linger_on_abort
 
 if TYPE_CHECKING:
     from ..recording import SessionRecording
@@ -497,8 +498,11 @@ class GatewaySSHServer(asyncssh.SSHServer):
     def __init__(self, make_portal: Callable[[GatewaySSHServer], ConnectionPortal],
                  auth: LoginGate, connection_id: str, admission: Admission | None = None, *,
                  audit_policy: AuditPolicy | None = None,
-                 metrics: GatewayMetrics | None = None) -> None:
+                 metrics: GatewayMetrics | None = None,
+                 lingering: Lingering | None = None) -> None:
         self._make_portal = make_portal
+        self.lingering = lingering
+        """Where this connection's socket goes to close gracefully (None: asyncssh's abort)."""
         self.metrics = metrics or unobserved()
         self._failed_auths = 0
         """Failed login attempts (a connection that ends with some counts as rejected)."""
@@ -541,6 +545,8 @@ class GatewaySSHServer(asyncssh.SSHServer):
                 transport.pause_reading()
             asyncio.get_running_loop().call_later(DROP_AFTER, conn.abort)
             return
+        if self.lingering is not None:  # from now on the client reads why it is closed
+            linger_on_abort(conn, self.lingering)
         if self.admission is None:
             return
         verdict = self.admission.accept(self.peer[0], open_fds())

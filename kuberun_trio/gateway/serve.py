@@ -55,6 +55,7 @@ import trio
 from ..aio import sshserver
 from ..aio.bridge import ensure_aio_loop, loop_roundtrip, run_aio
 from ..aio.kube import KubeClient, open_kube_client
+from ..aio.linger import Lingering
 from ..observe import GatewayMetrics, HealthEndpoint, MetricsEndpoint, Readiness
 from ..observe.health import probe_api
 from ..observe.service import EndpointAddresses, serve_endpoints
@@ -206,6 +207,8 @@ class _Server:
         self.admission = Admission(options.limits, fd_limit=fd_limit(),
                                    fds_at_start=open_fds() or 0)
         """Counts connections, users and sessions against ``options.limits``."""
+        self.lingering = Lingering()
+        """Sockets the gateway closed that wait for their client to read why."""
 
     def ssh_server(self) -> sshserver.GatewaySSHServer:
         """asyncssh's server factory: one per TCP connection."""
@@ -213,7 +216,7 @@ class _Server:
                                           connection_id=secrets.token_hex(8),
                                           admission=self.admission,
                                           audit_policy=self.options.audit,
-                                          metrics=self.metrics)
+                                          metrics=self.metrics, lingering=self.lingering)
 
     def make_portal(self, ssh: sshserver.GatewaySSHServer) -> ConnectionRuntime:
         """Called on handshake success: start the connection's task."""
@@ -399,39 +402,45 @@ async def _serve(options: GatewayOptions, kube: KubeClient, keeper: LeaseKeeper 
     if options.metrics is None:  # one registry from the start-up sweep on
         options = attrs.evolve(options, metrics=GatewayMetrics())
     assert options.metrics is not None
-    async with trio.open_nursery() as nursery:
-        connections: dict[str, ConnectionRuntime] = {}
-        reaper = Reaper(kube, namespace=namespace, instance=options.instance, holder=holder,
-                        options=options.gc, live_connections=lambda: list(connections),
-                        keeper=keeper, delete_timeout=options.kubernetes.timeouts.pod_stop)
-        reaper.on_orphan_deleted = options.metrics.orphan_pods_deleted
-        if options.gc.startup_sweep:
-            await reaper.sweep_at_start()
-        hub = await nursery.start(PodWatchHub(
-            kube, label_selector_for_instance(options.instance)).run)
-        server = _Server(options, kube, nursery, hub, reaper)
-        if options.recording is not None:
-            server.recorder = Recorder(options.recording)
-            await nursery.start(server.recorder.run)
-        server.gateway.connections = connections
-        server.gateway.lease, server.gateway.reaper = keeper, reaper
-        await _start_observing(server, kube, hub, nursery)
-        await nursery.start(reaper.run)
-        if keeper is not None:
-            keeper.on_lost, keeper.on_regained = server.lease_lost, server.lease_regained
-            await nursery.start(keeper.run)
-        await server.listen(options.port)
-        try:
-            log.info("gateway listening on %s:%d", *server.gateway.address,
-                     extra={"event": "listening"})
-            task_status.started(server.gateway)
-            await server.stopped.wait()
-        finally:
-            server.readiness.draining()
-            await server.close_listener()
-            server.readiness.listening(False)
-            server.abort_all(SHUTDOWN_MESSAGE)
-            nursery.cancel_scope.cancel()
+    lingering: Lingering | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            connections: dict[str, ConnectionRuntime] = {}
+            reaper = Reaper(kube, namespace=namespace, instance=options.instance, holder=holder,
+                            options=options.gc, live_connections=lambda: list(connections),
+                            keeper=keeper, delete_timeout=options.kubernetes.timeouts.pod_stop)
+            reaper.on_orphan_deleted = options.metrics.orphan_pods_deleted
+            if options.gc.startup_sweep:
+                await reaper.sweep_at_start()
+            hub = await nursery.start(PodWatchHub(
+                kube, label_selector_for_instance(options.instance)).run)
+            server = _Server(options, kube, nursery, hub, reaper)
+            lingering = server.lingering
+            if options.recording is not None:
+                server.recorder = Recorder(options.recording)
+                await nursery.start(server.recorder.run)
+            server.gateway.connections = connections
+            server.gateway.lease, server.gateway.reaper = keeper, reaper
+            await _start_observing(server, kube, hub, nursery)
+            await nursery.start(reaper.run)
+            if keeper is not None:
+                keeper.on_lost, keeper.on_regained = server.lease_lost, server.lease_regained
+                await nursery.start(keeper.run)
+            await server.listen(options.port)
+            try:
+                log.info("gateway listening on %s:%d", *server.gateway.address,
+                         extra={"event": "listening"})
+                task_status.started(server.gateway)
+                await server.stopped.wait()
+            finally:
+                server.readiness.draining()
+                await server.close_listener()
+                server.readiness.listening(False)
+                server.abort_all(SHUTDOWN_MESSAGE)
+                nursery.cancel_scope.cancel()
+    finally:
+        if lingering is not None:  # the connections' closes have run
+            lingering.abort_all()
 
 
 async def _start_observing(server: _Server, kube: KubeClient, hub: PodWatchHub,
