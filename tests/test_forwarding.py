@@ -1,0 +1,239 @@
+"""Port forwarding (direct-tcpip) through the in-process gateway: asyncssh as the client.
+
+The decisions (:mod:`kuberun_trio.gateway.forwarding`) are tested as pure functions; the
+gateway's behaviour with an in-process embedded cluster, whose pods share this host's
+network (a listener of the test is "in the pod"), and whose request log shows that every
+port-forward stream closed before the pod's DELETE.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+import trio
+import trio_asyncio
+from gatewaykit import Rig, open_rig
+
+from kuberun_trio.gateway.forwarding import (
+    FORWARDING_DISABLED,
+    ForwardingPolicy,
+    PodAddress,
+    Refused,
+    ViaPodNetwork,
+    ViaPortForward,
+    command_problems,
+    judge,
+)
+from kuberun_trio.gateway.limits import Limits
+
+ON = ForwardingPolicy(enabled=True)
+POD = PodAddress("kuberun-abc", ("10.1.2.3",))
+
+
+# == the decision ==============================================================================
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST.", "127.0.0.1", "::1", "[::1]",
+                                  "kuberun-abc", "10.1.2.3", "0:0:0:0:0:0:0:1"])
+def test_the_pod_itself_goes_through_port_forward(host: str) -> None:
+    assert judge(ON, host, 8080, POD) == ViaPortForward(8080)
+
+
+def test_other_destinations_are_refused_with_a_reason() -> None:
+    verdict = judge(ON, "example.com", 80, POD)
+    assert isinstance(verdict, Refused) and "podNetworkCommand" in verdict.reason
+    assert judge(ForwardingPolicy(), "localhost", 80, POD) == Refused(FORWARDING_DISABLED)
+    assert isinstance(judge(ON, "localhost", 0, POD), Refused)
+    assert isinstance(judge(ON, "127.0.0.2", 80, POD), Refused)  # not the pod's address
+
+
+def test_pod_network_command_gets_host_and_port_as_argv_elements() -> None:
+    policy = ForwardingPolicy(enabled=True, pod_network_command=("nc", "{host}", "{port}"))
+    assert judge(policy, "db.internal", 5432, POD) == \
+        ViaPodNetwork(("nc", "db.internal", "5432"))
+    assert judge(policy, "localhost", 5432, POD) == ViaPortForward(5432)
+    for host in ("-e/bin/sh", "a b", "$(reboot)", "x;y", "", "a" * 300):
+        assert isinstance(judge(policy, host, 80, POD), Refused), host
+
+
+def test_pod_network_command_problems() -> None:
+    assert command_problems(["nc", "{host}", "{port}"]) == []
+    assert command_problems([]) != []
+    assert command_problems(["nc", "{hots}", "{port}"]) == \
+        ["element 1: unknown placeholder {hots} (only {host} and {port})"]
+    assert command_problems(["nc", "{host}"]) == ["must contain {host} and {port}"]
+
+
+def test_pod_address_from_status() -> None:
+    pod = {"status": {"podIP": "10.0.0.5", "podIPs": [{"ip": "10.0.0.5"}, {"ip": "fd00::5"}]}}
+    assert PodAddress.of("p", pod) == PodAddress("p", ("10.0.0.5", "fd00::5"))
+
+
+# == through the gateway =======================================================================
+
+async def echo_server(nursery: trio.Nursery) -> int:
+    """A TCP echo server on this host (where the embedded cluster's pods live)."""
+    async def echo(stream: trio.SocketStream) -> None:
+        async with stream:
+            async for data in stream:
+                await stream.send_all(data)
+
+    listeners = await nursery.start(trio.serve_tcp, echo, 0)
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def aio(fn: Any, *args: Any) -> Any:
+    return await trio_asyncio.aio_as_trio(fn)(*args)
+
+
+async def roundtrip(conn: asyncssh.SSHClientConnection, host: str, port: int,
+                    data: bytes) -> bytes:
+    async def go() -> bytes:
+        reader, writer = await conn.open_connection(host, port)
+        writer.write(data)
+        got = await reader.readexactly(len(data))
+        writer.close()
+        return got
+
+    result: bytes = await aio(go)
+    return result
+
+
+async def open_failure(conn: asyncssh.SSHClientConnection, host: str,
+                       port: int) -> asyncssh.ChannelOpenError:
+    async def go() -> asyncssh.ChannelOpenError:
+        try:
+            await conn.open_connection(host, port)
+        except asyncssh.ChannelOpenError as exc:
+            return exc
+        raise AssertionError("the channel opened")
+
+    exc: asyncssh.ChannelOpenError = await aio(go)
+    return exc
+
+
+async def no_pods(rig: Rig) -> None:
+    with trio.fail_after(15):
+        while rig.pods():
+            await trio.sleep(0.05)
+
+
+async def test_forward_to_the_pod_and_streams_closed_before_delete(tmp_path: Path) -> None:
+    async with trio.open_nursery() as servers:
+        port = await echo_server(servers)
+        async with open_rig(tmp_path, options={"forwarding": ON}) as rig:
+            conn = await rig.connect()
+            assert await roundtrip(conn, "localhost", port, b"hello pod") == b"hello pod"
+            pod = rig.pods()[0]["metadata"]["name"]
+
+            async def hold() -> Any:  # a forward left open, with data in flight
+                reader, writer = await conn.open_connection(pod, port)
+                writer.write(b"x" * 100_000)
+                writer.write_eof()  # no half-close: the stream stays
+                await reader.readexactly(100_000)
+                return writer
+
+            await aio(hold)
+            conn.close()
+            await no_pods(rig)
+            entries = rig.cluster.request_log.for_pod("default", pod)
+            forwards = [e for e in entries if e.kind == "exec-close" and "portforward" in e.path]
+            deletes = [e for e in entries if e.kind == "http" and e.method == "DELETE"]
+            assert len(forwards) == 2 and len(deletes) == 1
+            assert max(e.time for e in forwards) < deletes[0].received
+            assert rig.gateway.metrics.sample("kuberun_forwards_total",
+                                              {"result": "opened"}) == 2
+        servers.cancel_scope.cancel()
+
+
+async def test_refused_and_failed_opens(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    async with open_rig(tmp_path, options={"forwarding": ON}) as rig:
+        conn = await rig.connect()
+        closed = free_port()
+        failed = await open_failure(conn, "127.0.0.1", closed)
+        assert failed.code == asyncssh.OPEN_CONNECT_FAILED
+        assert "connection refused" in failed.reason
+        line = next(r for r in caplog.records if getattr(r, "event", "") == "forward-failed")
+        assert "connection refused" in line.getMessage() and str(closed) in line.getMessage()
+        other = await open_failure(conn, "example.com", 80)
+        assert other.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
+        assert "only the pod itself" in other.reason
+        refused = [r for r in caplog.records if getattr(r, "event", "") == "request-refused"]
+        assert any(getattr(r, "destination", "") == "example.com:80" for r in refused)
+        # the connection lives on: a session still runs
+        result = await aio(conn.run, "echo still here")
+        assert result.stdout == "still here\n"
+        metrics = rig.gateway.metrics
+        assert metrics.sample("kuberun_forwards_total", {"result": "failed"}) == 1
+        assert metrics.sample("kuberun_forwards_total", {"result": "refused"}) == 1
+        conn.close()
+        await no_pods(rig)
+
+
+async def test_forwarding_disabled_by_default(tmp_path: Path) -> None:
+    async with open_rig(tmp_path) as rig:
+        conn = await rig.connect()
+        exc = await open_failure(conn, "localhost", 22)
+        assert exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
+        assert exc.reason == FORWARDING_DISABLED
+        assert not rig.pods() or all(
+            "portforward" not in e.path for e in rig.cluster.request_log.entries)
+        conn.close()
+        await no_pods(rig)
+
+
+async def test_forwards_count_against_max_sessions(tmp_path: Path) -> None:
+    async with trio.open_nursery() as servers:
+        port = await echo_server(servers)
+        async with open_rig(tmp_path, Limits(max_sessions=2), options={"forwarding": ON}) as rig:
+            conn = await rig.connect()
+
+            async def two_then_one() -> tuple[list[Any], asyncssh.ChannelOpenError]:
+                held = [await conn.open_connection("localhost", port) for _ in range(2)]
+                try:
+                    await conn.open_connection("localhost", port)
+                except asyncssh.ChannelOpenError as exc:
+                    return held, exc
+                raise AssertionError("a third channel opened")
+
+            held, exc = await aio(two_then_one)
+            assert exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
+            assert "too many sessions" in exc.reason
+            held[0][1].close()  # one closes: a new one fits again
+
+            async def again() -> None:
+                for _ in range(50):
+                    try:
+                        reader, writer = await conn.open_connection("localhost", port)
+                    except asyncssh.ChannelOpenError:
+                        await asyncio_sleep(0.05)
+                        continue
+                    writer.write(b"ok")
+                    assert await reader.readexactly(2) == b"ok"
+                    return
+                raise AssertionError("the closed forward was not given back")
+
+            await aio(again)
+            conn.close()
+            await no_pods(rig)
+        servers.cancel_scope.cancel()
+
+
+async def asyncio_sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
