@@ -237,3 +237,28 @@ async def asyncio_sleep(seconds: float) -> None:
     import asyncio
 
     await asyncio.sleep(seconds)
+
+
+@pytest.mark.parametrize("how", ["evict", "kill"])
+async def test_pod_lost_with_a_forward_open(tmp_path: Path, how: str) -> None:
+    async with trio.open_nursery() as servers:
+        port = await echo_server(servers)
+        async with open_rig(tmp_path, options={"forwarding": ON}) as rig:
+            conn = await rig.connect()  # forwards only, no session (ssh -N -L)
+
+            async def hold() -> Any:
+                reader, writer = await conn.open_connection("localhost", port)
+                writer.write(b"ping")
+                assert await reader.readexactly(4) == b"ping"
+                return reader
+
+            reader = await aio(hold)
+            pod = rig.pods()[0]["metadata"]["name"]
+            await getattr(rig.cluster.faults, how)("default", pod)
+            with trio.fail_after(10):
+                assert await aio(reader.read) == b""  # the channel ends
+                await aio(conn.wait_closed)  # and the connection, as with sessions
+            await no_pods(rig)
+            entries = rig.cluster.request_log.for_pod("default", pod)
+            assert any(e.kind == "exec-close" and "portforward" in e.path for e in entries)
+        servers.cancel_scope.cancel()
