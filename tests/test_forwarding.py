@@ -18,6 +18,7 @@ import trio
 import trio_asyncio
 from gatewaykit import Rig, open_rig
 
+from kuberun_trio.errors import ConfigError, ConfigErrors
 from kuberun_trio.gateway.forwarding import (
     FORWARDING_DISABLED,
     ForwardingPolicy,
@@ -29,6 +30,7 @@ from kuberun_trio.gateway.forwarding import (
     judge,
 )
 from kuberun_trio.gateway.limits import Limits
+from kuberun_trio.server.config import parse_server_config
 
 ON = ForwardingPolicy(enabled=True)
 POD = PodAddress("kuberun-abc", ("10.1.2.3",))
@@ -70,6 +72,48 @@ def test_pod_network_command_problems() -> None:
 def test_pod_address_from_status() -> None:
     pod = {"status": {"podIP": "10.0.0.5", "podIPs": [{"ip": "10.0.0.5"}, {"ip": "fd00::5"}]}}
     assert PodAddress.of("p", pod) == PodAddress("p", ("10.0.0.5", "fd00::5"))
+
+
+# == configuration ============================================================================
+
+def test_config_keys_and_defaults() -> None:
+    assert parse_server_config({}, instance="gw").security.forwarding.policy() == \
+        ForwardingPolicy()
+    config = parse_server_config({"security": {"forwarding": {
+        "forwardingMode": "enable", "podNetworkCommand": ["nc", "{host}", "{port}"]}}},
+        instance="gw")
+    assert config.security.forwarding.policy() == ForwardingPolicy(
+        enabled=True, pod_network_command=("nc", "{host}", "{port}"))
+
+
+def test_config_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_server_config({"security": {"forwarding": {
+            "forwardingMode": "yes", "podNetworkCommand": ["nc", "{hostname}", "{port}"]}}},
+            instance="gw")
+    errors = info.value.errors if isinstance(info.value, ConfigErrors) else (info.value,)
+    assert {e.path: e.problem for e in errors} == {
+        "security.forwarding.forwardingMode": "must be enable or disable, got 'yes'",
+        "security.forwarding.podNetworkCommand":
+            "element 1: unknown placeholder {hostname} (only {host} and {port})"}
+    with pytest.raises(ConfigError) as info:
+        parse_server_config({"security": {"forwarding": {"agentForwarding": "x"}}},
+                            instance="gw")
+    assert "security.forwarding.agentForwarding" in str(info.value)
+
+
+def test_the_demo_enables_forwarding() -> None:
+    import argparse
+
+    from kuberun_trio.server.settings import apply_flags
+
+    args = argparse.Namespace()
+    demo = apply_flags({}, args, "embedded")
+    assert demo["security"]["forwarding"]["forwardingMode"] == "enable"
+    said = {"security": {"forwarding": {"forwardingMode": "disable"}}}
+    assert apply_flags(said, args, "embedded") == {**apply_flags(said, args, "embedded"),
+                                                    "security": said["security"]}
+    assert "security" not in apply_flags({}, args, "kubeconfig")
 
 
 # == through the gateway =======================================================================
@@ -262,3 +306,49 @@ async def test_pod_lost_with_a_forward_open(tmp_path: Path, how: str) -> None:
             entries = rig.cluster.request_log.for_pod("default", pod)
             assert any(e.kind == "exec-close" and "portforward" in e.path for e in entries)
         servers.cancel_scope.cancel()
+
+
+RELAY = """
+import socket, sys, threading
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+except OSError as exc:
+    sys.exit(f"relay: {exc.strerror.lower()}")
+s.settimeout(None)
+def up():
+    while data := sys.stdin.buffer.read1(65536):
+        s.sendall(data)
+threading.Thread(target=up, daemon=True).start()
+while data := s.recv(65536):
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+"""
+
+
+async def test_pod_network_command_reaches_other_hosts(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import sys
+
+    caplog.set_level(logging.INFO)
+    policy = ForwardingPolicy(enabled=True,
+                              pod_network_command=(sys.executable, "-c", RELAY, "{host}", "{port}"))
+    async with trio.open_nursery() as servers:
+        port = await echo_server(servers)
+        async with open_rig(tmp_path, options={"forwarding": policy}) as rig:
+            conn = await rig.connect()
+            # 127.0.0.2 is not the pod: the relay runs in the pod and connects there
+            assert await roundtrip(conn, "127.0.0.2", port, b"via the pod") == b"via the pod"
+            closed = free_port()
+            failed = await open_failure(conn, "127.0.0.2", closed)
+            assert failed.code == asyncssh.OPEN_CONNECT_FAILED
+            assert failed.reason.endswith(f"127.0.0.2:{closed} from the pod: connection refused")
+            refused = await open_failure(conn, "-oProxyCommand=x", 22)
+            assert refused.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
+            conn.close()
+            await no_pods(rig)
+            opened = [e.path.rsplit("/", 1)[-1] for e in rig.cluster.request_log.entries
+                      if e.kind == "exec-open"]
+            assert opened == ["exec", "exec"]  # one exec per channel, no port-forward
+        servers.cancel_scope.cancel()
+    lines = [r.getMessage() for r in caplog.records if getattr(r, "via", "") == "exec"]
+    assert any("ended" in line for line in lines) and any("failed" in line for line in lines)

@@ -238,7 +238,9 @@ class ForwardSession(asyncssh.SSHTCPSession):  # type: ignore[type-arg]
                 first.cancel()
             if pump.done() and not self._first.is_set():
                 reason = pump.result() or "the pod side closed the stream at once"
-                self.fail_open(OPEN_CONNECT_FAILED, _told(reason, self.port))
+                where = (f"port {self.port} in the pod" if isinstance(how, ViaPortForward)
+                         else f"{self.destination} from the pod")
+                self.fail_open(OPEN_CONNECT_FAILED, _told(reason, where))
                 return ForwardEnd(False, reason)
             if not self._opened.done():
                 self._opened.set_result(self)
@@ -265,10 +267,11 @@ class ForwardSession(asyncssh.SSHTCPSession):  # type: ignore[type-arg]
         return f"{how.argv[0]} ended with {status}" + (f": {said}" if said else "")
 
 
-def _told(reason: str, port: int) -> str:
-    """What the client reads when the pod side ended before the open was confirmed."""
+def _told(reason: str, where: str) -> str:
+    """What the client reads when the pod side ended before the open was confirmed: the
+    last words of the API server's (or the command's) text; the whole text is logged."""
     tail = reason.rsplit(": ", 1)[-1][:200]
-    return f"kuberun: cannot connect to port {port} in the pod: {tail}"
+    return f"kuberun: cannot connect to {where}: {tail}"
 
 
 def accept_forward(conn: asyncssh.SSHServerConnection, audit: ConnectionAudit,
