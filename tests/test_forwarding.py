@@ -8,6 +8,7 @@ port-forward stream closed before the pod's DELETE.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -352,3 +353,83 @@ async def test_pod_network_command_reaches_other_hosts(
         servers.cancel_scope.cancel()
     lines = [r.getMessage() for r in caplog.records if getattr(r, "via", "") == "exec"]
     assert any("ended" in line for line in lines) and any("failed" in line for line in lines)
+
+
+MiB = 1024 * 1024
+
+
+async def settled(read: Any, *, quiet: float = 1.0, within: float = 30) -> int:
+    """A growing counter's value once it has not moved for ``quiet`` seconds."""
+    with trio.fail_after(within):
+        value, since = read(), trio.current_time()
+        while trio.current_time() - since < quiet:
+            await trio.sleep(0.05)
+            if (now := read()) != value:
+                value, since = now, trio.current_time()
+        return int(value)
+
+
+async def test_forward_backpressure_both_ways(tmp_path: Path) -> None:
+    """A pod side that does not read stops the client's writes, a client that does not read
+    stops the pod side's writes -- after a bounded number of bytes -- and nothing is lost."""
+    total, bound = 32 * MiB, 16 * MiB
+    sent, received, gate = [0], [0], trio.Event()
+
+    async def serve(stream: trio.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(trio.BrokenResourceError):
+                await serve_one(stream)
+
+    async def serve_one(stream: trio.SocketStream) -> None:
+        what = await stream.receive_some(1)
+        if what == b"D":  # download: write until the client stops reading
+            block = b"d" * (256 * 1024)
+            while sent[0] < total:
+                await stream.send_all(block)
+                sent[0] += len(block)
+        else:  # upload: read only once the gate opens
+            await gate.wait()
+            while received[0] < total:
+                data = await stream.receive_some(1024 * 1024)
+                if not data:
+                    break
+                received[0] += len(data)
+            await stream.send_all(b"done")
+
+    async with trio.open_nursery() as servers:
+        listeners = await servers.start(trio.serve_tcp, serve, 0)
+        port = listeners[0].socket.getsockname()[1]
+        async with open_rig(tmp_path, options={"forwarding": ON}) as rig:
+            conn = await rig.connect()
+            reader, writer = await aio(conn.open_connection, "localhost", port)
+            writer.write(b"D")
+            got = len(await aio(reader.readexactly, MiB))
+            writer.channel.pause_reading()  # the client stops reading
+            stuck = await settled(lambda: sent[0])
+            assert stuck < got + bound, stuck / MiB
+            writer.channel.resume_reading()
+            while got < total:
+                got += len(await aio(reader.read, 4 * MiB))
+            assert got == total
+
+            reader, writer = await aio(conn.open_connection, "localhost", port)
+            progress = [0]
+
+            async def feed() -> None:
+                writer.write(b"U")
+                block = b"u" * (256 * 1024)
+                while progress[0] < total:
+                    writer.write(block)
+                    await writer.drain()
+                    progress[0] += len(block)
+
+            async with trio.open_nursery() as feeding:
+                feeding.start_soon(aio, feed)
+                stuck = await settled(lambda: progress[0])  # drain() blocks
+                assert stuck < bound, stuck / MiB
+                gate.set()
+            assert await aio(reader.readexactly, 4) == b"done"
+            assert received[0] == total
+            conn.close()
+            await no_pods(rig)
+        servers.cancel_scope.cancel()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
@@ -211,17 +211,19 @@ class ForwardSession(asyncssh.SSHTCPSession):  # type: ignore[type-arg]
 
     # -- called by the trio task (through the bridge) ----------------------
     async def serve(self, target: ExecTarget, how: ViaPortForward | ViaPodNetwork,
-                    settle: float) -> ForwardEnd:
-        """Open the stream, answer the client's open, pump to the end. Asyncio-flavoured."""
+                    settle: float, open_timeout: float = 60.0) -> ForwardEnd:
+        """Open the stream (within ``open_timeout`` s), answer the client's open, pump to
+        the end. Asyncio-flavoured."""
         try:
+            opening: Coroutine[Any, Any, ExecStream]
             if isinstance(how, ViaPortForward):
-                stream: ExecStream = await open_portforward(
-                    target.ws_client, target.namespace, target.pod, how.port,
-                    throttle=target.throttle)
+                opening = open_portforward(target.ws_client, target.namespace, target.pod,
+                                           how.port, throttle=target.throttle)
             else:
-                stream = await open_exec(target.ws_client, target.namespace, target.pod,
-                                         target.container, how.argv, tty=False, stdin=True,
-                                         throttle=target.throttle)
+                opening = open_exec(target.ws_client, target.namespace, target.pod,
+                                    target.container, how.argv, tty=False, stdin=True,
+                                    throttle=target.throttle)
+            stream: ExecStream = await asyncio.wait_for(opening, open_timeout)
         except Exception as exc:
             self.fail_open(OPEN_CONNECT_FAILED, "the gateway could not open a stream to the "
                            "pod")
