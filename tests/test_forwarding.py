@@ -319,6 +319,7 @@ s.settimeout(None)
 def up():
     while data := sys.stdin.buffer.read1(65536):
         s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
 threading.Thread(target=up, daemon=True).start()
 while data := s.recv(65536):
     sys.stdout.buffer.write(data)
@@ -339,6 +340,16 @@ async def test_pod_network_command_reaches_other_hosts(
             conn = await rig.connect()
             # 127.0.0.2 is not the pod: the relay runs in the pod and connects there
             assert await roundtrip(conn, "127.0.0.2", port, b"via the pod") == b"via the pod"
+
+            async def half_close() -> bytes:  # the command's stdin closes on the client's EOF
+                reader, writer = await conn.open_connection("127.0.0.2", port)
+                writer.write(b"abc")
+                writer.write_eof()
+                got: bytes = await reader.read()  # the echo server closes: EOF comes back
+                return got
+
+            with trio.fail_after(10):
+                assert await aio(half_close) == b"abc"
             closed = free_port()
             failed = await open_failure(conn, "127.0.0.2", closed)
             assert failed.code == asyncssh.OPEN_CONNECT_FAILED
@@ -349,7 +360,7 @@ async def test_pod_network_command_reaches_other_hosts(
             await no_pods(rig)
             opened = [e.path.rsplit("/", 1)[-1] for e in rig.cluster.request_log.entries
                       if e.kind == "exec-open"]
-            assert opened == ["exec", "exec"]  # one exec per channel, no port-forward
+            assert opened == ["exec"] * 3  # one exec per channel, no port-forward
         servers.cancel_scope.cancel()
     lines = [r.getMessage() for r in caplog.records if getattr(r, "via", "") == "exec"]
     assert any("ended" in line for line in lines) and any("failed" in line for line in lines)

@@ -53,7 +53,10 @@ class PortForwardStream(ExecStream):
 
     async def run(self, sink: OutputSink) -> str | None:  # type: ignore[override]
         """Pump until either side closes; the server's error text, or None."""
-        error = await self._pump(sink)
+        try:
+            error = await self._pump(sink)
+        except ExecError:  # a write raced the server's close: those bytes had no port left
+            return None
         return error.decode(errors="replace").strip() or None
 
     async def _read(self, sink: OutputSink, status: bytearray) -> None:

@@ -22,8 +22,9 @@ ends first fails the open with its reason (``connect failed``).
 Flow control is the exec streams': pod → client waits on ``pause_writing`` /
 ``resume_writing``; client → pod pauses the channel above the stream's high-water mark,
 and :class:`ForwardChannel` re-opens the receive window only for delivered data.
-The client's EOF is not passed on (the port-forward protocol has no half-close): the
-stream lives until the pod side ends it or the client closes the channel. Closing the
+The client's EOF is not passed on to a port-forward (the protocol has no half-close):
+the stream lives until the pod side ends it or the client closes the channel. A network
+command's stdin is closed on EOF (v5 half-close), as for exec sessions. Closing the
 channel cancels the trio task (``abort``), whose cancellation closes the stream.
 """
 
@@ -169,7 +170,9 @@ class ForwardSession(asyncssh.SSHTCPSession):  # type: ignore[type-arg]
             self._stream.send_stdin(data)
 
     def eof_received(self) -> bool:
-        return True  # no half-close on a port-forward: keep it until either side closes
+        if self._stream is not None:  # a network command's stdin closes (v5); a port-forward
+            self._stream.close_stdin()  # has no half-close: nothing is sent
+        return True  # keep the channel until either side closes it
 
     def pause_writing(self) -> None:
         self._writable.clear()
