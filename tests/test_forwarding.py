@@ -444,3 +444,35 @@ async def test_forward_backpressure_both_ways(tmp_path: Path) -> None:
             conn.close()
             await no_pods(rig)
         servers.cancel_scope.cancel()
+
+
+async def test_concurrent_forwards_and_a_forward_before_the_pod_is_ready(tmp_path: Path) -> None:
+    import os
+
+    async with trio.open_nursery() as servers:
+        port = await echo_server(servers)
+        async with open_rig(tmp_path, Limits(max_sessions=20),
+                            options={"forwarding": ON}) as rig:
+            rig.cluster.faults.delay_start(1.0)  # the first channel waits for the pod
+            conn = await rig.connect()
+            payloads = [os.urandom(256 * 1024 + i) for i in range(12)]
+            results: dict[int, bytes] = {}
+
+            async def one(i: int) -> None:
+                results[i] = await roundtrip(conn, "localhost", port, payloads[i])
+
+            with trio.fail_after(30):
+                started = trio.current_time()
+                await one(0)  # opened before the pod was Ready: answered once it is
+                assert trio.current_time() - started >= 0.9
+                async with trio.open_nursery() as nursery:
+                    for i in range(1, 12):
+                        nursery.start_soon(one, i)
+            assert [results[i] == payloads[i] for i in range(12)] == [True] * 12
+            pod = rig.pods()[0]["metadata"]["name"]
+            conn.close()
+            await no_pods(rig)
+            streams = [e for e in rig.cluster.request_log.for_pod("default", pod)
+                       if e.kind == "exec-open" and "portforward" in e.path]
+            assert len(streams) == 12  # one WebSocket per channel
+        servers.cancel_scope.cancel()
