@@ -201,6 +201,8 @@ async def test_forward_to_the_pod_and_streams_closed_before_delete(tmp_path: Pat
             assert max(e.time for e in forwards) < deletes[0].received
             assert rig.gateway.metrics.sample("kuberun_forwards_total",
                                               {"result": "opened"}) == 2
+            assert rig.gateway.metrics.sample("kuberun_api_requests_total", {
+                "verb": "create", "resource": "pods/portforward", "code": "101"}) == 2
         servers.cancel_scope.cancel()
 
 

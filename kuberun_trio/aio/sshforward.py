@@ -46,7 +46,7 @@ from asyncssh.packet import UInt32
 
 from ..gateway.audit import ConnectionAudit, format_address
 from ..gateway.forwarding import ViaPodNetwork, ViaPortForward
-from ..observe.metrics import ByteCounts
+from ..observe.metrics import ByteCounts, unobserved
 from .execstream import ExecStream, open_exec
 from .portforward import open_portforward
 
@@ -217,6 +217,8 @@ class ForwardSession(asyncssh.SSHTCPSession):  # type: ignore[type-arg]
                     settle: float, open_timeout: float = 60.0) -> ForwardEnd:
         """Open the stream (within ``open_timeout`` s), answer the client's open, pump to
         the end. Asyncio-flavoured."""
+        metrics = target.metrics or unobserved()
+        resource = "pods/portforward" if isinstance(how, ViaPortForward) else "pods/exec"
         try:
             opening: Coroutine[Any, Any, ExecStream]
             if isinstance(how, ViaPortForward):
@@ -228,9 +230,12 @@ class ForwardSession(asyncssh.SSHTCPSession):  # type: ignore[type-arg]
                                     throttle=target.throttle)
             stream: ExecStream = await asyncio.wait_for(opening, open_timeout)
         except Exception as exc:
+            status = getattr(exc, "status", None) or getattr(exc.__cause__, "status", None)
+            metrics.api_request("create", resource, status if isinstance(status, int) else None)
             self.fail_open(OPEN_CONNECT_FAILED, "the gateway could not open a stream to the "
                            "pod")
             return ForwardEnd(False, f"{type(exc).__name__}: {exc}")
+        metrics.api_request("create", resource, 101)
         self._stream = stream
         stream.on_pause, stream.on_resume = self._pause, self._resume
         pump = asyncio.ensure_future(self._pump(stream, how))
