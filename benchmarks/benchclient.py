@@ -26,6 +26,11 @@ Modes:
 * ``kube`` -- the no-SSH baseline: kubernetes-asyncio straight to the API
   server: pod create → Ready → exec first byte, then the datapath measurements
   over one pods/exec WebSocket each.
+* ``forward`` -- ``ssh -L`` throughput: a data server (``tcpdata``, its own process;
+  the embedded cluster's pods share this host's network, so it is "in the pod")
+  sends DATA (``D``) or takes DATA and answers its SHA-256 (``U``); measured through
+  the gateway's direct-tcpip channel (asyncssh ``open_connection("localhost", PORT)``)
+  and through a pods/portforward WebSocket opened straight with kubernetes-asyncio.
 """
 
 from __future__ import annotations
@@ -328,12 +333,163 @@ async def kube(p: dict[str, Any]) -> dict[str, Any]:
             "setups": setups}
 
 
+# ----------------------------------------------------------------- ssh -L throughput
+
+
+async def tcpdata(p: dict[str, Any]) -> None:
+    """The data server: ``D`` → DATA then close; ``U`` → read len(DATA), answer its digest."""
+    data = open(p["data"], "rb").read()  # noqa: ASYNC230, SIM115 -- before any timing
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            what = await reader.readexactly(1)
+            if what == b"D":
+                view = memoryview(data)
+                for offset in range(0, len(data), CHUNK):
+                    writer.write(view[offset:offset + CHUNK])
+                    await writer.drain()
+            else:
+                digest, left = hashlib.sha256(), len(data)
+                while left:
+                    chunk = await reader.read(min(left, CHUNK))
+                    if not chunk:
+                        return
+                    digest.update(chunk)
+                    left -= len(chunk)
+                writer.write(digest.hexdigest().encode())
+                await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    emit(server.sockets[0].getsockname()[1])
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    server.close()
+
+
+async def forward(p: dict[str, Any]) -> dict[str, Any]:
+    from kubernetes_asyncio import client, config, watch
+    from kubernetes_asyncio.stream import WsApiClient
+
+    data = open(p["data"], "rb").read()  # noqa: ASYNC230, SIM115 -- before any timing
+    want = hashlib.sha256(data).hexdigest()
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.benchclient", "tcpdata", json.dumps(p),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert server.stdout is not None and server.stdin is not None
+    port = int(await server.stdout.readline())
+    results: dict[str, Any] = {}
+    try:
+        async with await ssh_connect(p) as conn:
+            await (await conn.create_process("true")).wait()  # warm up (and wait for the pod)
+            start = time.perf_counter()
+            reader, writer = await conn.open_connection("localhost", port)
+            writer.write(b"D")
+            digest, got = hashlib.sha256(), 0
+            while got < len(data):
+                chunk = await reader.read(CHUNK)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                got += len(chunk)
+            down = len(data) / MiB / (time.perf_counter() - start)
+            if got != len(data) or digest.hexdigest() != want:
+                raise SystemExit(f"-L download corrupt ({got} bytes)")
+            writer.close()
+            start = time.perf_counter()
+            reader, writer = await conn.open_connection("localhost", port)
+            writer.write(b"U")
+            view = memoryview(data)
+            for offset in range(0, len(data), CHUNK):
+                writer.write(bytes(view[offset:offset + CHUNK]))
+                await writer.drain()
+            answer = await reader.readexactly(64)
+            up = len(data) / MiB / (time.perf_counter() - start)
+            if answer.decode() != want:
+                raise SystemExit(f"-L upload corrupt: {answer!r}")
+            writer.close()
+            results["gateway"] = {"download_mib_s": down, "upload_mib_s": up}
+
+        cfg = client.Configuration()
+        await config.load_kube_config(config_file=p["kubeconfig"], client_configuration=cfg)
+        spec = {"containers": [{"name": "shell", "image": "busybox", "command": [
+            "/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"]}]}
+        async with client.ApiClient(cfg) as api, WsApiClient(cfg) as ws_api:
+            v1, ws_v1 = client.CoreV1Api(api), client.CoreV1Api(ws_api)
+            created = await v1.create_namespaced_pod(
+                "default", {"metadata": {"generateName": "kfwd-"}, "spec": spec})
+            name = created.metadata.name
+            async with watch.Watch() as w:
+                async for event in w.stream(
+                        v1.list_namespaced_pod, "default", field_selector=f"metadata.name={name}",
+                        resource_version=created.metadata.resource_version, timeout_seconds=60):
+                    conds = event["object"].status.conditions or []
+                    if any(c.type == "Ready" and c.status == "True" for c in conds):
+                        w.stop()
+
+            async def portforward() -> Any:
+                ws = await ws_v1.connect_get_namespaced_pod_portforward(
+                    name, "default", ports=str(port), _preload_content=False)
+                ws = await ws.__aenter__()
+                for _ in range(2):  # the two port frames
+                    await ws.receive()
+                return ws
+
+            start = time.perf_counter()
+            ws = await portforward()
+            await ws.send_bytes(b"\x00D")
+            digest, got = hashlib.sha256(), 0
+            while got < len(data):
+                msg = await ws.receive()
+                if msg.type is not aiohttp_binary():
+                    break
+                if msg.data[0] == 0:
+                    digest.update(msg.data[1:])
+                    got += len(msg.data) - 1
+            down = len(data) / MiB / (time.perf_counter() - start)
+            await ws.close()
+            if got != len(data) or digest.hexdigest() != want:
+                raise SystemExit(f"kube port-forward download corrupt ({got} bytes)")
+            start = time.perf_counter()
+            ws = await portforward()
+            await ws.send_bytes(b"\x00U")
+            view = memoryview(data)
+            for offset in range(0, len(data), CHUNK):
+                await ws.send_bytes(b"\x00" + view[offset:offset + CHUNK])
+            answer = b""
+            while len(answer) < 64:
+                msg = await ws.receive()
+                if msg.type is not aiohttp_binary():
+                    break
+                if msg.data[0] == 0:
+                    answer += msg.data[1:]
+            up = len(data) / MiB / (time.perf_counter() - start)
+            await ws.close()
+            if answer.decode() != want:
+                raise SystemExit(f"kube port-forward upload corrupt: {answer!r}")
+            await v1.delete_namespaced_pod(name, "default", grace_period_seconds=0)
+            results["kube"] = {"download_mib_s": down, "upload_mib_s": up}
+    finally:
+        server.stdin.close()
+        await server.wait()
+    return results
+
+
+def aiohttp_binary() -> Any:
+    import aiohttp
+
+    return aiohttp.WSMsgType.BINARY
+
+
 def main() -> None:
     mode, params = sys.argv[1], json.loads(sys.argv[2])
     if mode == "fleet":
         asyncio.run(fleet(params))
         return
-    run = {"datapath": datapath, "setup": setup, "kube": kube}[mode]
+    if mode == "tcpdata":
+        asyncio.run(tcpdata(params))
+        return
+    run = {"datapath": datapath, "setup": setup, "kube": kube, "forward": forward}[mode]
     emit(asyncio.run(run(params)))
 
 

@@ -15,7 +15,9 @@ process, so CPU time and memory can be read per party from ``/proc``:
 * baseline 2, OpenSSH's ``sshd`` on a loopback port with its own config, host
   key and authorized_keys in a temp dir (installed with apt-get when missing
   and root, except with ``--quick``);
-* baseline 3, kubernetes-asyncio straight to the embedded cluster (no SSH);
+* baseline 3, kubernetes-asyncio straight to the embedded cluster (no SSH): exec,
+  and for ``ssh -L`` throughput a ``pods/portforward`` WebSocket to the same data
+  server the gateway's direct-tcpip channel reaches (``benchclient forward``);
 * clients (:mod:`.benchclient`): asyncssh / kubernetes-asyncio on plain asyncio.
 
 Clock: all processes stamp with ``time.monotonic()``; the cluster converts its
@@ -496,6 +498,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dp["kube"].update(kube_setup_intervals(dp["kube"]["setups"],
                                                    pod_events(log_since(cluster, seq))))
 
+            step("ssh -L: gateway direct-tcpip and kubernetes-asyncio port-forward")
+            results["forward"] = client("forward", {
+                "port": gw_port, "user": "bench", "key": str(key), "data": str(data),
+                "kubeconfig": str(kubeconfig)}, workdir)
+
             step("connection setup")
             st = results["setup"] = {}
             st["gateway"] = measure_setup(gw_port, "bench", ctx, cluster)
@@ -588,6 +595,10 @@ def table(results: dict[str, Any]) -> str:
             row(f"  {what} MiB/s recording on",
                 {"gateway": rec["on"][f"{what}_mib_s"]},
                 f"{rec[f'{what}_mib_s_ratio']:.2f}x of off (goal >= 0.8x)")
+    fw = results.get("forward")
+    if fw:  # the ratio to read is gw/kube: the same port-forward stream with SSH in front
+        row("ssh -L download MiB/s", pick(fw, "download_mib_s"))
+        row("ssh -L upload MiB/s", pick(fw, "upload_mib_s"))
     row("setup to first byte p50 ms", pick(st, "total_ms", "p50"))
     row("setup to first byte p99 ms", pick(st, "total_ms", "p99"))
     row("  handshake p50 ms", pick(st, "handshake_ms", "p50"))

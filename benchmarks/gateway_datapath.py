@@ -150,6 +150,7 @@ def gateway_main(key_file: str, pub_file: str, kubeconfig: str | None,
     from kuberun_trio.aio.bridge import open_aio_loop
     from kuberun_trio.gateway.auth import PublicKeyAuthenticator
     from kuberun_trio.gateway.config import parse_config
+    from kuberun_trio.gateway.forwarding import ForwardingPolicy
     from kuberun_trio.gateway.serve import GatewayOptions, open_gateway
     from kuberun_trio.observe import MetricsEndpoint
     from kuberun_trio.recording import RecordingOptions
@@ -167,7 +168,7 @@ def gateway_main(key_file: str, pub_file: str, kubeconfig: str | None,
             kubernetes=parse_config(section),
             authenticator=PublicKeyAuthenticator([public_key]),
             host_keys=(host_key,), port=0, instance="bench-rec" if record else "bench",
-            limits=BENCH_LIMITS,
+            limits=BENCH_LIMITS, forwarding=ForwardingPolicy(enabled=True),  # ssh -L runs
             metrics_endpoint=MetricsEndpoint("127.0.0.1", 0) if metrics else None,
             recording=RecordingOptions(record, stdin=True) if record else None)
         async with open_gateway(options) as gateway:

@@ -427,7 +427,8 @@ async def test_refused_requests_are_logged_with_a_reason(cluster: EmbeddedCluste
         assert agent.stdout == b"agent=\n", agent.stderr
         expected = [
             ("port-forwarding", "direct-tcpip", "forwarding is disabled on this gateway"),
-            ("port-forwarding", "tcpip-forward", "forwarding is disabled on this gateway"),
+            ("port-forwarding", "tcpip-forward", "remote forwarding (ssh -R) is not supported: "
+             "Kubernetes has no reverse port-forward into a pod"),
             ("x11-forwarding", None, "forwarding is disabled on this gateway"),
             ("subsystem", None, "unknown subsystem"),
             ("env", None, "variable may not be set"),

@@ -48,6 +48,9 @@ def test_gateway_benchmark_quick(tmp_path: Path) -> None:
         assert 1 < dp["download_mib_s"] < 100_000, (name, dp)
         assert 1 < dp["upload_mib_s"] < 100_000, (name, dp)
         assert 0 < dp["key_p50_ms"] <= dp["key_p99_ms"] < 1000, (name, dp)
+    for name, fw in r["forward"].items():  # ssh -L through the gateway vs a direct port-forward
+        assert 1 < fw["download_mib_s"] < 100_000 and 1 < fw["upload_mib_s"] < 100_000, (name, fw)
+    assert set(r["forward"]) == {"gateway", "kube"}
     assert r["datapath"]["gateway"]["cpu_s_per_gib_gateway"] > 0
     assert r["datapath"]["gateway_metrics"]["cpu_s_per_gib_gateway"] > 0
     setup = r["setup"]["gateway"]

@@ -105,4 +105,5 @@ def test_readme_rbac_covers_the_gateway() -> None:
                for verb in rule["verbs"]}
     needed = {("pods", v) for v in ("create", "get", "list", "watch", "delete")}
     needed |= {("pods/exec", "get"), ("pods/exec", "create"), ("events", "list")}
+    needed |= {("pods/portforward", "get"), ("pods/portforward", "create")}  # ssh -L / -D
     assert needed <= granted

@@ -274,10 +274,10 @@ async def test_per_user_keys_files(tmp_path: Path, caplog: pytest.LogCaptureFixt
 # (for docs/embedding.md, whose example writes files there: a scratch directory with the
 # repository's ``.venv`` linked in).
 # Assignments of earlier blocks (``STATE=...``) are carried into later ones, as in one shell.
-# Substitutions, so that parallel test runs never meet on a port: ``2222`` becomes a free
-# port, and a block that starts the gateway without ``--listen`` gets
-# ``--listen 127.0.0.1:PORT`` appended. Whatever is still running at the end is stopped as
-# ``stop`` does.
+# Substitutions, so that parallel test runs never meet on a port: ``2222`` (and ``8000``,
+# ``8080``, ``1080``) becomes a free port, and a block that starts the gateway without
+# ``--listen`` gets ``--listen 127.0.0.1:PORT`` appended. Whatever is still running at the
+# end is stopped as ``stop`` does.
 
 MARKER = re.compile(r"^[ \t]*<!-- replay: (\w+)(.*?)-->[ \t]*\n"
                     r"(?:\s*^[ \t]*```sh\n(.*?)^[ \t]*```)?", re.S | re.M)
@@ -317,6 +317,9 @@ class Replay:
     repo: Path = ROOT
     """Where ``cwd=repo`` blocks run."""
     port: int = attrs.field(factory=free_port)
+    ports: dict[str, int] = attrs.field(
+        factory=lambda: {p: free_port() for p in ("8000", "8080", "1080")})
+    """More ports the docs name (the tutorial's forwarding example), each a free one here."""
     prelude: list[str] = attrs.field(factory=list)
     started: list[tuple[subprocess.Popen[bytes], Path]] = attrs.field(factory=list)
     outputs: list[tuple[str, str]] = attrs.field(factory=list)
@@ -326,6 +329,8 @@ class Replay:
 
     def prepare(self, step: Step) -> tuple[str, Path]:
         script = step.script.replace("2222", str(self.port))
+        for written, free in self.ports.items():
+            script = script.replace(written, str(free))
         lines = script.rstrip("\n").split("\n")
         if step.kind == "start" and re.search(r"-m kuberun_trio(?! embedded-cluster)", script) \
                 and "--listen" not in script:
@@ -485,6 +490,8 @@ def test_tutorial_as_written(newcomer_home: Path) -> None:
                      "0\nnot in this machine's /tmp either", "kept\n", "kuberun.trio/instance"):
         assert expected in out, (expected, out)
     assert "err\n" in err and "Permission denied" not in err
+    served = re.findall(r"^served from (kuberun-\w{5})$", out, re.M)  # ssh -L, then ssh -D
+    assert len(served) == 2 and served[0] == served[1], out
     assert (newcomer_home / "notes-back.txt").read_text() == "some data\n"
     hostnames = [line for line in out.splitlines() if re.fullmatch(r"kuberun-\w{5}", line)]
     assert len(hostnames) == 2 and hostnames[0] == hostnames[1]  # ControlMaster: one pod

@@ -190,6 +190,10 @@ class ExecStream:
         the Close handshake completes -- so the API server has seen the stream closed
         before the caller goes on to delete the pod.
         """
+        return parse_status(bytes(await self._pump(sink)))
+
+    async def _pump(self, sink: OutputSink) -> bytearray:
+        """:meth:`run` without the status parsing: the bytes :meth:`_read` collected."""
         writer = asyncio.ensure_future(self._writer())
         status = bytearray()
         reader = asyncio.ensure_future(self._read(sink, status))
@@ -199,7 +203,7 @@ class ExecStream:
             if failed and not status:  # with the exit status in hand, a write that raced the
                 # server's close (stdin EOF just as the process ended) lost nothing
                 raise ExecError("writing to the exec stream failed") from writer.exception()
-            return parse_status(bytes(status))
+            return status
         finally:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

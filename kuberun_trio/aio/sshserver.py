@@ -42,13 +42,16 @@ probes are asyncssh's (``keepalive_interval``/``keepalive_count_max``).
 Audit: every TCP connection gets a :class:`~kuberun_trio.gateway.audit.ConnectionAudit`
 on ``connection_made`` (``connection-accepted``); ``connection_lost`` before login writes
 ``pre-auth-end``. Refused channel requests are logged with the session machine's reason.
-Forwarding is never offered: ``direct-tcpip`` / ``direct-streamlocal`` opens are refused
-with ``administratively prohibited`` (not asyncssh's misleading ``Connection refused``),
-``tcpip-forward`` / ``streamlocal-forward`` and the ``x11-req`` / ``auth-agent-req``
-channel requests fail -- each with a ``request-refused`` line. Session payload bytes are
-counted on the audit record where they already flow (one integer addition per chunk);
-a recorded session (:mod:`kuberun_trio.recording`) also hands each chunk, unchanged, to
-its :class:`~kuberun_trio.recording.SessionRecording` at the same places (a bounded append).
+Forwarding: with ``security.forwarding.forwardingMode: enable`` a ``direct-tcpip`` open
+(``ssh -L``/``-D``) goes to :func:`.sshforward.accept_forward` and the trio side; otherwise
+it is refused with ``administratively prohibited`` (not asyncssh's misleading
+``Connection refused``). ``direct-streamlocal`` opens, ``tcpip-forward`` (``ssh -R``:
+Kubernetes has no reverse port-forward) / ``streamlocal-forward`` and the ``x11-req`` /
+``auth-agent-req`` channel requests always fail -- each with a ``request-refused`` line.
+Session payload bytes are counted on the audit record where they already flow (one
+integer addition per chunk); a recorded session (:mod:`kuberun_trio.recording`) also
+hands each chunk, unchanged, to its :class:`~kuberun_trio.recording.SessionRecording` at
+the same places (a bounded append).
 What a client reads on stderr after a failure is
 :func:`~kuberun_trio.errors.client_message` -- never URLs, addresses or library text;
 those go to the ``exec-failed`` / ``exec-ended`` log lines.
@@ -66,13 +69,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import asyncssh
 import attrs
-from asyncssh.constants import MSG_CHANNEL_WINDOW_ADJUST, OPEN_ADMINISTRATIVELY_PROHIBITED
-from asyncssh.packet import SSHPacket, UInt32
+from asyncssh.constants import OPEN_ADMINISTRATIVELY_PROHIBITED
+from asyncssh.packet import SSHPacket
 from asyncssh.public_key import decode_ssh_public_key
 
 from ..errors import client_message, status_reason
 from ..gateway.audit import AuditPolicy, ConnectionAudit, format_address
 from ..gateway.auth import AuthResult
+from ..gateway.forwarding import REVERSE_REFUSED, STREAMLOCAL_REFUSED, ForwardingPolicy
 from ..gateway.limits import Admission, SignalBucket, Ticket, open_fds, report_refusal
 from ..gateway.limits import Refusal as LimitRefusal
 from ..gateway.login import LoginGate, Refusal
@@ -95,6 +99,7 @@ from ..observe.metrics import ByteCounts, GatewayMetrics, unobserved
 from .bridge import run_trio, translate
 from .execstream import ExecResult, ExecStream, open_exec
 from .linger import Lingering, linger_on_abort
+from .sshforward import ForwardSession, accept_forward, reopen_window
 
 if TYPE_CHECKING:
     from ..recording import SessionRecording
@@ -153,6 +158,9 @@ class ConnectionPortal(Protocol):
     def closed(self) -> None:
         """The SSH connection is gone."""
 
+    def submit_forward(self, forward: ForwardSession) -> None:
+        """Serve (or refuse) a direct-tcpip channel as soon as the pod is ready."""
+
 
 class GatewayChannel(asyncssh.SSHServerChannel):  # type: ignore[type-arg]
     """A server channel that lets the session machine decide ``env`` and ``signal``,
@@ -161,19 +169,8 @@ class GatewayChannel(asyncssh.SSHServerChannel):  # type: ignore[type-arg]
     _session: GatewaySession
 
     def _deliver_data(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        # asyncssh re-opens the window to its full size whenever it delivers a
-        # packet, forgetting what still waits in _recv_buf while reading is
-        # paused: every pause/resume cycle then lets the client send another
-        # window's worth, and the buffer grows without bound (seen: 270 MiB
-        # for a 1 GiB upload into a slow pod). Here the window only re-opens
-        # for data actually delivered, so buffered + window <= the initial window.
-        init = self._init_recv_window
-        if self._recv_window < init // 2:
-            buffered = sum(len(item) for item, _ in self._recv_buf)
-            adjust = init - buffered - self._recv_window
-            if adjust >= init // 2:
-                self.send_packet(MSG_CHANNEL_WINDOW_ADJUST, UInt32(adjust))
-                self._recv_window += adjust
+        # (seen without it: 270 MiB buffered for a 1 GiB upload into a slow pod)
+        reopen_window(self)
         if self._session is not None:  # binary channel (encoding=None): no decoding
             self._session.data_received(data, datatype)
 
@@ -499,8 +496,11 @@ class GatewaySSHServer(asyncssh.SSHServer):
                  auth: LoginGate, connection_id: str, admission: Admission | None = None, *,
                  audit_policy: AuditPolicy | None = None,
                  metrics: GatewayMetrics | None = None,
+                 forwarding: ForwardingPolicy | None = None,
                  lingering: Lingering | None = None) -> None:
         self._make_portal = make_portal
+        self.forwarding = forwarding or ForwardingPolicy()
+        """``security.forwarding``: whether direct-tcpip channels are served at all."""
         self.lingering = lingering
         """Where this connection's socket goes to close gracefully (None: asyncssh's abort)."""
         self.metrics = metrics or unobserved()
@@ -729,25 +729,33 @@ class GatewaySSHServer(asyncssh.SSHServer):
                                     on_close=ticket.close_session if ticket else None,
                                     counts=self.metrics.bytes)
 
-    # -- forwarding: refused, logged, and said so ("administratively prohibited") ------
+    # -- forwarding: direct-tcpip when enabled (sshforward.py); the rest refused, logged,
+    # and said so ("administratively prohibited") ---------------------------------------
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
                              orig_port: int) -> Any:
+        if self.forwarding.enabled and self.portal is not None and self.conn is not None:
+            return accept_forward(self.conn, self.audit, self.portal.submit_forward,
+                                  dest_host, dest_port, ticket=self.ticket,
+                                  refused=self.refused, counts=self.metrics.bytes)
         self.audit.refused("port-forwarding", FORWARDING_DISABLED, kind="direct-tcpip",
                            destination=format_address(dest_host[:256], dest_port))
         raise asyncssh.ChannelOpenError(OPEN_ADMINISTRATIVELY_PROHIBITED, FORWARDING_DISABLED)
 
     def unix_connection_requested(self, dest_path: str) -> Any:
-        self.audit.refused("port-forwarding", FORWARDING_DISABLED,
+        reason = STREAMLOCAL_REFUSED  # never possible, whatever the configuration says
+        self.audit.refused("port-forwarding", reason,
                            kind="direct-streamlocal", destination=dest_path[:256])
-        raise asyncssh.ChannelOpenError(OPEN_ADMINISTRATIVELY_PROHIBITED, FORWARDING_DISABLED)
+        raise asyncssh.ChannelOpenError(OPEN_ADMINISTRATIVELY_PROHIBITED, reason)
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        self.audit.refused("port-forwarding", FORWARDING_DISABLED, kind="tcpip-forward",
+        reason = REVERSE_REFUSED  # never possible, whatever the configuration says
+        self.audit.refused("port-forwarding", reason, kind="tcpip-forward",
                            listen=format_address(listen_host[:256], listen_port))
         return False
 
     def unix_server_requested(self, listen_path: str) -> bool:
-        self.audit.refused("port-forwarding", FORWARDING_DISABLED,
+        reason = STREAMLOCAL_REFUSED  # never possible, whatever the configuration says
+        self.audit.refused("port-forwarding", reason,
                            kind="streamlocal-forward", listen=listen_path[:256])
         return False
 

@@ -11,6 +11,8 @@ handshake and runs as one task in the server's nursery::
             ├── pod-loss watcher           pod deleted/evicted/killed → tell sessions, end
             ├── time-limit watch           idle / max duration (timelimits.py), if set
             ├── session task xM            one pods/exec each (GatewaySession.serve_exec)
+            ├── forward task xF            one pods/portforward (or network exec) per
+            │                              direct-tcpip channel (ForwardSession.serve)
             └── signal task xK             a second exec that delivers a signal
 
 It is also the :class:`~kuberun_trio.aio.sshserver.ConnectionPortal` that the
@@ -22,6 +24,13 @@ asyncio-side SSH callbacks talk to, with synchronous calls only:
   unwinds first (each session's ``finally`` closes its exec WebSocket), and only
   then does ``connected`` delete the pod.
 * ``send_signal(session, plan)`` -- run the signal exec as a sibling task.
+* ``submit_forward(forward)`` -- a direct-tcpip channel (``ssh -L``/``-D``) asks to open.
+  Once the pod is Ready, :func:`.forwarding.judge` decides: refused (``administratively
+  prohibited``, a ``request-refused`` line) or a task that awaits
+  ``ForwardSession.serve`` once, which answers the client's open and pumps the stream.
+  Forward tasks are siblings of the session tasks, so every port-forward stream is
+  closed before the pod DELETE. Log lines: ``forward-failed`` (the client's open
+  failed: the reason), ``forward-end`` (bytes each way, why), ``forward-error``.
 
 * ``closed()`` -- the client is gone: cancel ``run``.
 
@@ -72,11 +81,13 @@ from ..errors import KuberunError, PodStartError, client_message
 from ..observe.metrics import GatewayMetrics, unobserved
 from .audit import ConnectionAudit, ConnectionEnd
 from .auth import AuthResult
+from .forwarding import ForwardingPolicy, PodAddress, Refused, ViaPortForward, judge
 from .pod import ConnectedPod, ConnectionHandler
 from .session import ExecPlan, SessionConfig, SessionMachine, SignalPlan
 from .timelimits import SessionTimeLimits, TimeLimitWatch
 
 if TYPE_CHECKING:
+    from ..aio.sshforward import ForwardSession
     from ..aio.sshserver import ExecTarget, GatewaySession
     from ..recording import Recorder, SessionRecording
 
@@ -107,8 +118,14 @@ class ConnectionRuntime:
                  audit: ConnectionAudit | None = None,
                  metrics: GatewayMetrics | None = None,
                  time_limits: SessionTimeLimits | None = None,
-                 recorder: Recorder | None = None) -> None:
+                 recorder: Recorder | None = None,
+                 forwarding: ForwardingPolicy | None = None) -> None:
         self.handler = handler
+        self.forwarding = forwarding or ForwardingPolicy()
+        """``security.forwarding``: where direct-tcpip channels may go."""
+        self._forwards: list[ForwardSession] = []
+        """Forward channels waiting for the pod."""
+        self._pod: PodAddress | None = None
         self.audit = audit or ConnectionAudit(handler.connection_id, handler.client_address)
         """The connection's audit record (address, policy for commands, byte counters)."""
         self.end_reason: str | None = None
@@ -173,6 +190,15 @@ class ConnectionRuntime:
     def _refuse(self, session: GatewaySession, reason: str) -> None:
         session.fail(reason)
         self._told.set()
+
+    def submit_forward(self, forward: ForwardSession) -> None:
+        reason = self._failure or self._draining
+        if reason is not None:
+            forward.refuse(reason)
+        elif self._nursery is None:
+            self._forwards.append(forward)
+        else:
+            self._nursery.start_soon(self._run_forward, forward)
 
     def send_signal(self, session: GatewaySession, plan: SignalPlan) -> None:
         if self._nursery is not None:
@@ -241,6 +267,7 @@ class ConnectionRuntime:
                 async with self.handler.connected(self.username, self.auth) as pod:
                     self._target = attrs.evolve(self._make_target(pod),
                                                 pod_loss=self.pod_loss_reason)
+                    self._pod = PodAddress.of(pod.name, pod.pod)
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
                         if watch is not None:
@@ -248,6 +275,9 @@ class ConnectionRuntime:
                         for session in self._pending:
                             nursery.start_soon(self._run_session, session)
                         self._pending.clear()
+                        for forward in self._forwards:
+                            nursery.start_soon(self._run_forward, forward)
+                        self._forwards.clear()
                         loss = await self.handler.wait_lost(pod)
                         reason = f"the pod {pod.name} is gone: {loss.reason}: {loss.message}"
                         self._loss_reason = reason
@@ -279,6 +309,9 @@ class ConnectionRuntime:
             await self._fail(f"internal error in the gateway (connection {self.connection_id})")
         finally:
             self._nursery = None
+            for forward in self._forwards:  # the pod never came: no stream was opened
+                forward.refuse(self.end_reason or "the connection is closing")
+            self._forwards.clear()
             self.finished.set()
 
     async def pod_loss_reason(self, wait: float) -> str | None:
@@ -295,6 +328,9 @@ class ConnectionRuntime:
             session.fail(reason)
             self._told.set()
         self._pending.clear()
+        for forward in self._forwards:
+            forward.refuse(reason)
+        self._forwards.clear()
         if close:
             self._close()
 
@@ -371,6 +407,50 @@ class ConnectionRuntime:
             env={"TERM": plan.term or "", "SHELL": shell},
             title=f"{self.username}: {command[:1024]}",
             fields={**self.audit.fields, "session_id": session_id})
+
+    async def _run_forward(self, forward: ForwardSession) -> None:
+        """One direct-tcpip channel: judged, then served until either side closes it."""
+        assert self._target is not None and self._pod is not None
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()  # teardown began: open no stream
+            how = judge(self.forwarding, forward.host, forward.port, self._pod)
+            if isinstance(how, Refused):
+                forward.refuse(how.reason)
+                self.metrics.forward_result("refused")
+                return
+            via = "port-forward" if isinstance(how, ViaPortForward) else "exec"
+            started = trio.current_time()
+            end = None
+            try:
+                with trio.CancelScope() as scope:
+                    forward.abort = scope.cancel
+                    try:
+                        end = await run_aio(forward.serve, self._target, how,
+                                            self.forwarding.open_settle,
+                                            self.handler.config.timeouts.command_start)
+                    except Exception as exc:  # one forward's error boundary
+                        log.exception("forward to %s failed", forward.destination, extra={
+                            "event": "forward-error", **self.audit.fields,
+                            "destination": forward.destination, "error": _detail(exc)})
+            finally:  # also when the connection's teardown cancels it
+                self._forward_ended(forward, end.reason if end is not None else None, via,
+                                    trio.current_time() - started)
+        finally:
+            forward.refuse("the connection is closing")  # no-op once the open was answered
+
+    def _forward_ended(self, forward: ForwardSession, reason: str | None, via: str,
+                       took: float) -> None:
+        fields: dict[str, Any] = {"destination": forward.destination, "via": via}
+        if not forward.accepted:
+            self.metrics.forward_result("failed")
+            self._info("forward to %s failed: %s", forward.destination,
+                       reason or "the connection is closing", event="forward-failed",
+                       level=logging.WARNING, reason=reason, **fields)
+            return
+        self.metrics.forward_result("opened")
+        self._info("forward to %s ended: %s", forward.destination, reason or "closed",
+                   event="forward-end", reason=reason, bytes_in=forward.bytes_in,
+                   bytes_out=forward.bytes_out, duration_ms=round(1000 * took), **fields)
 
     async def _run_signal(self, plan: SignalPlan) -> None:
         from ..aio.sshserver import run_command

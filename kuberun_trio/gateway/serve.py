@@ -64,6 +64,7 @@ from .audit import AuditPolicy, ConnectionEnd
 from .auth import Authenticator, AuthResult
 from .config import KubernetesConfig
 from .connection import ConnectionRuntime
+from .forwarding import ForwardingPolicy
 from .lease import (
     ANNOTATION_HOLDER,
     ANNOTATION_LEASE,
@@ -134,6 +135,8 @@ class GatewayOptions:
     recording: RecordingOptions | None = None
     """Record every session channel as an asciicast v2 file (:mod:`kuberun_trio.recording`);
     None: no recording."""
+    forwarding: ForwardingPolicy = attrs.Factory(ForwardingPolicy)
+    """Port forwarding (``ssh -L``/``-D`` to the pod; :mod:`.forwarding`); off by default."""
 
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
@@ -216,7 +219,9 @@ class _Server:
                                           connection_id=secrets.token_hex(8),
                                           admission=self.admission,
                                           audit_policy=self.options.audit,
-                                          metrics=self.metrics, lingering=self.lingering)
+                                          metrics=self.metrics,
+                                          forwarding=self.options.forwarding,
+                                          lingering=self.lingering)
 
     def make_portal(self, ssh: sshserver.GatewaySSHServer) -> ConnectionRuntime:
         """Called on handshake success: start the connection's task."""
@@ -233,7 +238,8 @@ class _Server:
                                     auth=auth, make_target=self._target, close_connection=ssh.close,
                                     audit=ssh.audit, metrics=self.metrics,
                                     time_limits=self.options.time_limits,
-                                    recorder=self.recorder)
+                                    recorder=self.recorder,
+                                    forwarding=self.options.forwarding)
         if self.closing is not None:  # authenticated while the gateway shuts down
             self.metrics.connection_rejected("shutdown")
             runtime.abort(self.closing)

@@ -194,6 +194,11 @@ class GatewayMetrics:
         self._ended = Counter("kuberun_connections_ended",
                               "Authenticated connections ended, by reason (idle, max-duration, "
                               "client, shutdown, pod-lost, error).", ["reason"], registry=r)
+        self._forwards = Counter("kuberun_forwards",
+                                 "Port-forward (direct-tcpip) channels by result, counted when "
+                                 "they end: opened (the client's open was confirmed), failed "
+                                 "(the pod side could not be reached), refused (by policy).",
+                                 ["result"], registry=r)
         for kind in SESSION_TYPES:  # the series exist from the start (rate() needs them)
             self._sessions_active.labels(kind)
         self._current.labels(COUNTRY)
@@ -289,6 +294,10 @@ class GatewayMetrics:
         kind = label_token(kind)
         self._sessions_active.labels(kind).dec()
         self._sessions.labels(kind, label_token(result)).inc()
+
+    def forward_result(self, result: str) -> None:
+        """A forward channel was opened, failed to open, or was refused (by policy)."""
+        self._forwards.labels(label_token(result)).inc()
 
     def exec_started(self, seconds: float) -> None:
         self._exec_start.observe(seconds)

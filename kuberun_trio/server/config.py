@@ -43,6 +43,7 @@ from ..configtools import duration as duration_field
 from ..errors import ConfigError, ConfigErrors
 from ..gateway.audit import DEFAULT_MAX_COMMAND_BYTES, AuditPolicy
 from ..gateway.config import ConnectionConfig, KubernetesConfig, parse_config
+from ..gateway.forwarding import FORWARDING_MODES, ForwardingPolicy, command_problems
 from ..gateway.lease import default_instance
 from ..gateway.limits import Limits, MaxStartups
 from ..gateway.podtemplate import dns1123_label_problem
@@ -167,6 +168,31 @@ class SSHConfig:
 
 
 @attrs.frozen
+class ForwardingConfig:
+    """``security.forwarding`` (ContainerSSH's keys): what clients may forward."""
+
+    forwarding_mode: str = "disable"
+    """``enable``: ``ssh -L``/``-D`` to the pod itself (``pods/portforward``); ``disable``."""
+    pod_network_command: list[str] | None = None
+    """argv run in the pod for other destinations (``{host}``, ``{port}``); None: refused."""
+
+    def policy(self) -> ForwardingPolicy:
+        """The gateway's :class:`~kuberun_trio.gateway.forwarding.ForwardingPolicy`."""
+        command = self.pod_network_command
+        return ForwardingPolicy(enabled=self.forwarding_mode == "enable",
+                                pod_network_command=tuple(command) if command else None)
+
+
+def _check_forwarding(forwarding: ForwardingConfig, problems: ConfigProblems) -> None:
+    if forwarding.forwarding_mode not in FORWARDING_MODES:
+        problems.add("security.forwarding.forwardingMode",
+                     f"must be enable or disable, got {forwarding.forwarding_mode!r}")
+    if forwarding.pod_network_command is not None:
+        for problem in command_problems(forwarding.pod_network_command):
+            problems.add("security.forwarding.podNetworkCommand", problem)
+
+
+@attrs.frozen
 class SecurityConfig:
     """Limits for authenticated users (``security``; ContainerSSH's keys where it has them)."""
 
@@ -178,6 +204,8 @@ class SecurityConfig:
     """``signal`` requests one session may make per second; the excess is refused."""
     fd_reserve: int = 64
     """File descriptors kept free: new TCP connections are refused below this."""
+    forwarding: ForwardingConfig = attrs.Factory(ForwardingConfig)
+    """Port forwarding (``security.forwarding.*``)."""
 
 
 @attrs.frozen
@@ -590,6 +618,7 @@ def _check_security(security: SecurityConfig, problems: ConfigProblems) -> None:
         problems.add("security.maxSignalsPerSecond",
                      f"must be positive, got {security.max_signals_per_second:g}")
     _at_least(problems, "security.fdReserve", security.fd_reserve, 0)
+    _check_forwarding(security.forwarding, problems)
 
 
 def _check_templates(auth: AuthConfig, problems: ConfigProblems) -> None:
