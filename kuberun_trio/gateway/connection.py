@@ -11,7 +11,9 @@ handshake and runs as one task in the server's nursery::
             ├── pod-loss watcher           pod deleted/evicted/killed → tell sessions, end
             ├── time-limit watch           idle / max duration (timelimits.py), if set
             ├── session task xM            one pods/exec each (GatewaySession.serve_exec)
-            └── signal task xK             a second exec that delivers a signal
+            ├── signal task xK             a second exec that delivers a signal
+            └── agent relay (+ one task    ``ssh -A`` (agent.py): the relay exec, and one
+                per agent connection)      exec + auth-agent channel per agent connection
 
 It is also the :class:`~kuberun_trio.aio.sshserver.ConnectionPortal` that the
 asyncio-side SSH callbacks talk to, with synchronous calls only:
@@ -22,6 +24,9 @@ asyncio-side SSH callbacks talk to, with synchronous calls only:
   unwinds first (each session's ``finally`` closes its exec WebSocket), and only
   then does ``connected`` delete the pod.
 * ``send_signal(session, plan)`` -- run the signal exec as a sibling task.
+* ``agent_requested(session)`` -- ``auth-agent-req``: refused unless agent forwarding is
+  enabled; else the connection's :class:`~.agent.AgentRelay` starts (once), and the
+  session's exec waits for it and gets ``SSH_AUTH_SOCK``.
 
 * ``closed()`` -- the client is gone: cancel ``run``.
 
@@ -70,6 +75,7 @@ import trio
 from ..aio.bridge import run_aio
 from ..errors import KuberunError, PodStartError, client_message
 from ..observe.metrics import GatewayMetrics, unobserved
+from .agent import AgentOptions, AgentRelay
 from .audit import ConnectionAudit, ConnectionEnd
 from .auth import AuthResult
 from .pod import ConnectedPod, ConnectionHandler
@@ -107,8 +113,15 @@ class ConnectionRuntime:
                  audit: ConnectionAudit | None = None,
                  metrics: GatewayMetrics | None = None,
                  time_limits: SessionTimeLimits | None = None,
-                 recorder: Recorder | None = None) -> None:
+                 recorder: Recorder | None = None,
+                 agent: AgentOptions | None = None) -> None:
         self.handler = handler
+        self.agent_options = agent or AgentOptions()
+        """Agent forwarding (``security.forwarding``); off by default."""
+        self.agent: AgentRelay | None = None
+        """The connection's agent relay, once a session asked for one."""
+        self._agent_ssh: Any = None
+        self._agent_sessions: set[GatewaySession] = set()
         self.audit = audit or ConnectionAudit(handler.connection_id, handler.client_address)
         """The connection's audit record (address, policy for commands, byte counters)."""
         self.end_reason: str | None = None
@@ -173,6 +186,29 @@ class ConnectionRuntime:
     def _refuse(self, session: GatewaySession, reason: str) -> None:
         session.fail(reason)
         self._told.set()
+
+    def agent_requested(self, session: GatewaySession) -> str | None:
+        from ..aio.sshserver import FORWARDING_DISABLED
+        from .session import State
+
+        if not self.agent_options.enabled:
+            return FORWARDING_DISABLED
+        if session.machine.state is not State.IDLE:
+            return "agent forwarding must be asked for before the shell or command starts"
+        if self._failure is not None or self._draining is not None:
+            return "the connection is ending"
+        self._agent_sessions.add(session)
+        if self.agent is None:
+            self._agent_ssh = session.ssh_connection
+            self.agent = AgentRelay(self.agent_options, self.audit,
+                                    start_timeout=self.handler.config.timeouts.command_start)
+            if self._nursery is not None:
+                self._start_agent(self._nursery)
+        return None
+
+    def _start_agent(self, nursery: trio.Nursery) -> None:
+        assert self.agent is not None and self._target is not None
+        nursery.start_soon(self.agent.run, self._target, self._agent_ssh, nursery)
 
     def send_signal(self, session: GatewaySession, plan: SignalPlan) -> None:
         if self._nursery is not None:
@@ -245,6 +281,8 @@ class ConnectionRuntime:
                         self._nursery = nursery
                         if watch is not None:
                             nursery.start_soon(watch.run)
+                        if self.agent is not None:
+                            self._start_agent(nursery)
                         for session in self._pending:
                             nursery.start_soon(self._run_session, session)
                         self._pending.clear()
@@ -337,6 +375,8 @@ class ConnectionRuntime:
         with trio.CancelScope() as scope:
             session.abort = scope.cancel
             try:
+                if session in self._agent_sessions:
+                    await self._agent_for(session)
                 result = await run_aio(session.serve_exec, self._target)
             except trio.Cancelled:
                 cancelled = True
@@ -360,6 +400,16 @@ class ConnectionRuntime:
                            duration_ms=round(1000 * (trio.current_time() - started)))
         if self._draining is not None and not self._sessions and not self._pending:
             self.abort(self._draining, self._draining_kind)
+
+    async def _agent_for(self, session: GatewaySession) -> None:
+        """Wait for the agent relay; export its socket, or tell the session why not."""
+        self._agent_sessions.discard(session)
+        assert self.agent is not None
+        path = await self.agent.socket_for_session()
+        if path is not None:
+            session.machine.agent_socket(path)
+        elif self.agent.problem is not None:
+            session.notice(self.agent.problem)
 
     def _record(self, session_id: str, plan: ExecPlan) -> SessionRecording:
         assert self.recorder is not None

@@ -59,6 +59,7 @@ from ..observe import GatewayMetrics, HealthEndpoint, MetricsEndpoint, Readiness
 from ..observe.health import probe_api
 from ..observe.service import EndpointAddresses, serve_endpoints
 from ..recording import Recorder, RecordingOptions
+from .agent import AgentOptions
 from .audit import AuditPolicy, ConnectionEnd
 from .auth import Authenticator, AuthResult
 from .config import KubernetesConfig
@@ -133,6 +134,8 @@ class GatewayOptions:
     recording: RecordingOptions | None = None
     """Record every session channel as an asciicast v2 file (:mod:`kuberun_trio.recording`);
     None: no recording."""
+    agent: AgentOptions = attrs.Factory(AgentOptions)
+    """Agent forwarding (``ssh -A``, :mod:`.agent`); off by default."""
 
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
@@ -230,7 +233,7 @@ class _Server:
                                     auth=auth, make_target=self._target, close_connection=ssh.close,
                                     audit=ssh.audit, metrics=self.metrics,
                                     time_limits=self.options.time_limits,
-                                    recorder=self.recorder)
+                                    recorder=self.recorder, agent=self.options.agent)
         if self.closing is not None:  # authenticated while the gateway shuts down
             self.metrics.connection_rejected("shutdown")
             runtime.abort(self.closing)

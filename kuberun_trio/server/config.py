@@ -41,6 +41,7 @@ from ..configtools import (
 )
 from ..configtools import duration as duration_field
 from ..errors import ConfigError, ConfigErrors
+from ..gateway.agent import AgentOptions
 from ..gateway.audit import DEFAULT_MAX_COMMAND_BYTES, AuditPolicy
 from ..gateway.config import ConnectionConfig, KubernetesConfig, parse_config
 from ..gateway.lease import default_instance
@@ -166,6 +167,25 @@ class SSHConfig:
         return parse_listen(self.listen)
 
 
+FORWARDING_MODES = ("enable", "disable")
+
+
+@attrs.frozen
+class ForwardingConfig:
+    """``security.forwarding`` (ContainerSSH's section; ``agentForwardingMode`` is ours)."""
+
+    agent_forwarding_mode: str = "disable"
+    """``enable``: ``ssh -A`` works through a relay in the pod (gateway/agent.py)."""
+    max_agent_connections: int = 8
+    """Agent connections carried at once per SSH connection; more are refused."""
+
+    @property
+    def agent(self) -> AgentOptions:
+        """The gateway's :class:`~kuberun_trio.gateway.agent.AgentOptions`."""
+        return AgentOptions(enabled=self.agent_forwarding_mode == "enable",
+                            max_connections=self.max_agent_connections)
+
+
 @attrs.frozen
 class SecurityConfig:
     """Limits for authenticated users (``security``; ContainerSSH's keys where it has them)."""
@@ -178,6 +198,8 @@ class SecurityConfig:
     """``signal`` requests one session may make per second; the excess is refused."""
     fd_reserve: int = 64
     """File descriptors kept free: new TCP connections are refused below this."""
+    forwarding: ForwardingConfig = attrs.Factory(ForwardingConfig)
+    """Port and agent forwarding (all off by default)."""
 
 
 @attrs.frozen
@@ -590,6 +612,12 @@ def _check_security(security: SecurityConfig, problems: ConfigProblems) -> None:
         problems.add("security.maxSignalsPerSecond",
                      f"must be positive, got {security.max_signals_per_second:g}")
     _at_least(problems, "security.fdReserve", security.fd_reserve, 0)
+    forwarding = security.forwarding
+    if forwarding.agent_forwarding_mode not in FORWARDING_MODES:
+        problems.add("security.forwarding.agentForwardingMode",
+                     f"must be enable or disable, got {forwarding.agent_forwarding_mode!r}")
+    _at_least(problems, "security.forwarding.maxAgentConnections",
+              forwarding.max_agent_connections, 1)
 
 
 def _check_templates(auth: AuthConfig, problems: ConfigProblems) -> None:

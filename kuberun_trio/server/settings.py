@@ -118,6 +118,9 @@ def apply_flags(raw: Mapping[str, Any], args: argparse.Namespace,
         metrics = _section(data, "metrics")  # the demo shows its metrics
         metrics.setdefault("enable", True)
         metrics.setdefault("listen", DEMO_METRICS_LISTEN)
+    if mode == "embedded" and isinstance(data.get("security", {}), dict) and \
+            isinstance(data.get("security", {}).get("forwarding", {}), dict):
+        _section(data, "security", "forwarding").setdefault("agentForwardingMode", "enable")
     pod = _section(data, "kubernetes", "pod")
     if flag("namespace"):
         _section(pod, "metadata")["namespace"] = flag("namespace")

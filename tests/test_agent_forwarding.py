@@ -1,0 +1,222 @@
+"""Agent forwarding (``ssh -A``) end to end: real ``ssh-agent``, ``ssh-add``, ``ssh-keygen``.
+
+``python -m kuberun_trio`` runs against an embedded cluster subprocess (as in
+``test_e2e_openssh``); the pods are processes on this host, so "the image" is this host's
+file system, seen through the container's ``PATH``. A pod template whose ``PATH`` holds
+only a few chosen programs (symlinks in a temporary directory) makes an image without
+socat, or without socat and python3 -- no mock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import test_e2e_openssh as e2e
+import yaml
+from test_e2e_openssh import (
+    ENV,
+    Cluster,
+    GatewayProcess,
+    Keys,
+    first_line,
+    start_gateway,
+    stop_process,
+    wait_for,
+)
+
+from kuberun_trio.gateway.agent import TOOLS_MISSING
+
+pytestmark = [e2e.pytestmark, pytest.mark.needs("ssh-agent", "ssh-add", "socat", "python3")]
+cluster = e2e.cluster
+keys = e2e.keys
+
+ENABLED = {"security": {"forwarding": {"agentForwardingMode": "enable"}}}
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real ssh-agent (private socket directory) holding one fresh key; yields the
+    client environment (``SSH_AUTH_SOCK``) plus ``pub``: the key's public line."""
+    folder = Path(tempfile.mkdtemp(prefix="kr-agent-", dir="/tmp"))
+    sock = folder / "agent.sock"
+    proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=ENV)
+    try:
+        wait_for(sock.exists, 10, "ssh-agent's socket")
+        key = tmp_path_factory.mktemp("agentkey") / "id_ed25519"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "forwarded-key",
+                        "-f", str(key)], check=True, env=ENV)
+        env = {**ENV, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(key)], check=True, env=env, capture_output=True)
+        yield {**env, "pub": Path(f"{key}.pub").read_text().strip()}
+    finally:
+        stop_process(proc)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def client_env(agent: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in agent.items() if k != "pub"}
+
+
+def image_path(folder: Path, *programs: str) -> str:
+    """A ``PATH`` of one directory holding only ``programs`` (symlinks to this host's)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in programs:
+        found = shutil.which(name, path="/usr/local/bin:/usr/bin:/bin")
+        assert found, name
+        (folder / name).symlink_to(found)
+    return str(folder)
+
+
+def pod_with_path(path: str) -> dict[str, Any]:
+    return {"kubernetes": {"pod": {"spec": {"containers": [{
+        "name": "shell", "image": "busybox", "env": [{"name": "PATH", "value": path}],
+        "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600 & wait; done"],
+    }]}}}}
+
+
+@contextlib.contextmanager
+def gateway_with(cluster: Cluster, keys: Keys, folder: Path, instance: str,
+                 *configs: dict[str, Any]) -> Iterator[GatewayProcess]:
+    config: dict[str, Any] = {}
+    for part in configs:
+        for section, value in part.items():
+            config[section] = {**config.get(section, {}), **value}
+    path = folder / f"{instance}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    gateway = start_gateway(cluster, keys, folder, instance, "--config", str(path))
+    try:
+        yield gateway
+    finally:
+        stop_process(gateway.proc)
+        cluster.kube.wait_no_pods(instance, timeout=30)
+
+
+def host_processes(text: str) -> list[str]:
+    """Command lines of this host's processes that mention ``text`` (pods run here)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            with contextlib.suppress(OSError):
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                if text in cmdline:
+                    found.append(cmdline)
+    return found
+
+
+def fingerprint(pub: str) -> str:
+    out = subprocess.run(["ssh-keygen", "-l", "-f", "-"], input=pub.encode(), check=True,
+                         capture_output=True, env=ENV).stdout.decode()
+    return out.split()[1]
+
+
+SIGN = """\
+set -e
+d=$(mktemp -d)
+printf '%s\\n' "$1" >"$d/key.pub"
+printf 'signed through the forwarded agent\\n' >"$d/message"
+ssh-keygen -q -Y sign -f "$d/key.pub" -n file "$d/message" </dev/null
+cat "$d/message.sig"
+rm -r "$d"
+"""
+
+
+def test_ssh_add_and_sign_through_socat(cluster: Cluster, keys: Keys, tmp_path: Path,
+                                        agent: dict[str, str]) -> None:
+    env = client_env(agent)
+    with gateway_with(cluster, keys, tmp_path, "agent-socat", ENABLED) as gw:
+        listing = gw.run('d=${SSH_AUTH_SOCK%/*}; echo "$SSH_AUTH_SOCK"; stat -c %a "$d" '
+                         '"$SSH_AUTH_SOCK"; ssh-add -l', "-A", env=env)
+        assert listing.returncode == 0, listing.stderr
+        sock, dir_mode, sock_mode, *keys_listed = listing.stdout.decode().splitlines()
+        assert re.fullmatch(r"/tmp/kuberun-agent-[0-9a-f]{24}/agent", sock)
+        assert (dir_mode, sock_mode) == ("700", "600")
+        assert len(keys_listed) == 1 and fingerprint(agent["pub"]) in keys_listed[0]
+        assert "forwarded-key" in keys_listed[0]
+
+        # several agent connections at once, each on its own stream
+        many = gw.run("for i in 1 2 3 4 5 6; do ssh-add -l >/tmp/kr-$$-$i & done; wait; "
+                      "cat /tmp/kr-$$-*; rm -f /tmp/kr-$$-*", "-A", env=env)
+        assert many.returncode == 0, many.stderr
+        assert many.stdout.decode().count("forwarded-key") == 6, many.stdout
+
+        signed = gw.run(f"sh -c {shlex.quote(SIGN)} sign {shlex.quote(agent['pub'])}", "-A",
+                        env=env)
+        assert signed.returncode == 0, signed.stderr
+        signature = tmp_path / "message.sig"
+        signature.write_bytes(signed.stdout)
+        allowed = tmp_path / "allowed_signers"
+        allowed.write_text(f"alice@example {agent['pub']}\n")
+        verify = subprocess.run(
+            ["ssh-keygen", "-Y", "verify", "-f", str(allowed), "-I", "alice@example",
+             "-n", "file", "-s", str(signature)],
+            input=b"signed through the forwarded agent\n", capture_output=True, env=ENV)
+        assert verify.returncode == 0, verify.stderr + verify.stdout
+        tampered = subprocess.run(
+            ["ssh-keygen", "-Y", "verify", "-f", str(allowed), "-I", "alice@example",
+             "-n", "file", "-s", str(signature)], input=b"something else\n",
+            capture_output=True, env=ENV)
+        assert tampered.returncode != 0
+        assert "agent forwarding: relay (socat) listening" in gw.log()
+
+
+def test_relay_is_gone_after_disconnect(cluster: Cluster, keys: Keys, tmp_path: Path,
+                                        agent: dict[str, str]) -> None:
+    env = client_env(agent)
+    with gateway_with(cluster, keys, tmp_path, "agent-gone", ENABLED) as gw:
+        client = subprocess.Popen(gw.ssh('echo "$SSH_AUTH_SOCK"; ssh-add -l >/dev/null && '
+                                         'echo listed; sleep 60', "-A"),
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=env)
+        try:
+            sock = first_line(client)
+            assert first_line(client) == "listed"
+            token = sock.split("/")[2]
+            assert host_processes(token), "the relay should run while the session lasts"
+        finally:
+            stop_process(client)
+        wait_for(lambda: not host_processes(token), 15, "the relay's processes to end")
+
+
+def test_python3_relay_when_the_image_has_no_socat(cluster: Cluster, keys: Keys,
+                                                   tmp_path: Path,
+                                                   agent: dict[str, str]) -> None:
+    path = image_path(tmp_path / "bin", "sleep", "rm", "mkdir", "ssh-add", "python3")
+    with gateway_with(cluster, keys, tmp_path, "agent-py", ENABLED, pod_with_path(path)) as gw:
+        result = gw.run("for i in 1 2 3; do ssh-add -l & done; wait", "-A",
+                        env=client_env(agent))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.decode().count("forwarded-key") == 3, (result.stderr, gw.log())
+        assert "(python3)" in gw.log()
+
+
+def test_no_relay_tool_in_the_image(cluster: Cluster, keys: Keys, tmp_path: Path,
+                                    agent: dict[str, str]) -> None:
+    path = image_path(tmp_path / "bin", "sleep", "rm")
+    with gateway_with(cluster, keys, tmp_path, "agent-none", ENABLED, pod_with_path(path)) as gw:
+        result = gw.run('echo "session goes on: ${SSH_AUTH_SOCK-no agent}"', "-A",
+                        env=client_env(agent))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"session goes on: no agent\n"
+        assert result.stderr == f"kuberun: {TOOLS_MISSING}\n".encode()
+        assert "agent-forwarding-failed" in gw.log()
+
+
+def test_disabled_refuses_and_logs(cluster: Cluster, keys: Keys, tmp_path: Path,
+                                   agent: dict[str, str]) -> None:
+    disabled = {"security": {"forwarding": {"agentForwardingMode": "disable"}}}
+    with gateway_with(cluster, keys, tmp_path, "agent-off", disabled) as gw:
+        result = gw.run('echo "${SSH_AUTH_SOCK-no agent}"', "-A", env=client_env(agent))
+        assert (result.returncode, result.stdout) == (0, b"no agent\n"), result.stderr
+        wait_for(lambda: re.search(r"agent-forwarding request refused", gw.log()), 5,
+                 "the refusal in the log")
