@@ -22,7 +22,10 @@ from typing import Any
 
 import pytest
 import test_e2e_openssh as e2e
+import trio
+import trio_asyncio
 import yaml
+from gatewaykit import open_rig
 from test_e2e_openssh import (
     ENV,
     Cluster,
@@ -34,7 +37,7 @@ from test_e2e_openssh import (
     wait_for,
 )
 
-from kuberun_trio.gateway.agent import TOOLS_MISSING
+from kuberun_trio.gateway.agent import TOOLS_MISSING, AgentOptions
 
 pytestmark = [e2e.pytestmark, pytest.mark.needs("ssh-agent", "ssh-add", "socat", "python3")]
 cluster = e2e.cluster
@@ -220,3 +223,34 @@ def test_disabled_refuses_and_logs(cluster: Cluster, keys: Keys, tmp_path: Path,
         assert (result.returncode, result.stdout) == (0, b"no agent\n"), result.stderr
         wait_for(lambda: re.search(r"agent-forwarding request refused", gw.log()), 5,
                  "the refusal in the log")
+
+
+async def test_agent_streams_close_before_the_pod_delete(tmp_path: Path,
+                                                         agent: dict[str, str]) -> None:
+    """The relay's exec and an agent connection's exec, both open at disconnect, are
+    closed before the DELETE (read from the embedded cluster's request log)."""
+    async with open_rig(tmp_path, options={"agent": AgentOptions(enabled=True)}) as rig:
+        conn = await rig.connect(agent_path=agent["SSH_AUTH_SOCK"], agent_forwarding=True)
+
+        async def hold() -> object:  # an agent connection kept open by the pod side
+            return await conn.create_process(
+                'sleep 30 | socat - UNIX-CONNECT:"$SSH_AUTH_SOCK"')
+
+        await trio_asyncio.aio_as_trio(hold)()
+        pod = rig.pods()[0]["metadata"]["name"]
+        with trio.fail_after(15):  # the session, the relay, the agent connection
+            while sum(e.kind == "exec-open"
+                      for e in rig.cluster.request_log.for_pod("default", pod)) < 3:
+                await trio.sleep(0.02)
+        conn.close()
+        with trio.fail_after(15):
+            while rig.pods():
+                await trio.sleep(0.05)
+        entries = rig.cluster.request_log.for_pod("default", pod)
+        text = "\n".join(f"{e.seq} {e.kind} {e.method} {e.path.rsplit('/', 1)[-1][:60]} "
+                         f"received={e.received:.4f} time={e.time:.4f}" for e in entries)
+        opens = [e for e in entries if e.kind == "exec-open"]
+        closes = [e for e in entries if e.kind == "exec-close"]
+        deletes = [e for e in entries if e.kind == "http" and e.method == "DELETE"]
+        assert len(opens) == len(closes) == 3 and len(deletes) == 1, text
+        assert max(e.time for e in closes) < deletes[0].received, text
