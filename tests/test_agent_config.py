@@ -77,7 +77,7 @@ def test_relay_lines() -> None:
     directory = agent.relay_directory()
     assert directory.startswith("/tmp/kuberun-agent-") and directory != agent.relay_directory()
     assert agent.connect_argv("socat", directory, 3) == (
-        "socat", "-", f"UNIX-CONNECT:{directory}/c3,retry=200,interval=0.05")
+        "socat", "-t", "0.1", "-", f"UNIX-CONNECT:{directory}/c3,retry=200,interval=0.05")
     assert agent.connect_argv("python3", directory, 3)[-1] == f"{directory}/c3"
 
 

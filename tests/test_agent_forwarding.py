@@ -191,16 +191,32 @@ def test_relay_is_gone_after_disconnect(cluster: Cluster, keys: Keys, tmp_path: 
         wait_for(lambda: not host_processes(token), 15, "the relay's processes to end")
 
 
-def test_python3_relay_when_the_image_has_no_socat(cluster: Cluster, keys: Keys,
-                                                   tmp_path: Path,
-                                                   agent: dict[str, str]) -> None:
-    path = image_path(tmp_path / "bin", "sleep", "rm", "mkdir", "ssh-add", "python3")
-    with gateway_with(cluster, keys, tmp_path, "agent-py", ENABLED, pod_with_path(path)) as gw:
+HOLD = ("(python3 -c 'import os, socket, time; s = socket.socket(socket.AF_UNIX); "
+        's.connect(os.environ["SSH_AUTH_SOCK"]); time.sleep(1)\'; echo held-done) & '
+        "sleep 0.3; ssh-add -l >/dev/null && echo listed; wait")
+"""One agent connection held open for 1 s while ``ssh-add -l`` asks (0.3 s later)."""
+
+
+@pytest.mark.parametrize("tool", ["socat", "python3"])
+def test_agent_connections_over_the_limit_wait(cluster: Cluster, keys: Keys, tmp_path: Path,
+                                               agent: dict[str, str], tool: str) -> None:
+    """``maxAgentConnections: 1``: a second agent client waits for the first; with the
+    python3 relay (an image without socat) as with socat."""
+    limit = {"security": {"forwarding": {"agentForwardingMode": "enable",
+                                         "maxAgentConnections": 1}}}
+    programs = ["sleep", "rm", "mkdir", "ssh-add", "python3"] + (["socat"] if tool == "socat"
+                                                                 else [])
+    path = image_path(tmp_path / "bin", *programs)
+    with gateway_with(cluster, keys, tmp_path, f"agent-limit-{tool}", limit,
+                      pod_with_path(path)) as gw:
+        result = gw.run(HOLD, "-A", env=client_env(agent))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"held-done\nlisted\n", (result.stderr, gw.log())
+        assert f"({tool})" in gw.log()
+        # three at once all get through, one after the other
         result = gw.run("for i in 1 2 3; do ssh-add -l & done; wait", "-A",
                         env=client_env(agent))
-        assert result.returncode == 0, result.stderr
         assert result.stdout.decode().count("forwarded-key") == 3, (result.stderr, gw.log())
-        assert "(python3)" in gw.log()
 
 
 def test_no_relay_tool_in_the_image(cluster: Cluster, keys: Keys, tmp_path: Path,

@@ -31,8 +31,12 @@ group) and removes the directory. For each ``conn N`` the gateway opens an
 ``auth-agent@openssh.com`` channel to the client and then a second exec that connects
 to ``DIR/cN`` (``socat -`` / :data:`PYTHON_CONNECT`, retrying while the pod side gets
 ready): so concurrent agent connections each have their own stream. At most
-``security.forwarding.maxAgentConnections`` run at once; more are refused (logged; the pod
-side gives up after :data:`CONNECT_WAIT` s and the agent client sees the connection close).
+``security.forwarding.maxAgentConnections`` run at once: the pod side accepts no more
+(socat's ``max-children``, a semaphore in python), so further agent clients wait in the
+listen backlog until one ends. The gateway counts too, in case something in the pod writes
+``conn`` lines of its own: one announced while the limit is reached waits for a slot (the
+pod side frees its slot a moment before the gateway's exec ends), up to as many again; one
+more is refused (logged), and the pod side gives up on it after :data:`CONNECT_WAIT` s.
 
 Every task lives in the connection's nursery, so the relay's and the bridges' exec
 streams are closed before the pod DELETE, like the sessions'.
@@ -43,6 +47,7 @@ the client's agent while the connection lasts -- sign with its keys, not read th
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
 import secrets
@@ -85,9 +90,10 @@ trap 'exit 129' HUP
 trap 'exit 143' TERM
 if [ "$t" = socat ]; then
   printf '%s\\n' "$2" >"$d/conn"
-  socat UNIX-LISTEN:"$d/agent",fork EXEC:"/bin/sh $d/conn" </dev/null >/dev/null &
+  socat UNIX-LISTEN:"$d/agent",fork,max-children="$4" EXEC:"/bin/sh $d/conn" \
+    </dev/null >/dev/null &
 else
-  python3 -c "$3" "$d" </dev/null >/dev/null &
+  python3 -c "$3" "$d" "$4" </dev/null >/dev/null &
 fi
 p=$!
 while [ ! -S "$d/agent" ]; do
@@ -103,13 +109,15 @@ if kill -s 0 -- "-$$" 2>/dev/null; then
 fi
 exit 0
 """
-"""The relay's listener (``sh -c LISTENER_SCRIPT kuberun-agent DIR CHILD PYTHON``)."""
+"""The relay's listener (``sh -c LISTENER_SCRIPT kuberun-agent DIR CHILD PYTHON MAX``)."""
 
 SOCAT_CHILD_SCRIPT: Final = f"""\
 printf 'kuberun-agent conn %s\\n' "$$" >&2
-exec socat - UNIX-LISTEN:"${{0%/*}}/c$$",listen-timeout={CONNECT_WAIT}
+exec socat -t 0.1 - UNIX-LISTEN:"${{0%/*}}/c$$",listen-timeout={CONNECT_WAIT}
 """
-"""Run by socat (``/bin/sh DIR/conn``) for each accepted agent connection (its stdio)."""
+"""Run by socat (``/bin/sh DIR/conn``) for each accepted agent connection (its stdio).
+``-t 0.1``: once one side has ended, the other has nowhere left to send to (socat's
+default waits 0.5 s, which holds the connection's slot that long)."""
 
 PYTHON_LISTENER: Final = f"""\
 import os, socket, sys, threading
@@ -127,7 +135,13 @@ def pump(a, b):
         b.shutdown(socket.SHUT_WR)
     except OSError:
         pass
+slots = threading.BoundedSemaphore(int(sys.argv[2]))
 def serve(c, n):
+    try:
+        carry(c, n)
+    finally:
+        slots.release()
+def carry(c, n):
     p = '%s/c%d' % (d, n)
     s = socket.socket(socket.AF_UNIX)
     try:
@@ -157,11 +171,12 @@ s.bind(d + '/agent')
 s.listen(64)
 n = 0
 while True:
+    slots.acquire()
     c = s.accept()[0]
     n += 1
     threading.Thread(target=serve, args=(c, n), daemon=True).start()
 """
-"""The python3 listener (``python3 -c PYTHON_LISTENER DIR``): same protocol as socat's."""
+"""The python3 listener (``python3 -c PYTHON_LISTENER DIR MAX``): same protocol as socat's."""
 
 PYTHON_CONNECT: Final = """\
 import os, socket, sys, threading, time
@@ -212,17 +227,18 @@ def relay_directory() -> str:
     return DIRECTORY_PREFIX + secrets.token_hex(12)
 
 
-def listener_argv(directory: str, shell: str = "/bin/sh") -> tuple[str, ...]:
+def listener_argv(directory: str, max_connections: int = 8,
+                  shell: str = "/bin/sh") -> tuple[str, ...]:
     """The relay exec's argv."""
     return (shell, "-c", LISTENER_SCRIPT, "kuberun-agent", directory, SOCAT_CHILD_SCRIPT,
-            PYTHON_LISTENER)
+            PYTHON_LISTENER, str(max_connections))
 
 
 def connect_argv(tool: str, directory: str, number: int) -> tuple[str, ...]:
     """The argv of the exec that carries agent connection ``number`` (no shell)."""
     path = f"{directory}/c{number}"
     if tool == "socat":
-        return ("socat", "-", f"UNIX-CONNECT:{path},retry=200,interval=0.05")
+        return ("socat", "-t", "0.1", "-", f"UNIX-CONNECT:{path},retry=200,interval=0.05")
     return ("python3", "-c", PYTHON_CONNECT, path)
 
 
@@ -251,6 +267,7 @@ class AgentRelay:
         self.carried = 0
         """Agent connections carried so far."""
         self._ready = trio.Event()
+        self._waiting: collections.deque[int] = collections.deque()
         self._nursery: trio.Nursery | None = None
         self._target: ExecTarget | None = None
         self._ssh: Any = None
@@ -264,7 +281,8 @@ class AgentRelay:
         try:
             await trio.lowlevel.checkpoint_if_cancelled()  # teardown began: open no exec
             result = await run_aio(agentrelay.run_relay, target,
-                                   listener_argv(self.directory), self._line)
+                                   listener_argv(self.directory,
+                                                 self.options.max_connections), self._line)
             if not self._ready.is_set():
                 self._failed(f"the relay ended (exit status {result.exit_code})",
                              result.message)
@@ -305,13 +323,17 @@ class AgentRelay:
     def _accepted(self, number: int) -> None:
         if self._nursery is None:
             return
-        if self.active >= self.options.max_connections:
+        if self.active < self.options.max_connections:
+            self.active += 1
+            self._nursery.start_soon(self._carry, number)
+        elif len(self._waiting) < self.options.max_connections:
+            # The pod side frees a slot when its end closes, a moment before our exec's
+            # status arrives: the next one waits here for that moment.
+            self._waiting.append(number)
+        else:
             self.audit.refused("agent-connection", f"more than "
                                f"{self.options.max_connections} agent connections at once "
                                "(security.forwarding.maxAgentConnections)")
-            return
-        self.active += 1
-        self._nursery.start_soon(self._carry, number)
 
     async def _carry(self, number: int) -> None:
         assert self._target is not None and self.tool is not None
@@ -329,6 +351,9 @@ class AgentRelay:
                             error=f"{type(exc).__name__}: {exc}"[:500])
         finally:
             self.active -= 1
+            if self._waiting and self._nursery is not None:
+                self.active += 1
+                self._nursery.start_soon(self._carry, self._waiting.popleft())
 
     async def socket_for_session(self) -> str | None:
         """The socket path once the relay listens; None (and :attr:`problem`) if it cannot."""
