@@ -3,7 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +104,55 @@ def test_listener_reports_a_missing_tool_and_an_existing_directory(tmp_path: Pat
                             timeout=10, stdin=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"})
     assert (exists.returncode, exists.stdout) == (
         4, f"kuberun-agent failed cannot create {taken}\n")
+
+
+@pytest.mark.needs("socat", "python3")
+@pytest.mark.parametrize("tool", ["socat", "python3"])
+def test_listener_ends_on_stdin_eof(tmp_path: Path, tool: str) -> None:
+    """What a real kubelet does when the gateway closes the relay's stream: stdin EOF.
+    The listener, its relay and the relay's children end, and the directory goes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("mkdir", "rm", "sleep", tool):
+        found = shutil.which(name, path="/usr/local/bin:/usr/bin:/bin")
+        assert found, name
+        (bin_dir / name).symlink_to(found)
+    directory = tmp_path / "relay"
+    proc = subprocess.Popen(agent.listener_argv(str(directory), 2), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={"PATH": str(bin_dir)}, start_new_session=True)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        assert proc.stdout.readline() == f"kuberun-agent ready {tool}\n".encode()
+        sock = directory / "agent"
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(str(sock))  # an agent client: announced on stderr, then held
+        assert re.fullmatch(rb"kuberun-agent conn \d+\n", proc.stderr.readline())
+        assert processes_mentioning(str(directory))
+        proc.stdin.close()
+        assert proc.wait(10) == 0
+        client.close()
+        deadline = time.monotonic() + 10
+        while processes_mentioning(str(directory)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_mentioning(str(directory)) == []
+        assert not directory.exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            pipe.close()
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                if text in cmdline:
+                    found.append(cmdline)
+    return found
