@@ -270,3 +270,33 @@ async def test_agent_streams_close_before_the_pod_delete(tmp_path: Path,
         deletes = [e for e in entries if e.kind == "http" and e.method == "DELETE"]
         assert len(opens) == len(closes) == 3 and len(deletes) == 1, text
         assert max(e.time for e in closes) < deletes[0].received, text
+
+
+KILL_RELAY = """\
+d=${SSH_AUTH_SOCK%/*}
+for p in /proc/[0-9]*; do
+  case "$(tr '\\0' ' ' <"$p/cmdline" 2>/dev/null)" in *"$d"*) kill -9 "${p#/proc/}" ;; esac
+done
+echo killed
+"""
+
+
+async def test_a_relay_killed_in_the_pod_is_reported(tmp_path: Path,
+                                                     agent: dict[str, str]) -> None:
+    """Later sessions of the connection hear that the relay is gone (and get no socket)."""
+    async with open_rig(tmp_path, options={"agent": AgentOptions(enabled=True)}) as rig:
+        conn = await rig.connect(agent_path=agent["SSH_AUTH_SOCK"], agent_forwarding=True)
+
+        async def run(command: str) -> Any:
+            return await conn.run(command)
+
+        first = await trio_asyncio.aio_as_trio(run)(KILL_RELAY)
+        assert first.stdout == "killed\n", first.stderr
+        (runtime,) = rig.gateway.connections.values()
+        with trio.fail_after(10):
+            while runtime.agent is None or runtime.agent.problem is None:
+                await trio.sleep(0.02)
+        second = await trio_asyncio.aio_as_trio(run)('echo "${SSH_AUTH_SOCK-no agent}"')
+        assert (second.stdout, second.stderr) == (
+            "no agent\n", "kuberun: the agent relay in the pod has ended\n")
+        conn.close()

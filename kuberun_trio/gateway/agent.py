@@ -286,6 +286,11 @@ class AgentRelay:
             if not self._ready.is_set():
                 self._failed(f"the relay ended (exit status {result.exit_code})",
                              result.message)
+            else:  # it listened, and is gone while the connection lives (killed in the pod)
+                self.tool, self.problem = None, "the agent relay in the pod has ended"
+                self.audit.emit(logging.WARNING, "agent-forwarding-failed",
+                                "agent forwarding: %s", self.problem, reason=self.problem,
+                                error=result.message[:500])
         except Exception as exc:  # the relay's error boundary: sessions go on without it
             self._failed(f"agent forwarding could not start: {client_message(exc)}", str(exc))
         finally:
@@ -321,11 +326,11 @@ class AgentRelay:
             self._accepted(int(arg))
 
     def _accepted(self, number: int) -> None:
-        if self._nursery is None:
+        if self._nursery is None or self.tool is None:
             return
         if self.active < self.options.max_connections:
             self.active += 1
-            self._nursery.start_soon(self._carry, number)
+            self._nursery.start_soon(self._carry, number, self.tool)
         elif len(self._waiting) < self.options.max_connections:
             # The pod side frees a slot when its end closes, a moment before our exec's
             # status arrives: the next one waits here for that moment.
@@ -335,12 +340,13 @@ class AgentRelay:
                                f"{self.options.max_connections} agent connections at once "
                                "(security.forwarding.maxAgentConnections)")
 
-    async def _carry(self, number: int) -> None:
-        assert self._target is not None and self.tool is not None
+    async def _carry(self, number: int, tool: str) -> None:
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
+            if self._target is None:  # cannot happen: set before any line arrives
+                return
             how = await run_aio(agentrelay.bridge_connection, self._ssh, self._target,
-                                connect_argv(self.tool, self.directory, number))
+                                connect_argv(tool, self.directory, number))
             self.carried += 1
             log.debug("agent connection %d: %s", number, how,
                       extra={"event": "agent-connection", **self.audit.fields,
@@ -351,9 +357,9 @@ class AgentRelay:
                             error=f"{type(exc).__name__}: {exc}"[:500])
         finally:
             self.active -= 1
-            if self._waiting and self._nursery is not None:
+            if self._waiting and self._nursery is not None and self.tool is not None:
                 self.active += 1
-                self._nursery.start_soon(self._carry, self._waiting.popleft())
+                self._nursery.start_soon(self._carry, self._waiting.popleft(), self.tool)
 
     async def socket_for_session(self) -> str | None:
         """The socket path once the relay listens; None (and :attr:`problem`) if it cannot."""
