@@ -20,6 +20,7 @@ from kuberun_trio.cli import build_parser
 from kuberun_trio.errors import ConfigError, ConfigErrors
 from kuberun_trio.gateway import agent
 from kuberun_trio.gateway.session import SessionConfig, SessionMachine, State
+from kuberun_trio.server import authkeys
 from kuberun_trio.server.config import parse_server_config
 from kuberun_trio.server.settings import load_settings
 
@@ -156,3 +157,20 @@ def processes_mentioning(text: str) -> list[str]:
                 if text in cmdline:
                     found.append(cmdline)
     return found
+
+
+@pytest.mark.parametrize(("options", "forbidden"), [
+    ("", False),
+    ("no-agent-forwarding ", True),
+    ('no-agent-forwarding,from="127.0.0.1",agent-forwarding ', False),
+    ("agent-forwarding,no-agent-forwarding ", True),
+])
+def test_authorized_keys_no_agent_forwarding(options: str, forbidden: bool) -> None:
+    key = authkeys.parse_line(f"{options}ssh-ed25519 {ED25519} someone")
+    assert key is not None and key.options.no_agent_forwarding is forbidden
+    assert key.options.unenforceable is None  # the key still logs in
+    restricted = authkeys.parse_line(f"restrict ssh-ed25519 {ED25519}")
+    assert restricted is not None and restricted.options.no_agent_forwarding
+
+
+ED25519 = "AAAAC3NzaC1lZDI1NTE5AAAAIGhr4kvHHZ1DfQ0QAfJ/eT8FCaNsjRcSW3PswdMpxUZi"

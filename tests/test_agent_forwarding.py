@@ -90,14 +90,14 @@ def pod_with_path(path: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def gateway_with(cluster: Cluster, keys: Keys, folder: Path, instance: str,
-                 *configs: dict[str, Any]) -> Iterator[GatewayProcess]:
+                 *configs: dict[str, Any], extra: tuple[str, ...] = ()) -> Iterator[GatewayProcess]:
     config: dict[str, Any] = {}
     for part in configs:
         for section, value in part.items():
             config[section] = {**config.get(section, {}), **value}
     path = folder / f"{instance}.yaml"
     path.write_text(yaml.safe_dump(config))
-    gateway = start_gateway(cluster, keys, folder, instance, "--config", str(path))
+    gateway = start_gateway(cluster, keys, folder, instance, "--config", str(path), *extra)
     try:
         yield gateway
     finally:
@@ -137,7 +137,10 @@ rm -r "$d"
 def test_ssh_add_and_sign_through_socat(cluster: Cluster, keys: Keys, tmp_path: Path,
                                         agent: dict[str, str]) -> None:
     env = client_env(agent)
-    with gateway_with(cluster, keys, tmp_path, "agent-socat", ENABLED) as gw:
+    restricted = tmp_path / "restricted_keys"  # another key, with no-agent-forwarding
+    restricted.write_text(f"no-agent-forwarding {Path(f'{keys.stranger}.pub').read_text()}")
+    with gateway_with(cluster, keys, tmp_path, "agent-socat", ENABLED,
+                      extra=("--authorized-keys", str(restricted))) as gw:
         listing = gw.run('d=${SSH_AUTH_SOCK%/*}; echo "$SSH_AUTH_SOCK"; stat -c %a "$d" '
                          '"$SSH_AUTH_SOCK"; ssh-add -l', "-A", env=env)
         assert listing.returncode == 0, listing.stderr
@@ -172,6 +175,13 @@ def test_ssh_add_and_sign_through_socat(cluster: Cluster, keys: Keys, tmp_path: 
         assert tampered.returncode != 0
         assert "agent forwarding: relay (socat) listening" in gw.log()
 
+        no_agent = subprocess.run(gw.ssh('echo "${SSH_AUTH_SOCK-no agent}"', "-A",
+                                         key=keys.stranger), capture_output=True, env=env,
+                                  timeout=30)
+        assert (no_agent.returncode, no_agent.stdout) == (0, b"no agent\n"), no_agent.stderr
+        wait_for(lambda: "not permitted for this key (no-agent-forwarding)" in gw.log(), 5,
+                 "the refusal in the log")
+
 
 def test_relay_is_gone_after_disconnect(cluster: Cluster, keys: Keys, tmp_path: Path,
                                         agent: dict[str, str]) -> None:
@@ -191,10 +201,19 @@ def test_relay_is_gone_after_disconnect(cluster: Cluster, keys: Keys, tmp_path: 
         wait_for(lambda: not host_processes(token), 15, "the relay's processes to end")
 
 
-HOLD = ("(python3 -c 'import os, socket, time; s = socket.socket(socket.AF_UNIX); "
-        's.connect(os.environ["SSH_AUTH_SOCK"]); time.sleep(1)\'; echo held-done) & '
-        "sleep 0.3; ssh-add -l >/dev/null && echo listed; wait")
-"""One agent connection held open for 1 s while ``ssh-add -l`` asks (0.3 s later)."""
+HOLD = """\
+f=/tmp/kr-hold-$$
+(python3 -c 'import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(os.environ["SSH_AUTH_SOCK"])
+open(sys.argv[1], "w").close()
+time.sleep(1)' "$f"; echo held-done) &
+while [ ! -e "$f" ]; do sleep 0.05; done
+ssh-add -l >/dev/null && echo listed
+wait
+rm -f "$f"
+"""
+"""One agent connection held open for 1 s; ``ssh-add -l`` asks once it is connected."""
 
 
 @pytest.mark.parametrize("tool", ["socat", "python3"])

@@ -193,6 +193,8 @@ class ConnectionRuntime:
 
         if not self.agent_options.enabled:
             return FORWARDING_DISABLED
+        if not self.auth.agent_forwarding:
+            return "agent forwarding is not permitted for this key (no-agent-forwarding)"
         if session.machine.state is not State.IDLE:
             return "agent forwarding must be asked for before the shell or command starts"
         if self._failure is not None or self._draining is not None:
