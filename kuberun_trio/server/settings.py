@@ -11,7 +11,8 @@ bad value -- from either -- is reported with the key path it lands on.
 Where the pods go (``--cluster``):
 
 * ``embedded`` -- an embedded cluster runs inside the server process (demo mode; the default
-  when neither ``--config`` nor ``--kubeconfig``/``--context`` is given);
+  when neither ``--config`` nor ``--kubeconfig``/``--context`` is given). The demo serves
+  metrics and enables agent forwarding unless its config file says otherwise;
 * ``kubeconfig`` -- ``--kubeconfig`` or ``$KUBECONFIG`` or ``~/.kube/config``;
 * ``in-cluster`` -- the service account of the pod the gateway runs in;
 * otherwise ``kubernetes.connection`` of the config file decides.
