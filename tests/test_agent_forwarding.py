@@ -37,7 +37,7 @@ from test_e2e_openssh import (
     wait_for,
 )
 
-from kuberun_trio.gateway.agent import TOOLS_MISSING, AgentOptions
+from kuberun_trio.gateway.agent import CONNECT_WAIT, TOOLS_MISSING, AgentOptions
 
 pytestmark = [e2e.pytestmark, pytest.mark.needs("ssh-agent", "ssh-add", "socat", "python3")]
 cluster = e2e.cluster
@@ -318,4 +318,22 @@ async def test_a_relay_killed_in_the_pod_is_reported(tmp_path: Path,
         second = await trio_asyncio.aio_as_trio(run)('echo "${SSH_AUTH_SOCK-no agent}"')
         assert (second.stdout, second.stderr) == (
             "no agent\n", "kuberun: the agent relay in the pod has ended\n")
+        conn.close()
+
+
+async def test_an_agent_the_client_lost_fails_in_the_pod_at_once(tmp_path: Path) -> None:
+    """The client asked for forwarding but cannot reach its agent any more: it refuses
+    the channel, and the agent client in the pod is told at once (not after the relay's
+    wait for a stream that never comes)."""
+    async with open_rig(tmp_path, options={"agent": AgentOptions(enabled=True)}) as rig:
+        conn = await rig.connect(agent_path=str(tmp_path / "no-agent-here"),
+                                 agent_forwarding=True)
+
+        async def run(command: str) -> Any:
+            return await conn.run(command)
+
+        with trio.fail_after(CONNECT_WAIT - 3):
+            result = await trio_asyncio.aio_as_trio(run)("ssh-add -l; echo status $?")
+        assert result.stdout.endswith("status 1\n"), (result.stdout, result.stderr)
+        assert "communication with agent failed" in result.stderr
         conn.close()

@@ -16,7 +16,9 @@ module only moves bytes, each function awaited once through the bridge:
   connects to the pod-side socket; bytes flow channel ↔ exec stdin/stdout on the
   asyncio side, with the SSH channel's write window holding the exec reader
   (``pause_writing``/``resume_writing``). When the exec ends, the channel gets EOF and
-  closes; when the client closes the channel, the exec's stdin is half-closed.
+  closes; when the client closes the channel, the exec's stdin is half-closed. When the
+  client refuses the channel (its agent is gone), the exec still runs, with stdin closed
+  at once: the agent client in the pod sees its connection end now.
 """
 
 from __future__ import annotations
@@ -141,6 +143,36 @@ class _AgentChannelSession(asyncssh.SSHUNIXSession):  # type: ignore[type-arg]
             stream.close_stdin()
 
 
+class _Discard:
+    def write_stdout(self, data: bytes) -> None:
+        pass
+
+    def write_stderr(self, data: bytes) -> None:
+        pass
+
+    async def wait_writable(self) -> None:
+        return None
+
+
+TURN_AWAY_TIMEOUT = 5.0
+"""Seconds the exec that ends a refused agent connection in the pod may take."""
+
+
+async def _turn_away(target: ExecTarget, argv: Sequence[str]) -> None:
+    """The client refused the agent channel (its agent is gone): connect to the pod side
+    and close at once, so that the agent client there sees the end now rather than after
+    the relay's wait. Best effort, bounded."""
+    async def turn_away() -> None:
+        stream = await open_exec(target.ws_client, target.namespace, target.pod,
+                                 target.container, argv, tty=False, stdin=True,
+                                 throttle=target.throttle)
+        stream.close_stdin()
+        await stream.run(_Discard())
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(turn_away(), TURN_AWAY_TIMEOUT)
+
+
 async def bridge_connection(conn: Any, target: ExecTarget, argv: Sequence[str]) -> str:
     """Carry one agent connection between the pod and the client. Asyncio-flavoured.
 
@@ -149,7 +181,11 @@ async def bridge_connection(conn: Any, target: ExecTarget, argv: Sequence[str]) 
     """
     session = _AgentChannelSession()
     chan = conn.create_agent_channel()
-    await chan.open(lambda: session)
+    try:
+        await chan.open(lambda: session)
+    except asyncssh.ChannelOpenError:
+        await _turn_away(target, argv)
+        raise
     try:
         stream = await open_exec(target.ws_client, target.namespace, target.pod,
                                  target.container, argv, tty=False, stdin=True,
