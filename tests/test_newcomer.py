@@ -487,7 +487,8 @@ def test_tutorial_as_written(newcomer_home: Path) -> None:
     out = "".join(o for o, _ in replay.outputs)
     err = "".join(p.read_text() for p in sorted(newcomer_home.glob(".replay-*.err")))
     for expected in ("hello from kuberun-", "out\n", "exit status 3", "3\n", "bar\n",
-                     "0\nnot in this machine's /tmp either", "kept\n", "kuberun.trio/instance"):
+                     "0\nnot in this machine's /tmp either", "kept\n", "kuberun.trio/instance",
+                     "demo_key (ED25519)"):
         assert expected in out, (expected, out)
     assert "err\n" in err and "Permission denied" not in err
     served = re.findall(r"^served from (kuberun-\w{5})$", out, re.M)  # ssh -L, then ssh -D

@@ -46,12 +46,13 @@ Forwarding: with ``security.forwarding.forwardingMode: enable`` a ``direct-tcpip
 (``ssh -L``/``-D``) goes to :func:`.sshforward.accept_forward` and the trio side; otherwise
 it is refused with ``administratively prohibited`` (not asyncssh's misleading
 ``Connection refused``). ``direct-streamlocal`` opens, ``tcpip-forward`` (``ssh -R``:
-Kubernetes has no reverse port-forward) / ``streamlocal-forward`` and the ``x11-req`` /
-``auth-agent-req`` channel requests always fail -- each with a ``request-refused`` line.
-Session payload bytes are counted on the audit record where they already flow (one
-integer addition per chunk); a recorded session (:mod:`kuberun_trio.recording`) also
-hands each chunk, unchanged, to its :class:`~kuberun_trio.recording.SessionRecording` at
-the same places (a bounded append).
+Kubernetes has no reverse port-forward) / ``streamlocal-forward`` and the ``x11-req``
+channel request always fail -- each with a ``request-refused`` line. ``auth-agent-req`` is
+the connection's to decide (:mod:`kuberun_trio.gateway.agent`; refused and logged the same
+way unless enabled). Session payload bytes are counted on the audit record where they
+already flow (one integer addition per chunk); a recorded session
+(:mod:`kuberun_trio.recording`) also hands each chunk, unchanged, to its
+:class:`~kuberun_trio.recording.SessionRecording` at the same places (a bounded append).
 What a client reads on stderr after a failure is
 :func:`~kuberun_trio.errors.client_message` -- never URLs, addresses or library text;
 those go to the ``exec-failed`` / ``exec-ended`` log lines.
@@ -160,6 +161,8 @@ class ConnectionPortal(Protocol):
 
     def submit_forward(self, forward: ForwardSession) -> None:
         """Serve (or refuse) a direct-tcpip channel as soon as the pod is ready."""
+    def agent_requested(self, session: GatewaySession) -> str | None:
+        """``auth-agent-req@openssh.com`` on ``session``: None accepts, else why not."""
 
 
 class GatewayChannel(asyncssh.SSHServerChannel):  # type: ignore[type-arg]
@@ -201,8 +204,8 @@ class GatewayChannel(asyncssh.SSHServerChannel):  # type: ignore[type-arg]
 
     def _process_auth_agent_req_at_openssh_dot_com_request(  # type: ignore[override]
             self, packet: SSHPacket) -> bool:
-        self._session.audit.refused("agent-forwarding", FORWARDING_DISABLED)
-        return False
+        packet.check_end()
+        return self._session.agent_requested()
 
 
 class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
@@ -281,6 +284,20 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
 
     def break_received(self, msec: int) -> bool:
         return False
+
+    def agent_requested(self) -> bool:
+        """``auth-agent-req@openssh.com``: the connection decides (gateway/agent.py)."""
+        decide = getattr(self.portal, "agent_requested", None)
+        reason = decide(self) if decide is not None else FORWARDING_DISABLED
+        if reason is not None:
+            self.audit.refused("agent-forwarding", reason)
+            return False
+        return True
+
+    @property
+    def ssh_connection(self) -> Any:
+        """The SSH connection this channel belongs to (None once the channel closed)."""
+        return self._chan.get_connection() if self._chan is not None else None
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.audit.bytes_from_client += len(data)

@@ -39,6 +39,9 @@ class AuthResult:
     username: str | None = None
     """The user this login is, if not the SSH username (the webhook's
     ``authenticatedUsername``): the username of the pod's labels and of the logs."""
+    agent_forwarding: bool = True
+    """False: this credential may not forward an agent (authorized_keys
+    ``no-agent-forwarding``), whatever ``security.forwarding`` allows."""
 
 
 class Authenticator(Protocol):

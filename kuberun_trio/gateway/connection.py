@@ -13,7 +13,9 @@ handshake and runs as one task in the server's nursery::
             ├── session task xM            one pods/exec each (GatewaySession.serve_exec)
             ├── forward task xF            one pods/portforward (or network exec) per
             │                              direct-tcpip channel (ForwardSession.serve)
-            └── signal task xK             a second exec that delivers a signal
+            ├── signal task xK             a second exec that delivers a signal
+            └── agent relay (+ one task    ``ssh -A`` (agent.py): the relay exec, and one
+                per agent connection)      exec + auth-agent channel per agent connection
 
 It is also the :class:`~kuberun_trio.aio.sshserver.ConnectionPortal` that the
 asyncio-side SSH callbacks talk to, with synchronous calls only:
@@ -31,6 +33,9 @@ asyncio-side SSH callbacks talk to, with synchronous calls only:
   Forward tasks are siblings of the session tasks, so every port-forward stream is
   closed before the pod DELETE. Log lines: ``forward-failed`` (the client's open
   failed: the reason), ``forward-end`` (bytes each way, why), ``forward-error``.
+* ``agent_requested(session)`` -- ``auth-agent-req``: refused unless agent forwarding is
+  enabled; else the connection's :class:`~.agent.AgentRelay` starts (once), and the
+  session's exec waits for it and gets ``SSH_AUTH_SOCK``.
 
 * ``closed()`` -- the client is gone: cancel ``run``.
 
@@ -79,6 +84,7 @@ import trio
 from ..aio.bridge import run_aio
 from ..errors import KuberunError, PodStartError, client_message
 from ..observe.metrics import GatewayMetrics, unobserved
+from .agent import AgentOptions, AgentRelay
 from .audit import ConnectionAudit, ConnectionEnd
 from .auth import AuthResult
 from .forwarding import ForwardingPolicy, PodAddress, Refused, ViaPortForward, judge
@@ -119,13 +125,20 @@ class ConnectionRuntime:
                  metrics: GatewayMetrics | None = None,
                  time_limits: SessionTimeLimits | None = None,
                  recorder: Recorder | None = None,
-                 forwarding: ForwardingPolicy | None = None) -> None:
+                 forwarding: ForwardingPolicy | None = None,
+                 agent: AgentOptions | None = None) -> None:
         self.handler = handler
         self.forwarding = forwarding or ForwardingPolicy()
         """``security.forwarding``: where direct-tcpip channels may go."""
         self._forwards: list[ForwardSession] = []
         """Forward channels waiting for the pod."""
         self._pod: PodAddress | None = None
+        self.agent_options = agent or AgentOptions()
+        """Agent forwarding (``security.forwarding``); off by default."""
+        self.agent: AgentRelay | None = None
+        """The connection's agent relay, once a session asked for one."""
+        self._agent_ssh: Any = None
+        self._agent_sessions: set[GatewaySession] = set()
         self.audit = audit or ConnectionAudit(handler.connection_id, handler.client_address)
         """The connection's audit record (address, policy for commands, byte counters)."""
         self.end_reason: str | None = None
@@ -200,6 +213,31 @@ class ConnectionRuntime:
         else:
             self._nursery.start_soon(self._run_forward, forward)
 
+    def agent_requested(self, session: GatewaySession) -> str | None:
+        from ..aio.sshserver import FORWARDING_DISABLED
+        from .session import State
+
+        if not self.agent_options.enabled:
+            return FORWARDING_DISABLED
+        if not self.auth.agent_forwarding:
+            return "agent forwarding is not permitted for this key (no-agent-forwarding)"
+        if session.machine.state is not State.IDLE:
+            return "agent forwarding must be asked for before the shell or command starts"
+        if self._failure is not None or self._draining is not None:
+            return "the connection is ending"
+        self._agent_sessions.add(session)
+        if self.agent is None:
+            self._agent_ssh = session.ssh_connection
+            self.agent = AgentRelay(self.agent_options, self.audit,
+                                    start_timeout=self.handler.config.timeouts.command_start)
+            if self._nursery is not None:
+                self._start_agent(self._nursery)
+        return None
+
+    def _start_agent(self, nursery: trio.Nursery) -> None:
+        assert self.agent is not None and self._target is not None
+        nursery.start_soon(self.agent.run, self._target, self._agent_ssh, nursery)
+
     def send_signal(self, session: GatewaySession, plan: SignalPlan) -> None:
         if self._nursery is not None:
             self._nursery.start_soon(self._run_signal, plan)
@@ -272,6 +310,8 @@ class ConnectionRuntime:
                         self._nursery = nursery
                         if watch is not None:
                             nursery.start_soon(watch.run)
+                        if self.agent is not None:
+                            self._start_agent(nursery)
                         for session in self._pending:
                             nursery.start_soon(self._run_session, session)
                         self._pending.clear()
@@ -373,6 +413,8 @@ class ConnectionRuntime:
         with trio.CancelScope() as scope:
             session.abort = scope.cancel
             try:
+                if session in self._agent_sessions:
+                    await self._agent_for(session)
                 result = await run_aio(session.serve_exec, self._target)
             except trio.Cancelled:
                 cancelled = True
@@ -396,6 +438,16 @@ class ConnectionRuntime:
                            duration_ms=round(1000 * (trio.current_time() - started)))
         if self._draining is not None and not self._sessions and not self._pending:
             self.abort(self._draining, self._draining_kind)
+
+    async def _agent_for(self, session: GatewaySession) -> None:
+        """Wait for the agent relay; export its socket, or tell the session why not."""
+        self._agent_sessions.discard(session)
+        assert self.agent is not None
+        path = await self.agent.socket_for_session()
+        if path is not None:
+            session.machine.agent_socket(path)
+        elif self.agent.problem is not None:
+            session.notice(self.agent.problem)
 
     def _record(self, session_id: str, plan: ExecPlan) -> SessionRecording:
         assert self.recorder is not None

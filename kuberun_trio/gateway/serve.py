@@ -60,6 +60,7 @@ from ..observe import GatewayMetrics, HealthEndpoint, MetricsEndpoint, Readiness
 from ..observe.health import probe_api
 from ..observe.service import EndpointAddresses, serve_endpoints
 from ..recording import Recorder, RecordingOptions
+from .agent import AgentOptions
 from .audit import AuditPolicy, ConnectionEnd
 from .auth import Authenticator, AuthResult
 from .config import KubernetesConfig
@@ -137,6 +138,8 @@ class GatewayOptions:
     None: no recording."""
     forwarding: ForwardingPolicy = attrs.Factory(ForwardingPolicy)
     """Port forwarding (``ssh -L``/``-D`` to the pod; :mod:`.forwarding`); off by default."""
+    agent: AgentOptions = attrs.Factory(AgentOptions)
+    """Agent forwarding (``ssh -A``, :mod:`.agent`); off by default."""
 
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
@@ -239,7 +242,8 @@ class _Server:
                                     audit=ssh.audit, metrics=self.metrics,
                                     time_limits=self.options.time_limits,
                                     recorder=self.recorder,
-                                    forwarding=self.options.forwarding)
+                                    forwarding=self.options.forwarding,
+                                    agent=self.options.agent)
         if self.closing is not None:  # authenticated while the gateway shuts down
             self.metrics.connection_rejected("shutdown")
             runtime.abort(self.closing)

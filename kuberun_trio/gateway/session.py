@@ -64,6 +64,9 @@ from . import shellwrap
 
 Kind: TypeAlias = Literal["shell", "exec", "subsystem"]
 
+AGENT_SOCKET_VARIABLE: Final = "SSH_AUTH_SOCK"
+"""Where a forwarded agent's socket is named in a session's environment."""
+
 
 class SessionStateError(KuberunError):
     """The gateway's own task reported something impossible in this state (a bug)."""
@@ -605,6 +608,20 @@ class SessionMachine:
         if before is State.STARTING:
             return Outcome(True, (AbortExec(),))
         return _OK
+
+    # ---- agent forwarding (gateway/agent.py)
+
+    def agent_socket(self, path: str) -> None:
+        """Export ``SSH_AUTH_SOCK=path`` in the exec (after every other variable, as
+        sshd does). Called by the session task before it opens the exec; a no-op in
+        any state but STARTING (the client may have closed the channel meanwhile)."""
+        if self.state is not State.STARTING or self._plan is None:
+            return
+        env = (*((k, v) for k, v in self._plan.env if k != AGENT_SOCKET_VARIABLE),
+               (AGENT_SOCKET_VARIABLE, path))
+        argv = shellwrap.wrap_argv(self._pid_files, env, self._plan.command,
+                                   shell=self._config.wrapper_shell)
+        self._plan = attrs.evolve(self._plan, argv=argv, env=env)
 
     # ---- reports from the session task
 

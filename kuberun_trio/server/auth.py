@@ -123,8 +123,10 @@ class ServerAuthenticator:
         if self.keys is not None:
             decision = self.keys.decide(line, remote_address, username=username)
             if decision.key is not None:
-                return AuthResult(environment=dict(decision.key.options.environment),
-                                  method="publickey", reason=decision.reason)
+                options = decision.key.options
+                return AuthResult(environment=dict(options.environment),
+                                  method="publickey", reason=decision.reason,
+                                  agent_forwarding=not options.no_agent_forwarding)
             reasons.append(decision.reason)
         if self.webhook is not None:
             verdict = await self.webhook.check_public_key(connection_id, username,

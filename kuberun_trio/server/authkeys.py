@@ -14,7 +14,9 @@ The gateway is not a login shell, so each option falls in one of three groups:
 
 * *enforced*: ``from=`` (against the client address; no DNS lookups, as ``UseDNS no``),
   ``environment=`` (becomes session environment), ``expiry-time=``;
-* *moot*: forwarding, agent, X11, user-rc and tunnel options -- the gateway offers none of
+* *enforced* too: ``no-agent-forwarding`` (``agent-forwarding`` after it lifts it again),
+  when agent forwarding is enabled at all (``security.forwarding.agentForwardingMode``);
+* *moot*: port forwarding, X11, user-rc and tunnel options -- the gateway offers none of
   those, so a restriction on them holds and a permission grants nothing;
 * *not enforceable*: ``command=``, ``no-pty`` / ``restrict`` (without a later ``pty``),
   ``cert-authority``, ``principals=``, ``verify-required``. A key carrying one is parsed
@@ -92,6 +94,8 @@ class KeyOptions:
     cert_authority: bool = False
     principals: str | None = None
     verify_required: bool = False
+    no_agent_forwarding: bool = False
+    """``no-agent-forwarding`` (or ``restrict``) without a later ``agent-forwarding``."""
 
     @property
     def unenforceable(self) -> str | None:
@@ -196,7 +200,12 @@ def _options(raw: list[tuple[str, str | None]]) -> KeyOptions:
             fields["expiry"] = parse_expiry(value)
         elif name == "command":
             fields["command"] = value
-        elif name in ("no-pty", "restrict"):
+        elif name in ("no-agent-forwarding", "restrict"):
+            fields["no_agent_forwarding"] = True
+            no_pty = no_pty or name == "restrict"
+        elif name == "agent-forwarding":
+            fields["no_agent_forwarding"] = False
+        elif name == "no-pty":
             no_pty = True
         elif name == "pty":
             no_pty = False

@@ -41,6 +41,7 @@ from ..configtools import (
 )
 from ..configtools import duration as duration_field
 from ..errors import ConfigError, ConfigErrors
+from ..gateway.agent import AgentOptions
 from ..gateway.audit import DEFAULT_MAX_COMMAND_BYTES, AuditPolicy
 from ..gateway.config import ConnectionConfig, KubernetesConfig, parse_config
 from ..gateway.forwarding import FORWARDING_MODES, ForwardingPolicy, command_problems
@@ -169,12 +170,16 @@ class SSHConfig:
 
 @attrs.frozen
 class ForwardingConfig:
-    """``security.forwarding`` (ContainerSSH's keys): what clients may forward."""
+    """``security.forwarding`` (ContainerSSH's keys; ``maxAgentConnections`` is ours)."""
 
     forwarding_mode: str = "disable"
     """``enable``: ``ssh -L``/``-D`` to the pod itself (``pods/portforward``); ``disable``."""
     pod_network_command: list[str] | None = None
     """argv run in the pod for other destinations (``{host}``, ``{port}``); None: refused."""
+    agent_forwarding_mode: str = "disable"
+    """``enable``: ``ssh -A`` works through a relay in the pod (gateway/agent.py)."""
+    max_agent_connections: int = 8
+    """Agent connections carried at once per SSH connection; more are refused."""
 
     def policy(self) -> ForwardingPolicy:
         """The gateway's :class:`~kuberun_trio.gateway.forwarding.ForwardingPolicy`."""
@@ -182,11 +187,20 @@ class ForwardingConfig:
         return ForwardingPolicy(enabled=self.forwarding_mode == "enable",
                                 pod_network_command=tuple(command) if command else None)
 
+    @property
+    def agent(self) -> AgentOptions:
+        """The gateway's :class:`~kuberun_trio.gateway.agent.AgentOptions`."""
+        return AgentOptions(enabled=self.agent_forwarding_mode == "enable",
+                            max_connections=self.max_agent_connections)
+
 
 def _check_forwarding(forwarding: ForwardingConfig, problems: ConfigProblems) -> None:
-    if forwarding.forwarding_mode not in FORWARDING_MODES:
-        problems.add("security.forwarding.forwardingMode",
-                     f"must be enable or disable, got {forwarding.forwarding_mode!r}")
+    for key, mode in (("forwardingMode", forwarding.forwarding_mode),
+                      ("agentForwardingMode", forwarding.agent_forwarding_mode)):
+        if mode not in FORWARDING_MODES:
+            problems.add(f"security.forwarding.{key}", f"must be enable or disable, got {mode!r}")
+    _at_least(problems, "security.forwarding.maxAgentConnections",
+              forwarding.max_agent_connections, 1)
     if forwarding.pod_network_command is not None:
         for problem in command_problems(forwarding.pod_network_command):
             problems.add("security.forwarding.podNetworkCommand", problem)
@@ -205,7 +219,7 @@ class SecurityConfig:
     fd_reserve: int = 64
     """File descriptors kept free: new TCP connections are refused below this."""
     forwarding: ForwardingConfig = attrs.Factory(ForwardingConfig)
-    """Port forwarding (``security.forwarding.*``)."""
+    """Port and agent forwarding (all off by default)."""
 
 
 @attrs.frozen

@@ -252,6 +252,7 @@ async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Au
                                  time_limits=settings.config.ssh.time_limits,
                                  recording=settings.config.audit.recording,
                                  forwarding=settings.config.security.forwarding.policy(),
+                                 agent=settings.config.security.forwarding.agent,
                                  **gateway_options(settings.config, kubernetes))
         with state.serve_scope:
             async with trio.open_nursery() as nursery:

@@ -12,7 +12,8 @@ Where the pods go (``--cluster``):
 
 * ``embedded`` -- an embedded cluster runs inside the server process (demo mode; the default
   when neither ``--config`` nor ``--kubeconfig``/``--context`` is given). The demo serves its
-  metrics and enables ``security.forwarding.forwardingMode`` unless the file says otherwise);
+  metrics and enables port and agent forwarding (``security.forwarding``) unless the file
+  says otherwise);
 * ``kubeconfig`` -- ``--kubeconfig`` or ``$KUBECONFIG`` or ``~/.kube/config``;
 * ``in-cluster`` -- the service account of the pod the gateway runs in;
 * otherwise ``kubernetes.connection`` of the config file decides.
@@ -121,8 +122,10 @@ def apply_flags(raw: Mapping[str, Any], args: argparse.Namespace,
         metrics.setdefault("listen", DEMO_METRICS_LISTEN)
     if mode == "embedded" and isinstance(data.get("security", {}), dict) and \
             isinstance(data.get("security", {}).get("forwarding", {}), dict):
-        # the demo forwards: ssh -L / -D to the pod (the pods are sandboxes on this host)
-        _section(data, "security", "forwarding").setdefault("forwardingMode", "enable")
+        # the demo forwards: ssh -L / -D / -A to the pod (the pods are sandboxes on this host)
+        forwarding = _section(data, "security", "forwarding")
+        forwarding.setdefault("forwardingMode", "enable")
+        forwarding.setdefault("agentForwardingMode", "enable")
     pod = _section(data, "kubernetes", "pod")
     if flag("namespace"):
         _section(pod, "metadata")["namespace"] = flag("namespace")
