@@ -39,6 +39,11 @@ class AuthResult:
     username: str | None = None
     """The user this login is, if not the SSH username (the webhook's
     ``authenticatedUsername``): the username of the pod's labels and of the logs."""
+    sensitive_metadata: frozenset[str] = frozenset()
+    """Names of ``metadata`` entries marked sensitive (not sent to the configuration
+    webhook unless ``configserver.transmitSensitiveMetadata``)."""
+    sensitive_environment: frozenset[str] = frozenset()
+    """Names of ``environment`` entries marked sensitive (likewise)."""
 
 
 class Authenticator(Protocol):

@@ -61,14 +61,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
 from ..aio.bridge import run_aio
-from ..errors import KuberunError, PodStartError, client_message
+from ..errors import ExecError, KuberunError, PodStartError, client_message
 from ..observe.metrics import GatewayMetrics, unobserved
 from .audit import ConnectionAudit, ConnectionEnd
 from .auth import AuthResult
@@ -107,8 +107,11 @@ class ConnectionRuntime:
                  audit: ConnectionAudit | None = None,
                  metrics: GatewayMetrics | None = None,
                  time_limits: SessionTimeLimits | None = None,
-                 recorder: Recorder | None = None) -> None:
+                 recorder: Recorder | None = None,
+                 files: Mapping[str, bytes] | None = None) -> None:
         self.handler = handler
+        self.files = files or {}
+        """Files written into the pod once it is Ready, before any session starts."""
         self.audit = audit or ConnectionAudit(handler.connection_id, handler.client_address)
         """The connection's audit record (address, policy for commands, byte counters)."""
         self.end_reason: str | None = None
@@ -239,8 +242,10 @@ class ConnectionRuntime:
         try:
             with self._scope:
                 async with self.handler.connected(self.username, self.auth) as pod:
-                    self._target = attrs.evolve(self._make_target(pod),
-                                                pod_loss=self.pod_loss_reason)
+                    target = attrs.evolve(self._make_target(pod), pod_loss=self.pod_loss_reason)
+                    if self.files:
+                        await self._write_files(target)
+                    self._target = target
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
                         if watch is not None:
@@ -280,6 +285,22 @@ class ConnectionRuntime:
         finally:
             self._nursery = None
             self.finished.set()
+
+    async def _write_files(self, target: ExecTarget) -> None:
+        """The connection's files, into the pod, before any session (ExecError if not)."""
+        from ..aio.podfiles import write_files
+
+        started = trio.current_time()
+        limit = self.handler.config.timeouts.pod_start
+        try:
+            with trio.fail_after(limit):
+                await run_aio(write_files, target, self.files)
+        except trio.TooSlowError:
+            raise ExecError(f"the files were not written within {limit:g} s") from None
+        self._info("%d file%s written into the pod", len(self.files),
+                   "" if len(self.files) == 1 else "s", event="pod-files-written",
+                   files=sorted(self.files),
+                   duration_ms=round(1000 * (trio.current_time() - started)))
 
     async def pod_loss_reason(self, wait: float) -> str | None:
         """Why the pod is gone, waiting at most ``wait`` s for the watcher; None if it is not."""
