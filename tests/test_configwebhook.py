@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,18 @@ import h11
 import pytest
 import trio
 import trio_asyncio
-from gatewaykit import Rig, open_rig
+from gatewaykit import Rig, kube_config, open_rig
 
 from kuberun_trio.errors import ConfigError, ConfigErrors
 from kuberun_trio.gateway.auth import AuthResult
-from kuberun_trio.gateway.config import parse_config
-from kuberun_trio.gateway.connsettings import CANNOT_CONFIGURE, LoginInfo, file_problem
+from kuberun_trio.gateway.config import KubernetesConfig, parse_config
+from kuberun_trio.gateway.connsettings import (
+    CANNOT_CONFIGURE,
+    ConnectionSettings,
+    LoginInfo,
+    file_problem,
+)
+from kuberun_trio.gateway.throttle import LoginPolicy
 from kuberun_trio.observe.metrics import GatewayMetrics
 from kuberun_trio.server.config import ConfigServerConfig, parse_server_config
 from kuberun_trio.server.configwebhook import (
@@ -37,7 +44,7 @@ from kuberun_trio.server.configwebhook import (
 
 # An answer: (status, body), or a number of seconds to stall (then 200 with no config).
 Answer = tuple[int, bytes] | float
-Answerer = Callable[[dict[str, Any]], Answer]
+Answerer = Callable[[dict[str, Any]], Answer | Awaitable[Answer]]
 
 
 @attrs.define
@@ -74,6 +81,8 @@ async def _serve_one(stream: trio.abc.Stream, server: ConfigServer) -> None:
     server.paths.append(target.decode())
     server.requests.append(request)
     answer = server.answer(request)
+    if inspect.isawaitable(answer):
+        answer = await answer
     if isinstance(answer, float):
         await trio.sleep(answer)
         answer = reply()
@@ -353,3 +362,98 @@ def _samples(metrics: GatewayMetrics, name: str) -> list[tuple[tuple[str, ...], 
                 out.append((tuple(sample.labels[k] for k in ("type", "retry", "reason")),
                             sample.value))
     return out
+
+
+async def test_a_slow_webhook_holds_no_other_login_of_the_user(tmp_path: Path) -> None:
+    """The login limiter's keys are reset once the credential is proven, not after the
+    webhook: a second login of the same user from the same address (which, with no free
+    attempts, waits for the first one to prove itself) is not held behind it."""
+    second_asked = trio.Event()
+    held: list[bool] = []
+
+    async def answer(login: dict[str, Any]) -> Answer:
+        if not second_asked.is_set() and not held:
+            held.append(False)
+            with trio.move_on_after(4):
+                await second_asked.wait()
+            held[0] = second_asked.is_set()
+        else:
+            second_asked.set()
+        return reply()
+
+    metrics = GatewayMetrics()
+    async with config_server(answer) as server:
+        webhook = ConfigWebhook(ConfigServerConfig(url=server.url, timeout=10),
+                                base_data(tmp_path / "kubeconfig"), metrics=metrics)
+        policy = LoginPolicy(free_failures=0, delay=5.0, max_delay=10.0)
+        async with open_rig(tmp_path, options={"configure": webhook.configure,
+                                               "login": policy}) as rig, \
+                trio.open_nursery() as nursery:
+            results: list[str] = []
+
+            async def login() -> None:
+                results.append((await run(rig, "echo ok")).stdout)
+
+            nursery.start_soon(login)
+            while not server.requests:
+                await trio.sleep(0.01)
+            nursery.start_soon(login)
+    assert held == [True]  # the second login reached the webhook while the first waited
+    assert results == ["ok\n", "ok\n"]
+
+
+async def test_per_connection_session_limit(tmp_path: Path) -> None:
+    def answer(login: dict[str, Any]) -> Answer:
+        return reply(config={"security": {"maxSessions": 1}})
+
+    async with webhook_rig(tmp_path, answer) as (rig, _, _):
+        conn = await rig.connect("alice")
+        try:
+            first = await trio_asyncio.aio_as_trio(conn.create_process)("sleep 5")
+            with pytest.raises(asyncssh.ChannelOpenError) as info:
+                await trio_asyncio.aio_as_trio(conn.run)("true")
+            first.close()
+        finally:
+            conn.close()
+    assert "too many sessions on this connection (limit 1)" in info.value.reason
+
+
+async def test_a_file_that_cannot_be_written_ends_the_connection_with_a_reason(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+
+    def answer(login: dict[str, Any]) -> Answer:
+        return reply(files={f"{blocker}/f": base64.b64encode(b"x").decode()})
+
+    async with webhook_rig(tmp_path, answer) as (rig, _, _):
+        result = await run(rig, "echo never")
+        with trio.fail_after(15):  # and the pod is deleted
+            while rig.pods():
+                await trio.sleep(0.05)
+    assert result.exit_status == 255 and result.stdout == ""
+    assert "cannot start your pod" in result.stderr, result.stderr
+    (line,) = [r for r in caplog.records if getattr(r, "event", "") == "connection-error"]
+    assert f"cannot write {blocker}/f into the pod" in line.error  # type: ignore[attr-defined]
+
+
+async def test_a_hook_that_raises_refuses_only_that_login(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An embedder's own hook: a bug in it refuses the login, the gateway goes on."""
+    calls: list[str] = []
+    kubernetes: list[KubernetesConfig] = []
+
+    async def configure(login: LoginInfo) -> ConnectionSettings:
+        calls.append(login.authenticated_username)
+        if login.authenticated_username == "alice":
+            raise KeyError("no such team")
+        return ConnectionSettings(kubernetes=kubernetes[0],
+                                  environment={"WHO": login.authenticated_username})
+
+    async with open_rig(tmp_path, options={"configure": configure}) as rig:
+        kubernetes.append(kube_config(rig.cluster))
+        message = await refused(rig, "alice")
+        other = await run(rig, "echo $WHO", "bob")
+    assert message.startswith(f"kuberun: {CANNOT_CONFIGURE}")
+    assert other.stdout == "bob\n" and calls == ["alice", "bob"]
+    assert any(getattr(r, "event", "") == "config-error" for r in caplog.records)
