@@ -345,11 +345,13 @@ async def test_failures_refuse_the_login_with_a_message(
         assert rig.pods() == []
         counted = dict(_samples(metrics, "containerssh_config_server_failures_total"))
         asked = metrics.sample("containerssh_config_server_requests_total", {"retry": "0"})
+        rejected = metrics.sample("kuberun_connections_rejected_total", {"reason": "config"})
     assert message.startswith(f"kuberun: {told}"), message
     (line,) = [r for r in caplog.records if getattr(r, "event", "") == "config-refused"]
     assert detail in line.error  # type: ignore[attr-defined]
     assert "s3cret" not in caplog.text  # the URL's query is never logged
-    assert len(server.requests) == requests and asked == 1
+    assert len(server.requests) == requests and asked == 1 and rejected == 1
+    assert f"(connection {server.requests[0]['connectionId']})" in message, message
     assert counted == failures
     assert not [r for r in caplog.records if getattr(r, "event", "") == "connection-start"]
 

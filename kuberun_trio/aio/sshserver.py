@@ -720,7 +720,8 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self._end_reason = f"refused (config): {told}"
         self.metrics.connection_rejected("config")
         if self.conn is not None:
-            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"kuberun: {told}")
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION,
+                                 f"kuberun: {told} (connection {self.connection_id})")
         return False
 
     def auth_completed(self) -> None:
