@@ -8,6 +8,7 @@ import contextlib
 import inspect
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,14 @@ import trio
 import trio_asyncio
 from gatewaykit import Rig, kube_config, open_rig
 
+from kuberun_trio.aio.bridge import open_aio_loop
+from kuberun_trio.cluster.certs import make_certificates
 from kuberun_trio.errors import ConfigError, ConfigErrors
 from kuberun_trio.gateway.auth import AuthResult
 from kuberun_trio.gateway.config import KubernetesConfig, parse_config
 from kuberun_trio.gateway.connsettings import (
     CANNOT_CONFIGURE,
+    ConfigRefused,
     ConnectionSettings,
     LoginInfo,
     file_problem,
@@ -97,15 +101,20 @@ async def _serve_one(stream: trio.abc.Stream, server: ConfigServer) -> None:
 
 
 @contextlib.asynccontextmanager
-async def config_server(answer: Answerer) -> AsyncIterator[ConfigServer]:
+async def config_server(answer: Answerer, tls: ssl.SSLContext | None = None,
+                        ) -> AsyncIterator[ConfigServer]:
     async with trio.open_nursery() as nursery:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         port = listeners[0].socket.getsockname()[1]
-        server = ConfigServer(f"http://127.0.0.1:{port}/config?token=s3cret", answer)
+        scheme = "https" if tls is not None else "http"
+        server = ConfigServer(f"{scheme}://127.0.0.1:{port}/config?token=s3cret", answer)
 
         async def handle(stream: trio.SocketStream) -> None:
+            wrapped: trio.abc.Stream = stream
+            if tls is not None:
+                wrapped = trio.SSLStream(stream, tls, server_side=True)
             with contextlib.suppress(trio.BrokenResourceError, h11.RemoteProtocolError):
-                await _serve_one(stream, server)
+                await _serve_one(wrapped, server)
 
         nursery.start_soon(trio.serve_listeners, handle, listeners)
         yield server
@@ -459,3 +468,52 @@ async def test_a_hook_that_raises_refuses_only_that_login(
     assert message.startswith(f"kuberun: {CANNOT_CONFIGURE}")
     assert other.stdout == "bob\n" and calls == ["alice", "bob"]
     assert any(getattr(r, "event", "") == "config-error" for r in caplog.records)
+
+
+def client_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed client certificate (clientAuth) and its key, as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kuberun-gateway")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "client.crt", folder / "client.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+async def test_mutual_tls(tmp_path: Path) -> None:
+    """``cacert`` checks the server; ``cert``/``key`` prove the gateway to a server that
+    requires a client certificate (without them the request fails and is retried)."""
+    certs = make_certificates(tmp_path / "server")
+    cert, key = client_certificate(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(certs.cert_file, certs.key_file)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    server_ctx.load_verify_locations(cert)
+    async with config_server(lambda _: reply(environment={"A": "1"}), tls=server_ctx) as server, \
+            open_aio_loop():
+        config = ConfigServerConfig(url=server.url, timeout=0.5, cacert=str(certs.ca_file),
+                                    cert=str(cert), key=str(key))
+        settings = await ConfigWebhook(config, {}).configure(LOGIN)
+        assert dict(settings.environment) == {"A": "1"}
+        without = ConfigWebhook(attrs.evolve(config, cert=None, key=None), {})
+        with pytest.raises(ConfigRefused) as info:
+            await without.configure(LOGIN)
+    assert info.value.client_message == CANNOT_CONFIGURE
+    assert "s3cret" not in info.value.detail and server.url.startswith("https://")
