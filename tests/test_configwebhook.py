@@ -57,6 +57,8 @@ class ConfigServer:
     answer: Answerer
     requests: list[dict[str, Any]] = attrs.field(factory=list)
     paths: list[str] = attrs.field(factory=list)
+    redirect: str = "/moved"
+    """Where a 3xx answer points."""
 
 
 def reply(**fields: Any) -> tuple[int, bytes]:
@@ -91,9 +93,10 @@ async def _serve_one(stream: trio.abc.Stream, server: ConfigServer) -> None:
         await trio.sleep(answer)
         answer = reply()
     status, content = answer
+    extra = [("Location", server.redirect)] if 300 <= status < 400 else []
     out = conn.send(h11.Response(status_code=status, headers=[
         ("Content-Type", "application/json"), ("Content-Length", str(len(content))),
-        ("Connection", "close")])) or b""
+        ("Connection", "close"), *extra])) or b""
     out += (conn.send(h11.Data(data=content)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
     await stream.send_all(out)
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -517,3 +520,24 @@ async def test_mutual_tls(tmp_path: Path) -> None:
             await without.configure(LOGIN)
     assert info.value.client_message == CANNOT_CONFIGURE
     assert "s3cret" not in info.value.detail and server.url.startswith("https://")
+
+
+@pytest.mark.parametrize("allow", [False, True])
+async def test_redirects_are_followed_only_when_allowed(allow: bool) -> None:
+    def answer(login: dict[str, Any]) -> Answer:
+        return (307, b"") if not server.paths[-1].startswith("/moved") else reply(
+            environment={"MOVED": "yes"})
+
+    async with config_server(answer) as server, open_aio_loop():
+        config = ConfigServerConfig(url=server.url, timeout=0.5, allow_redirects=allow)
+        webhook = ConfigWebhook(config, {})
+        if allow:
+            settings = await webhook.configure(LOGIN)
+            assert dict(settings.environment) == {"MOVED": "yes"}
+            assert server.paths == ["/config?token=s3cret", "/moved"]
+            assert server.requests[1] == server.requests[0]  # 307 keeps the POST body
+        else:
+            with pytest.raises(ConfigRefused) as info:
+                await webhook.configure(LOGIN)
+            assert "answered HTTP 307" in info.value.detail
+            assert all(p.startswith("/config") for p in server.paths)
