@@ -541,3 +541,54 @@ async def test_redirects_are_followed_only_when_allowed(allow: bool) -> None:
                 await webhook.configure(LOGIN)
             assert "answered HTTP 307" in info.value.detail
             assert all(p.startswith("/config") for p in server.paths)
+
+
+async def test_reply_over_one_mib_is_refused() -> None:
+    big = reply(environment={"BIG": "x" * (1024 * 1024)})
+    async with config_server(lambda _: big) as server, open_aio_loop():
+        metrics = GatewayMetrics()
+        webhook = ConfigWebhook(ConfigServerConfig(url=server.url, timeout=0.5), {},
+                                metrics=metrics)
+        with pytest.raises(ConfigRefused) as info:
+            await webhook.configure(LOGIN)
+    assert "too large" in info.value.detail
+    assert dict(_samples(metrics, "containerssh_config_server_failures_total")) == {
+        ("hard", "0", "connection"): 1}
+
+
+@pytest.mark.parametrize(("url", "warned"), [
+    ("http://10.1.2.3/config", True), ("http://cfg.internal/", True),
+    ("http://127.0.0.1:8080/", False), ("http://localhost/x", False),
+    ("https://10.1.2.3/config", False),
+])
+def test_plain_http_to_remote_host_warns(url: str, warned: bool, tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    from kuberun_trio.server.demo import StateDir
+    from kuberun_trio.server.main import config_hook
+    from kuberun_trio.server.settings import Settings
+
+    data = {"configserver": {"url": url}}
+    settings = Settings(config=parse_server_config(data), cluster="config",
+                        state=StateDir(tmp_path), data=data)
+    assert config_hook(settings) is not None
+    assert any("plain http://" in r.getMessage() for r in caplog.records) is warned
+    off = Settings(config=parse_server_config({}), cluster="config", state=StateDir(tmp_path))
+    assert config_hook(off) is None
+
+
+def test_auth_webhook_sensitive_flags_reach_the_login() -> None:
+    from kuberun_trio.server.authwebhook import parse_response
+
+    verdict = parse_response(200, json.dumps({
+        "success": True, "metadata": {"tok": {"value": "x", "sensitive": True}, "team": "a"},
+        "environment": {"PW": {"value": "y", "sensitive": True}}}).encode())
+    assert verdict.sensitive == {"metadata.tok", "environment.PW"}
+    from kuberun_trio.server.auth import ServerAuthenticator
+    from kuberun_trio.server.config import AuthConfig
+
+    auth = ServerAuthenticator(AuthConfig(), logger=logging.getLogger("test"))
+    result = auth._from_webhook(verdict, "password", "c1")
+    assert result.sensitive_metadata == {"tok"} and result.sensitive_environment == {"PW"}
+    login = attrs.evolve(LOGIN, auth=result)
+    assert set(config_request(login)["metadata"]) == {"team"}
+    assert config_request(login)["environment"] == {}
