@@ -292,15 +292,19 @@ def test_config_keys_are_checked() -> None:
 
 # == against a real HTTP server, with the gateway ============================================
 
-async def test_alice_gets_her_image_namespace_env_and_file(tmp_path: Path) -> None:
+async def test_alice_gets_her_image_namespace_env_and_file(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     target = tmp_path / "pod-files" / "welcome.txt"
 
     def answer(login: dict[str, Any]) -> Answer:
+        docker = {"docker": {"execution": {}}}  # ContainerSSH's: ignored, said once
         if login["authenticatedUsername"] != "alice":
-            return reply()
-        return reply(config={"kubernetes": {"pod": {
+            return reply(config=docker)
+        return reply(config={**docker, "kubernetes": {"pod": {
             "metadata": {"namespace": "team-data"},
-            "spec": {"containers": [container("registry.example/data:1")]}}}},
+            "spec": {"containers": [container("registry.example/data:1")]},
+            "exposeAuthMetadataAsLabels": {"team": "example.com/team"}}}},
+            metadata={"team": {"value": "data"}},
             environment={"TEAM": {"value": "data"}},
             files={str(target): {"value": base64.b64encode(b"hi alice\n").decode()}})
 
@@ -326,6 +330,9 @@ async def test_alice_gets_her_image_namespace_env_and_file(tmp_path: Path) -> No
     assert result.stdout == "team=data\nhi alice\n600\n"
     (pod,) = seen
     assert pod["spec"]["containers"][0]["image"] == "registry.example/data:1"
+    assert pod["metadata"]["labels"]["example.com/team"] == "data"
+    ignored = [r for r in caplog.records if getattr(r, "event", "") == "config-ignored"]
+    assert len(ignored) == 1 and ignored[0].section == "docker"  # type: ignore[attr-defined]
     assert other.stdout == "team=\n"  # carol: the file's configuration, no TEAM
     first = server.requests[0]
     assert first["username"] == "alice" and first["authenticatedUsername"] == "alice"
