@@ -599,3 +599,33 @@ def test_auth_webhook_sensitive_flags_reach_the_login() -> None:
     login = attrs.evolve(LOGIN, auth=result)
     assert set(config_request(login)["metadata"]) == {"team"}
     assert config_request(login)["environment"] == {}
+
+
+async def test_client_gone_while_the_webhook_thinks(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The client leaves during the webhook call: no pod, one pre-auth-end, nothing left."""
+    caplog.set_level(logging.INFO)
+    release = trio.Event()
+
+    async def answer(login: dict[str, Any]) -> Answer:
+        with trio.move_on_after(5):
+            await release.wait()
+        return reply()
+
+    async with webhook_rig(tmp_path, answer, limit=10) as (rig, server, _):
+        async def attempt() -> None:
+            with contextlib.suppress(Exception):
+                await rig.connect("alice")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt)
+            while not server.requests:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()  # the client vanishes mid-login
+        await trio.sleep(0.3)
+        release.set()
+        await trio.sleep(0.5)
+        assert rig.pods() == [] and rig.gateway.connections == {}
+    ends = [r for r in caplog.records if getattr(r, "event", "") == "pre-auth-end"]
+    assert len(ends) == 1
+    assert not [r for r in caplog.records if getattr(r, "event", "") == "connection-start"]

@@ -39,6 +39,12 @@ channels over ``maxSessions`` fail to open with the reason; each session's
 signals pass a :class:`~kuberun_trio.gateway.limits.SignalBucket`. Keepalive
 probes are asyncssh's (``keepalive_interval``/``keepalive_count_max``).
 
+Per-connection settings (``GatewayOptions.configure``, :mod:`kuberun_trio.gateway.connsettings`):
+once a credential is proven and the user's limits passed, :meth:`GatewaySSHServer._configured`
+resets the login's throttle keys and awaits the hook before the client hears "logged in",
+so every channel sees :attr:`GatewaySSHServer.settings`; a refusal disconnects with the
+reason, as a per-user limit does.
+
 Audit: every TCP connection gets a :class:`~kuberun_trio.gateway.audit.ConnectionAudit`
 on ``connection_made`` (``connection-accepted``); ``connection_lost`` before login writes
 ``pre-auth-end``. Refused channel requests are logged with the session machine's reason.

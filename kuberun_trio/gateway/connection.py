@@ -7,6 +7,7 @@ handshake and runs as one task in the server's nursery::
 
     run()                                  cancel scope: cancelled when the client goes
     └── handler.connected(...)             creates the pod; deletes it on exit (shielded)
+        ├── (files written)                the connection's settings' files, if any (podfiles)
         └── session nursery
             ├── pod-loss watcher           pod deleted/evicted/killed → tell sessions, end
             ├── time-limit watch           idle / max duration (timelimits.py), if set
