@@ -221,11 +221,17 @@ def test_merge_is_deep_and_for_this_connection_only() -> None:
     meta = settings.kubernetes.pod.metadata
     assert meta["namespace"] == "users" and meta["name"] == "bob-sandbox"
     assert meta["labels"] == {"team": "blue", "keep": "me"}
-    assert settings.kubernetes.pod.shell_command == ("/bin/bash",) or \
-        list(settings.kubernetes.pod.shell_command) == ["/bin/bash"]
+    assert list(settings.kubernetes.pod.shell_command) == ["/bin/bash"]
     assert settings.kubernetes.timeouts.pod_start == 30.0
     assert settings.max_sessions == 2
     assert base["kubernetes"]["pod"]["metadata"]["labels"] == {"team": "none", "keep": "me"}
+    nulls = ConfigReply(config={"kubernetes": {"pod": {"metadata": None, "shellCommand": None}},
+                                "security": None}, ignored=(), metadata={}, environment={},
+                        files={})
+    kept = merged_settings(nulls, base)
+    assert kept.kubernetes.pod.metadata["labels"] == {"team": "none", "keep": "me"}
+    assert list(kept.kubernetes.pod.shell_command) == ["/bin/bash"]
+    assert kept.max_sessions == 4
     assert parse_server_config(base).kubernetes.pod.metadata.get("name") is None
 
 

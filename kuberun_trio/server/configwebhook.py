@@ -21,7 +21,7 @@ as given (no path is added)::
 
 (a bare string is accepted for a ``{value}`` entry). The ``kubernetes`` and ``security``
 sections of ``config`` are deep-merged over the configuration file's (mappings merge
-key by key; lists and scalars replace) for this connection only, and the result is
+key by key, ``null`` changes nothing, lists and scalars replace) for this connection only, and the result is
 checked with the same validator as ``check-config``
 (:func:`~kuberun_trio.server.config.parse_server_config`). ``kubernetes.connection``
 cannot be set (every pod goes to the gateway's cluster), nor can the gateway-wide
@@ -168,7 +168,11 @@ def parse_reply(status: int, body: bytes) -> ConfigReply:
 
 
 def deep_merge(base: object, overlay: object) -> object:
-    """``overlay`` over ``base``: mappings merge key by key, anything else replaces."""
+    """``overlay`` over ``base``: mappings merge key by key, ``null`` changes nothing (as
+    in ContainerSSH, whose Go structs keep a field a JSON ``null`` names), anything else
+    replaces."""
+    if overlay is None:
+        return base
     if isinstance(base, Mapping) and isinstance(overlay, Mapping):
         merged = dict(base)
         for key, value in overlay.items():
@@ -191,7 +195,7 @@ def merged_settings(reply: ConfigReply, base: Mapping[str, Any]) -> ConnectionSe
                 if key in value:
                     problems.append(ConfigError(f"{section}.{key}",
                                                 "cannot be set per connection"))
-        data[section] = deep_merge(base.get(section) or {}, value)
+        data[section] = deep_merge(base.get(section), value)
     try:
         config = parse_server_config(data, instance="configserver")
     except ConfigErrors as exc:
