@@ -21,8 +21,8 @@ as given (no path is added)::
 
 (a bare string is accepted for a ``{value}`` entry). The ``kubernetes`` and ``security``
 sections of ``config`` are deep-merged over the configuration file's (mappings merge
-key by key, ``null`` changes nothing, lists and scalars replace) for this connection only, and the result is
-checked with the same validator as ``check-config``
+key by key, ``null`` changes nothing, lists and scalars replace) for this connection
+only, and the result is checked with the same validator as ``check-config``
 (:func:`~kuberun_trio.server.config.parse_server_config`). ``kubernetes.connection``
 cannot be set (every pod goes to the gateway's cluster), nor can the gateway-wide
 ``security.maxConnectionsPerUser`` / ``security.fdReserve``; other sections of ``config``
