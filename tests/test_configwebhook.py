@@ -635,3 +635,24 @@ async def test_client_gone_while_the_webhook_thinks(
     ends = [r for r in caplog.records if getattr(r, "event", "") == "pre-auth-end"]
     assert len(ends) == 1
     assert not [r for r in caplog.records if getattr(r, "event", "") == "connection-start"]
+
+
+async def test_file_paths_are_never_parsed_by_a_shell(tmp_path: Path) -> None:
+    evil = tmp_path / "odd dir" / "a $(touch pwned) 'b' `c`;d.txt"
+    content = bytes(range(256)) * 3  # every byte value, NULs included
+
+    def answer(login: dict[str, Any]) -> Answer:
+        return reply(files={str(evil): {"value": base64.b64encode(content).decode()}})
+
+    async with webhook_rig(tmp_path, answer) as (rig, _, _):
+        result = await run(rig, "true")
+    assert result.exit_status == 0, result.stderr
+    _check_written(evil, content, tmp_path)
+
+
+def _check_written(path: Path, content: bytes, tmp_path: Path) -> None:
+    assert path.read_bytes() == content
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    assert not list(tmp_path.rglob("pwned")) and not list(Path.cwd().glob("pwned"))
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
