@@ -656,3 +656,18 @@ def _check_written(path: Path, content: bytes, tmp_path: Path) -> None:
     assert path.parent.stat().st_mode & 0o777 == 0o700
     assert not list(tmp_path.rglob("pwned")) and not list(Path.cwd().glob("pwned"))
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+async def test_files_are_written_without_stdin_eof_too(tmp_path: Path) -> None:
+    """An API server that speaks only v4 exec cannot signal stdin EOF: the writer stops
+    at the announced size instead of waiting for one."""
+    target = tmp_path / "v4" / "f"
+
+    def answer(login: dict[str, Any]) -> Answer:
+        return reply(files={str(target): base64.b64encode(b"v4 ok\n").decode()})
+
+    async with webhook_rig(tmp_path, answer) as (rig, _, _):
+        rig.cluster.faults.serve_v4_only()
+        with trio.fail_after(15):
+            result = await run(rig, f"cat {target}")
+    assert result.stdout == "v4 ok\n", result.stderr
