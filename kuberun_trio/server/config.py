@@ -1,9 +1,9 @@
 """The server's YAML configuration: ``ssh``, ``auth``, ``security``, ``kubernetes``, ``log``,
-``lease``, ``gc``, ``metrics``, ``health``, ``audit`` (and ``instance``).
+``lease``, ``gc``, ``metrics``, ``health``, ``audit``, ``configserver`` (and ``instance``).
 
 Theory of operation
 -------------------
-One file, seven sections plus a top-level ``instance`` name. Each section is a frozen attrs
+One file, eleven sections plus a top-level ``instance`` name. Each section is a frozen attrs
 class structured by the strict converter of :mod:`kuberun_trio.configtools` (camelCase
 keys, unknown keys refused, no coercion); the ``kubernetes`` section *is*
 :func:`kuberun_trio.gateway.config.parse_config`. :func:`parse_server_config` collects the
