@@ -107,3 +107,81 @@ def test_readme_rbac_covers_the_gateway() -> None:
     needed |= {("pods/exec", "get"), ("pods/exec", "create"), ("events", "list")}
     needed |= {("pods/portforward", "get"), ("pods/portforward", "create")}  # ssh -L / -D
     assert needed <= granted
+
+
+@pytest.mark.needs("ssh", "ssh-keygen")
+def test_tutorial_configuration_webhook(tmp_path: Path) -> None:
+    """The tutorial's webhook server, its configuration and its ssh command, as written
+    (ports aside): alice gets her image, everyone the greeting and /tmp/motd."""
+    from support import require_namespaces_sync
+
+    require_namespaces_sync()  # the demo's pods get a private /tmp
+    doc = "docs/tutorial.md"
+    (tmp_path / "configserver.py").write_text(
+        next(b for b in blocks(doc, "python") if "class ConfigWebhook" in b))
+    (config,) = [b for b in blocks(doc, "yaml") if "configserver:" in b]
+    (command,) = [b for b in blocks(doc, "sh") if "alice@127.0.0.1" in b]
+    env = {**ENV, "HOME": str(tmp_path)}
+    hook = subprocess.Popen([sys.executable, "configserver.py", "0"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    gateway: subprocess.Popen[bytes] | None = None
+    try:
+        assert hook.stdout is not None
+        url = hook.stdout.readline().decode().split(" on ")[1].strip()
+        (tmp_path / "webhook.yaml").write_text(config.replace("http://127.0.0.1:8080/", url))
+        state, out = tmp_path / "state", tmp_path / "gateway.log"
+        with out.open("wb") as sink:
+            gateway = subprocess.Popen(
+                [sys.executable, "-m", "kuberun_trio", "--cluster", "embedded", "--config",
+                 "webhook.yaml", "--listen", "127.0.0.1:0", "--state-dir", str(state)],
+                cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 60
+        while not (found := re.search(rb"listening on 127\.0\.0\.1:(\d+)", out.read_bytes())):
+            assert gateway.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.05)
+        port = found[1].decode()
+
+        def ssh(user: str) -> subprocess.CompletedProcess[str]:
+            script = command.replace("-p 2222", f"-p {port} -o BatchMode=yes") \
+                .replace("alice@", f"{user}@")
+            return subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                                  env={**env, "STATE": str(state)}, timeout=60)
+
+        alice, bob = ssh("alice"), ssh("bob")
+        assert alice.returncode == 0, alice.stderr
+        assert re.fullmatch(r"hello alice\nwelcome, alice; you came from 127\.0\.0\.1:\d+\n",
+                            alice.stdout), alice.stdout
+        assert bob.stdout.startswith("hello bob\nwelcome, bob;"), bob.stderr
+        log = out.read_text()
+        assert re.search(r"configuration for connection \w+: kubernetes", log), log
+        assert re.search(r"configuration for connection \w+: the file's", log), log
+        gateway.send_signal(signal.SIGTERM)
+        assert gateway.wait(30) == 0, out.read_text()
+    finally:
+        for proc in (gateway, hook):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if hook.stdout is not None:
+            hook.stdout.close()
+
+
+async def test_configure_snippet() -> None:
+    snippet = next(b for b in blocks("docs/embedding.md", "python") if "def team_images" in b)
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, "docs/embedding.md", "exec"), namespace)
+    from kuberun_trio.gateway.config import KubernetesConfig
+    from kuberun_trio.gateway.connsettings import ConfigRefused, LoginInfo
+
+    configure = namespace["team_images"](KubernetesConfig.default(), {"blue": "python:3.12"})
+
+    def login(team: str) -> LoginInfo:
+        return LoginInfo("c1", "al", "al", "127.0.0.1:2", "SSH-2.0-x",
+                         AuthResult(metadata={"team": team} if team else {}))
+
+    settings = await configure(login("blue"))
+    assert settings.kubernetes.pod.spec["containers"][0]["image"] == "python:3.12"
+    assert dict(settings.environment) == {"TEAM": "blue"}
+    assert KubernetesConfig.default().pod.spec["containers"][0]["image"] == "busybox"
+    with pytest.raises(ConfigRefused):
+        await configure(login(""))

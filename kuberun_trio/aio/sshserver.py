@@ -39,6 +39,12 @@ channels over ``maxSessions`` fail to open with the reason; each session's
 signals pass a :class:`~kuberun_trio.gateway.limits.SignalBucket`. Keepalive
 probes are asyncssh's (``keepalive_interval``/``keepalive_count_max``).
 
+Per-connection settings (``GatewayOptions.configure``, :mod:`kuberun_trio.gateway.connsettings`):
+once a credential is proven and the user's limits passed, :meth:`GatewaySSHServer._configured`
+resets the login's throttle keys and awaits the hook before the client hears "logged in",
+so every channel sees :attr:`GatewaySSHServer.settings`; a refusal disconnects with the
+reason, as a per-user limit does.
+
 Audit: every TCP connection gets a :class:`~kuberun_trio.gateway.audit.ConnectionAudit`
 on ``connection_made`` (``connection-accepted``); ``connection_lost`` before login writes
 ``pre-auth-end``. Refused channel requests are logged with the session machine's reason.
@@ -77,6 +83,13 @@ from asyncssh.public_key import decode_ssh_public_key
 from ..errors import client_message, status_reason
 from ..gateway.audit import AuditPolicy, ConnectionAudit, format_address
 from ..gateway.auth import AuthResult
+from ..gateway.connsettings import (
+    CANNOT_CONFIGURE,
+    ConfigRefused,
+    Configure,
+    ConnectionSettings,
+    LoginInfo,
+)
 from ..gateway.forwarding import REVERSE_REFUSED, STREAMLOCAL_REFUSED, ForwardingPolicy
 from ..gateway.limits import Admission, SignalBucket, Ticket, open_fds, report_refusal
 from ..gateway.limits import Refusal as LimitRefusal
@@ -514,12 +527,16 @@ class GatewaySSHServer(asyncssh.SSHServer):
                  audit_policy: AuditPolicy | None = None,
                  metrics: GatewayMetrics | None = None,
                  forwarding: ForwardingPolicy | None = None,
-                 lingering: Lingering | None = None) -> None:
+                 lingering: Lingering | None = None,
+                 configure: Configure | None = None) -> None:
         self._make_portal = make_portal
         self.forwarding = forwarding or ForwardingPolicy()
         """``security.forwarding``: whether direct-tcpip channels are served at all."""
         self.lingering = lingering
         """Where this connection's socket goes to close gracefully (None: asyncssh's abort)."""
+        self._configure = configure
+        self.settings: ConnectionSettings | None = None
+        """The connection's own settings (``configure``'s answer), once logged in."""
         self.metrics = metrics or unobserved()
         self._failed_auths = 0
         """Failed login attempts (a connection that ends with some counts as rejected)."""
@@ -684,7 +701,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
         fingerprint = _fingerprint(key_data)
         if ok and check is not None:
             self.auth.proven_key(self.login, check, fingerprint)
-            return not self._user_refused(username)
+            return not self._user_refused(username) and await self._configured(username)
         self._refused(self.auth.bad_signature(self.login, username, fingerprint)
                       if check is not None else
                       self.auth.failed(self.login, username, "publickey"))
@@ -701,7 +718,40 @@ class GatewaySSHServer(asyncssh.SSHServer):
         if isinstance(outcome, Refusal):
             self._refused(outcome, "password")
             return False
-        return not self._user_refused(username)
+        return not self._user_refused(username) and await self._configured(username)
+
+    async def _configured(self, username: str) -> bool:
+        """Decide the connection's settings (``configure``) once the credential is proven.
+
+        The limiter's keys are reset first, so that a slow hook holds no other login's
+        turn. A refusal is told in the disconnect message (like a per-user limit)."""
+        if self._configure is None or self.conn is None:
+            return True
+        self.auth.proven(self.login, username)
+        proof = self.login.proof
+        result = proof.result if proof is not None else AuthResult()
+        info = LoginInfo(self.connection_id, username, result.username or username,
+                         self.login.remote_address,
+                         str(self.conn.get_extra_info("client_version") or ""), result)
+        try:
+            self.settings = await run_trio(self._configure, info)
+            return True
+        except ConfigRefused as exc:
+            told, detail = exc.client_message, exc.detail
+        except Exception as exc:  # a bug in an embedder's hook refuses this login only
+            told, detail = CANNOT_CONFIGURE, f"{type(exc).__name__}: {exc}"
+            log.exception("configure hook failed", extra={
+                "event": "config-error", **self.audit.fields})
+        self.auth.completed(self.login, username)  # the credential is proven all the same
+        self.audit.emit(logging.WARNING, "config-refused", "connection %s: login refused: %s",
+                        self.connection_id, detail, reason=told, error=detail,
+                        username=result.username or username)
+        self._end_reason = f"refused (config): {told}"
+        self.metrics.connection_rejected("config")
+        if self.conn is not None:
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION,
+                                 f"kuberun: {told} (connection {self.connection_id})")
+        return False
 
     def auth_completed(self) -> None:
         if self._grace_timer is not None:
@@ -719,6 +769,8 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self.metrics.handshake_succeeded()
         self.metrics.auth_result("password" if result.method == "password" else "pubkey",
                                  accepted=True)
+        if self.ticket is not None and self.settings is not None:
+            self.ticket.max_sessions = self.settings.max_sessions
         if self.ticket is not None and self.conn is not None:
             refusal = self.ticket.authenticated(self.username)
             if refusal is not None:
@@ -737,7 +789,8 @@ class GatewaySSHServer(asyncssh.SSHServer):
                 self.refused(refusal)
                 raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                                 f"kuberun: {refusal.message}")
-            signals = SignalBucket(self.admission.limits.max_signals_per_second)
+            own = self.settings.max_signals_per_second if self.settings is not None else None
+            signals = SignalBucket(own or self.admission.limits.max_signals_per_second)
         machine = self.portal.new_session(next(self._chan_ids))
         chan = self.conn.create_server_channel(encoding=None)
         chan.__class__ = GatewayChannel  # adds request handlers only, no state

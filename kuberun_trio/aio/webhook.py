@@ -8,9 +8,10 @@ cancels the request. Each call opens its own ``aiohttp.ClientSession`` -- an aut
 webhook is called a few times per connection, and a session per call leaves nothing to
 close at shutdown. The session ignores proxy variables (``trust_env=False``: a webhook is
 an internal service and must not be reached through whatever proxy the environment names),
-follows no redirects, and reads the whole answer -- chunked, or a fixed length arriving
-in pieces -- up to :data:`MAX_RESPONSE_BYTES`; a larger one is refused as too large (by
-its ``Content-Length`` before reading, or once the bytes read pass the cap).
+follows no redirects (unless the caller allows them: at most 3), and reads the whole
+answer -- chunked, or a fixed length arriving in pieces -- up to
+:data:`MAX_RESPONSE_BYTES`; a larger one is refused as too large (by its
+``Content-Length`` before reading, or once the bytes read pass the cap).
 
 Every failure -- connection refused, TLS, an oversized body -- becomes a
 :class:`~kuberun_trio.errors.AuthError` with the original chained; an HTTP error status
@@ -85,15 +86,25 @@ async def _read_body(response: aiohttp.ClientResponse, url: str) -> bytes:
 
 
 async def post_json(url: str, payload: Mapping[str, Any], *,
-                    cafile: str | None = None) -> WebhookResponse:
+                    cafile: str | None = None, certfile: str | None = None,
+                    keyfile: str | None = None,
+                    allow_redirects: bool = False) -> WebhookResponse:
     """POST ``payload`` as JSON to ``url``. Asyncio-flavoured; raises AuthError on failure.
 
+    ``certfile``/``keyfile``: a client certificate (PEM files) for mutual TLS.
+    ``allow_redirects``: follow 307/308 redirects (aiohttp keeps the method and body).
     No timeout parameter: the caller bounds the call with a (trio) cancel scope.
     """
     try:
-        tls: ssl.SSLContext | bool = ssl.create_default_context(cafile=cafile) if cafile else True
+        tls: ssl.SSLContext | bool = True
+        if cafile or certfile:
+            context = ssl.create_default_context(cafile=cafile)
+            if certfile:
+                context.load_cert_chain(certfile, keyfile)
+            tls = context
         async with aiohttp.ClientSession(trust_env=False) as session, session.post(
-                url, data=json.dumps(payload).encode(), ssl=tls, allow_redirects=False,
+                url, data=json.dumps(payload).encode(), ssl=tls,
+                allow_redirects=allow_redirects, max_redirects=3,
                 headers={"Content-Type": "application/json",
                          "Accept": "application/json"}) as response:
             return WebhookResponse(response.status, await _read_body(response, url))

@@ -8,6 +8,7 @@ delete); ``connection`` is the connection nursery with its session tasks;
 wrapper; ``podstate`` judges pod states; ``podwatch`` shares one pod watch per
 namespace; ``auth`` is the authenticator protocol; ``throttle`` (the sans-IO login
 limiter), ``login`` (the gate every login attempt passes) and ``refusals`` (the one
-function every refusal is logged through) limit logins. The module map with more
+function every refusal is logged through) limit logins; ``connsettings`` is the
+per-connection settings hook (``GatewayOptions.configure``). The module map with more
 detail is in ``docs/architecture.md``.
 """

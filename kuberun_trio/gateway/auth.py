@@ -42,6 +42,11 @@ class AuthResult:
     agent_forwarding: bool = True
     """False: this credential may not forward an agent (authorized_keys
     ``no-agent-forwarding``), whatever ``security.forwarding`` allows."""
+    sensitive_metadata: frozenset[str] = frozenset()
+    """Names of ``metadata`` entries marked sensitive (not sent to the configuration
+    webhook unless ``configserver.transmitSensitiveMetadata``)."""
+    sensitive_environment: frozenset[str] = frozenset()
+    """Names of ``environment`` entries marked sensitive (likewise)."""
 
 
 class Authenticator(Protocol):

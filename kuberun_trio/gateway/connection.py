@@ -7,6 +7,7 @@ handshake and runs as one task in the server's nursery::
 
     run()                                  cancel scope: cancelled when the client goes
     └── handler.connected(...)             creates the pod; deletes it on exit (shielded)
+        ├── (files written)                the connection's settings' files, if any (podfiles)
         └── session nursery
             ├── pod-loss watcher           pod deleted/evicted/killed → tell sessions, end
             ├── time-limit watch           idle / max duration (timelimits.py), if set
@@ -75,14 +76,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
 from ..aio.bridge import run_aio
-from ..errors import KuberunError, PodStartError, client_message
+from ..errors import ExecError, KuberunError, PodStartError, client_message
 from ..observe.metrics import GatewayMetrics, unobserved
 from .agent import AgentOptions, AgentRelay
 from .audit import ConnectionAudit, ConnectionEnd
@@ -126,7 +127,8 @@ class ConnectionRuntime:
                  time_limits: SessionTimeLimits | None = None,
                  recorder: Recorder | None = None,
                  forwarding: ForwardingPolicy | None = None,
-                 agent: AgentOptions | None = None) -> None:
+                 agent: AgentOptions | None = None,
+                 files: Mapping[str, bytes] | None = None) -> None:
         self.handler = handler
         self.forwarding = forwarding or ForwardingPolicy()
         """``security.forwarding``: where direct-tcpip channels may go."""
@@ -139,6 +141,8 @@ class ConnectionRuntime:
         """The connection's agent relay, once a session asked for one."""
         self._agent_ssh: Any = None
         self._agent_sessions: set[GatewaySession] = set()
+        self.files = files or {}
+        """Files written into the pod once it is Ready, before any session starts."""
         self.audit = audit or ConnectionAudit(handler.connection_id, handler.client_address)
         """The connection's audit record (address, policy for commands, byte counters)."""
         self.end_reason: str | None = None
@@ -303,8 +307,10 @@ class ConnectionRuntime:
         try:
             with self._scope:
                 async with self.handler.connected(self.username, self.auth) as pod:
-                    self._target = attrs.evolve(self._make_target(pod),
-                                                pod_loss=self.pod_loss_reason)
+                    target = attrs.evolve(self._make_target(pod), pod_loss=self.pod_loss_reason)
+                    if self.files:
+                        await self._write_files(target)
+                    self._target = target
                     self._pod = PodAddress.of(pod.name, pod.pod)
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
@@ -353,6 +359,22 @@ class ConnectionRuntime:
                 forward.refuse(self.end_reason or "the connection is closing")
             self._forwards.clear()
             self.finished.set()
+
+    async def _write_files(self, target: ExecTarget) -> None:
+        """The connection's files, into the pod, before any session (ExecError if not)."""
+        from ..aio.podfiles import write_files
+
+        started = trio.current_time()
+        limit = self.handler.config.timeouts.pod_start
+        try:
+            with trio.fail_after(limit):
+                await run_aio(write_files, target, self.files)
+        except trio.TooSlowError:
+            raise ExecError(f"the files were not written within {limit:g} s") from None
+        self._info("%d file%s written into the pod", len(self.files),
+                   "" if len(self.files) == 1 else "s", event="pod-files-written",
+                   files=sorted(self.files),
+                   duration_ms=round(1000 * (trio.current_time() - started)))
 
     async def pod_loss_reason(self, wait: float) -> str | None:
         """Why the pod is gone, waiting at most ``wait`` s for the watcher; None if it is not."""

@@ -263,6 +263,8 @@ class Ticket:
         """Set once the login was proven and admitted."""
         self.sessions = 0
         self._state = "unauthenticated"
+        self.max_sessions: int | None = None
+        """This connection's own ``maxSessions`` (its settings); None: the gateway's."""
 
     def __repr__(self) -> str:
         return (f"<Ticket {self.address} {self._state} user={self.username!r} "
@@ -298,7 +300,7 @@ class Ticket:
     def open_session(self) -> Refusal | None:
         """A session channel is being opened on this connection."""
         a = self._admission
-        limit = a.limits.max_sessions
+        limit = self.max_sessions or a.limits.max_sessions
         if self.sessions >= limit:
             return Refusal("max-sessions",
                            f"too many sessions on this connection (limit {limit})", "session")

@@ -252,6 +252,14 @@ class LoginGate:
         """asyncssh verified the signature of an accepted key."""
         state.proof = Proof("publickey", attrs.evolve(result, method="publickey"), fingerprint)
 
+    def proven(self, state: LoginState, username: str) -> None:
+        """The credential is proven but the login is not complete yet (the connection's
+        settings are being decided): reset the limiter's keys now, so the turns waiting
+        behind them wait no longer. :meth:`completed` still writes the ``allow`` line."""
+        if state.proof is not None:
+            self.limiter.succeeded(login_keys(state.ip, username))
+            self._wake()
+
     def completed(self, state: LoginState, username: str) -> AuthResult | None:
         """The whole login succeeded: reset the limiter's keys, log ``allow`` once.
 

@@ -65,6 +65,7 @@ from .audit import AuditPolicy, ConnectionEnd
 from .auth import Authenticator, AuthResult
 from .config import KubernetesConfig
 from .connection import ConnectionRuntime
+from .connsettings import Configure, ConnectionSettings, LoginInfo
 from .forwarding import ForwardingPolicy
 from .lease import (
     ANNOTATION_HOLDER,
@@ -140,6 +141,10 @@ class GatewayOptions:
     """Port forwarding (``ssh -L``/``-D`` to the pod; :mod:`.forwarding`); off by default."""
     agent: AgentOptions = attrs.Factory(AgentOptions)
     """Agent forwarding (``ssh -A``, :mod:`.agent`); off by default."""
+    configure: Configure | None = None
+    """Decide each connection's own settings after its login (its ``kubernetes`` config,
+    environment, files; :mod:`.connsettings`); None: every connection gets ``kubernetes``.
+    The server's is ContainerSSH's configuration webhook (``configserver``)."""
 
 
 SHUTDOWN_MESSAGE = "the gateway is shutting down"
@@ -224,7 +229,25 @@ class _Server:
                                           audit_policy=self.options.audit,
                                           metrics=self.metrics,
                                           forwarding=self.options.forwarding,
-                                          lingering=self.lingering)
+                                          lingering=self.lingering,
+                                          configure=(self._configure if self.options.configure
+                                                     is not None else None))
+
+    async def _configure(self, login: LoginInfo) -> ConnectionSettings:
+        """``options.configure``, with what the gateway adds to every pod kept: the
+        cluster connection, the holder/Lease annotations, ``activeDeadlineSeconds``."""
+        assert self.options.configure is not None
+        settings = await self.options.configure(login)
+        static = self.options.kubernetes
+        pod = settings.kubernetes.pod
+        metadata = dict(pod.metadata)
+        ours = {key: value for key, value in static.pod.metadata["annotations"].items()
+                if key in (ANNOTATION_HOLDER, ANNOTATION_LEASE)}
+        metadata["annotations"] = {**(metadata.get("annotations") or {}), **ours}
+        kubernetes = attrs.evolve(settings.kubernetes, connection=static.connection,
+                                  pod=attrs.evolve(pod, metadata=metadata))
+        options = _with_deadline(attrs.evolve(self.options, kubernetes=kubernetes))
+        return attrs.evolve(settings, kubernetes=options.kubernetes)
 
     def make_portal(self, ssh: sshserver.GatewaySSHServer) -> ConnectionRuntime:
         """Called on handshake success: start the connection's task."""
@@ -232,18 +255,25 @@ class _Server:
         client = ssh.audit.remote_address
         ssh.audit.on_end = lambda end: self.metrics.connection_ended(end.value)
         adapter = logging.LoggerAdapter(log, ssh.audit.fields)
-        handler = ConnectionHandler(self.options.kubernetes, cid, client,
+        settings: ConnectionSettings | None = ssh.settings
+        kubernetes = settings.kubernetes if settings is not None else self.options.kubernetes
+        handler = ConnectionHandler(kubernetes, cid, client,
                                     adapter, kube=self.kube, instance=self.options.instance,
                                     hub=self.hub, reaper=self.reaper,
                                     metrics=self.metrics)
         auth: AuthResult = ssh.auth_result or AuthResult()
-        runtime = ConnectionRuntime(handler, self.session_config, username=ssh.username,
+        session_config = self.session_config
+        if settings is not None:
+            auth = settings.auth_for(auth)
+            session_config = session_config_for(settings.kubernetes)
+        runtime = ConnectionRuntime(handler, session_config, username=ssh.username,
                                     auth=auth, make_target=self._target, close_connection=ssh.close,
                                     audit=ssh.audit, metrics=self.metrics,
                                     time_limits=self.options.time_limits,
                                     recorder=self.recorder,
                                     forwarding=self.options.forwarding,
-                                    agent=self.options.agent)
+                                    agent=self.options.agent,
+                                    files=settings.files if settings is not None else None)
         if self.closing is not None:  # authenticated while the gateway shuts down
             self.metrics.connection_rejected("shutdown")
             runtime.abort(self.closing)

@@ -151,6 +151,13 @@ class GatewayMetrics:
             "containerssh_auth_server_failures",
             "Failed requests to the authentication webhook (no usable answer).",
             ["type", "authtype", "retry", "reason"], registry=r)
+        self._config_server_requests = Counter(
+            "containerssh_config_server_requests", "Requests to the configuration webhook.",
+            ["retry"], registry=r)
+        self._config_server_failures = Counter(
+            "containerssh_config_server_failures",
+            "Failed requests to the configuration webhook (no usable answer).",
+            ["type", "retry", "reason"], registry=r)
         self._auth_success = Counter("containerssh_auth_success",
                                      "Credentials accepted.", ["authtype", "country"],
                                      registry=r)
@@ -271,6 +278,15 @@ class GatewayMetrics:
         """A webhook request without a usable answer; ``hard``: given up (no retry left)."""
         self._auth_server_failures.labels("hard" if hard else "soft", label_token(authtype),
                                           "1" if retry else "0", label_token(reason)).inc()
+
+    def config_server_request(self, retry: int = 0) -> None:
+        """One request to the configuration webhook (``retry`` 0 for the first attempt)."""
+        self._config_server_requests.labels("1" if retry else "0").inc()
+
+    def config_server_failure(self, reason: str, *, retry: int = 0, hard: bool = True) -> None:
+        """A configuration webhook request without a usable answer; ``hard``: given up."""
+        self._config_server_failures.labels("hard" if hard else "soft", "1" if retry else "0",
+                                            label_token(reason)).inc()
 
     # -- pods, sessions, the API ----------------------------------------------------
     def backend_request(self) -> None:

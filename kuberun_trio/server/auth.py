@@ -175,7 +175,9 @@ class ServerAuthenticator:
                               extra={"event": "auth", "connection_id": connection_id})
         return AuthResult(metadata=verdict.metadata, environment=verdict.environment,
                           method=method, reason=verdict.reason,
-                          username=verdict.authenticated_username)
+                          username=verdict.authenticated_username,
+                          sensitive_metadata=_names(verdict.sensitive, "metadata."),
+                          sensitive_environment=_names(verdict.sensitive, "environment."))
 
     def _remember(self, cache_key: tuple[str, str, str], result: AuthResult) -> None:
         self._recent[cache_key] = (result, trio.current_time())
@@ -189,6 +191,10 @@ class ServerAuthenticator:
                remote_address or "?", how, reason, reason=reason,
                connection_id=connection_id, username=username, method=method,
                result="deny", remote_address=remote_address, **more)
+
+
+def _names(entries: frozenset[str], prefix: str) -> frozenset[str]:
+    return frozenset(e[len(prefix):] for e in entries if e.startswith(prefix))
 
 
 def build_authenticator(config: AuthConfig, *, logger: logging.Logger,

@@ -63,6 +63,8 @@ class WebhookVerdict:
     authenticated_username: str | None = None
     warnings: tuple[str, ...] = ()
     """Parts of a successful answer that were dropped (files, bad names)."""
+    sensitive: frozenset[str] = frozenset()
+    """``metadata.NAME`` / ``environment.NAME`` of the entries marked sensitive."""
 
 
 def _values(data: object, field: str) -> dict[str, str]:
@@ -106,8 +108,13 @@ def parse_response(status: int, body: bytes) -> WebhookVerdict:
     if user is not None and user != "" and not _valid_username(user):
         return WebhookVerdict(False, "webhook answer invalid: authenticatedUsername must be "
                                      "a printable string of 1..255 characters")
+    sensitive = frozenset(f"{field}.{name}" for field in ("metadata", "environment")
+                          if isinstance(data.get(field), Mapping)
+                          for name, entry in data[field].items()
+                          if isinstance(entry, Mapping) and entry.get("sensitive") is True)
     return WebhookVerdict(True, "webhook accepted", metadata, environment,
-                          user if isinstance(user, str) and user else None, tuple(warnings))
+                          user if isinstance(user, str) and user else None, tuple(warnings),
+                          sensitive)
 
 
 def _valid_username(user: object) -> bool:

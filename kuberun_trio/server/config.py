@@ -1,9 +1,9 @@
 """The server's YAML configuration: ``ssh``, ``auth``, ``security``, ``kubernetes``, ``log``,
-``lease``, ``gc``, ``metrics``, ``health``, ``audit`` (and ``instance``).
+``lease``, ``gc``, ``metrics``, ``health``, ``audit``, ``configserver`` (and ``instance``).
 
 Theory of operation
 -------------------
-One file, seven sections plus a top-level ``instance`` name. Each section is a frozen attrs
+One file, eleven sections plus a top-level ``instance`` name. Each section is a frozen attrs
 class structured by the strict converter of :mod:`kuberun_trio.configtools` (camelCase
 keys, unknown keys refused, no coercion); the ``kubernetes`` section *is*
 :func:`kuberun_trio.gateway.config.parse_config`. :func:`parse_server_config` collects the
@@ -70,6 +70,26 @@ class WebhookConfig:
     """Time allowed for one webhook request (YAML: ``"2s"`` or a number of seconds)."""
     cacert: str | None = None
     """PEM file with the CA certificate(s) of an ``https`` webhook; default: system CAs."""
+
+
+@attrs.frozen
+class ConfigServerConfig:
+    """ContainerSSH's configuration webhook (``configserver``; see :mod:`.configwebhook`)."""
+
+    url: str | None = None
+    """Where each connection's configuration is asked for (POST); None/empty: off."""
+    timeout: float = duration(2.0)
+    """Time allowed to get an answer, retries (every second) included."""
+    cacert: str | None = None
+    """PEM file with the CA certificate(s) of an ``https`` URL; default: system CAs."""
+    cert: str | None = None
+    """PEM file with a client certificate (mutual TLS); needs ``key``."""
+    key: str | None = None
+    """PEM file with the client certificate's private key."""
+    allow_redirects: bool = False
+    """Follow HTTP redirects (at most 3)."""
+    transmit_sensitive_metadata: bool = False
+    """Send the login's metadata and environment entries marked sensitive, too."""
 
 
 @attrs.frozen
@@ -364,6 +384,7 @@ class ServerConfig:
     metrics: MetricsConfig = attrs.Factory(MetricsConfig)
     health: HealthConfig = attrs.Factory(HealthConfig)
     audit: AuditConfig = attrs.Factory(AuditConfig)
+    configserver: ConfigServerConfig = attrs.Factory(ConfigServerConfig)
 
     @property
     def limits(self) -> Limits:
@@ -402,7 +423,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 _CONVERTER = make_converter()
 _SECTIONS = ("ssh", "auth", "security", "kubernetes", "log", "lease", "gc", "metrics", "health",
-             "audit", "instance")
+             "audit", "instance", "configserver")
 _HINTS = {
     "authorized_keys": "the key is authorizedKeys",
     "hostKey": "the key is hostKeys (a list)",
@@ -469,6 +490,12 @@ def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None,
                               _HINTS)
     if audit is not None:
         _check_audit(audit, problems, files=files)
+    configserver = structure_section(_CONVERTER, data.get("configserver"), ConfigServerConfig,
+                                     "configserver", problems, _HINTS)
+    if configserver is not None:
+        _check_configserver(configserver, problems)
+        if files:
+            _configserver_files(configserver, problems)
     kubernetes = None
     try:
         kubernetes = parse_config(data.get("kubernetes") or {})
@@ -492,10 +519,10 @@ def parse_server_config(data: Mapping[str, Any], *, instance: str | None = None,
     problems.raise_if_any()
     assert ssh is not None and auth is not None and log is not None and kubernetes is not None
     assert lease is not None and gc is not None and security is not None and audit is not None
-    assert metrics is not None and health is not None
+    assert metrics is not None and health is not None and configserver is not None
     return ServerConfig(ssh=ssh, auth=auth, kubernetes=kubernetes, log=log, lease=lease, gc=gc,
                         instance=str(name), security=security, metrics=metrics, health=health,
-                        audit=audit)
+                        audit=audit, configserver=configserver)
 
 
 def _check_audit(audit: AuditConfig, problems: ConfigProblems, *, files: bool) -> None:
@@ -656,6 +683,30 @@ def _check_webhook(webhook: WebhookConfig, problems: ConfigProblems) -> None:
         problems.add("auth.webhook.cacert", "only valid with an https:// url")
 
 
+def _check_configserver(config: ConfigServerConfig, problems: ConfigProblems) -> None:
+    if not config.url:
+        return
+    if not re.match(r"https?://[^/]", config.url):
+        problems.add("configserver.url",
+                     f"expected an http:// or https:// URL, got {config.url!r}")
+    for name in ("cacert", "cert", "key"):
+        if getattr(config, name) is not None and not config.url.startswith("https://"):
+            problems.add(f"configserver.{name}", "only valid with an https:// url")
+    if (config.cert is None) != (config.key is None):
+        problems.add("configserver.cert" if config.cert is None else "configserver.key",
+                     "configserver.cert and configserver.key go together")
+
+
+def _configserver_files(config: ConfigServerConfig, problems: ConfigProblems) -> None:
+    for name in ("cacert", "cert", "key"):
+        path = getattr(config, name) if config.url else None
+        if path is not None:
+            try:
+                _read(path)
+            except OSError as exc:
+                problems.add(f"configserver.{name}", f"cannot read {path}: {exc.strerror or exc}")
+
+
 def _check_limits(auth: AuthConfig, problems: ConfigProblems) -> None:
     t, h = auth.throttle, auth.password_hashing
     for where, value, least in [("auth.maxTries", auth.max_tries, 1),
@@ -679,6 +730,7 @@ def check_files(config: ServerConfig, *, cluster: bool = False) -> None:
     """
     problems = ConfigProblems()
     _file_problems(config.ssh, config.auth, problems)
+    _configserver_files(config.configserver, problems)
     _check_audit(config.audit, problems, files=True)
     if cluster:
         from .kubecheck import connection_problems

@@ -52,6 +52,7 @@ from ..aio.kube import open_kube_client
 from ..errors import ConfigError, KuberunError
 from ..gateway.auth import Authenticator
 from ..gateway.config import ConnectionConfig, KubernetesConfig
+from ..gateway.connsettings import Configure
 from ..gateway.lease import LeaseOptions
 from ..gateway.reaper import GcOptions
 from ..gateway.serve import Gateway, GatewayOptions, serve_gateway
@@ -253,6 +254,7 @@ async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Au
                                  recording=settings.config.audit.recording,
                                  forwarding=settings.config.security.forwarding.policy(),
                                  agent=settings.config.security.forwarding.agent,
+                                 configure=config_hook(settings, metrics),
                                  **gateway_options(settings.config, kubernetes))
         with state.serve_scope:
             async with trio.open_nursery() as nursery:
@@ -273,6 +275,22 @@ async def _serve(settings: Settings, host_keys: list[HostKey], authenticator: Au
                 await _graceful(gateway, grace)
                 nursery.cancel_scope.cancel()
         log.info("all connections closed", extra={"event": "shutdown-complete"})
+
+
+def config_hook(settings: Settings, metrics: GatewayMetrics | None = None
+                ) -> Configure | None:
+    """``GatewayOptions.configure`` for ``configserver`` (None when it has no url)."""
+    from .configwebhook import ConfigWebhook
+
+    if not settings.config.configserver.url:
+        return None
+    webhook = ConfigWebhook(settings.config.configserver, settings.data, metrics=metrics,
+                            logger=logging.getLogger("kuberun_trio.configserver"))
+    if webhook.plain_http_remote:
+        log.warning("configserver.url %s uses plain http:// to a host that is not loopback: "
+                    "the login's metadata and the pods' settings travel unprotected",
+                    webhook.url, extra={"event": "config-webhook"})
+    return webhook.configure
 
 
 def gateway_options(config: ServerConfig, kubernetes: KubernetesConfig,

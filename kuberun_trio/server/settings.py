@@ -67,6 +67,9 @@ class Settings:
     """Where pods go; ``config`` means ``kubernetes.connection`` decides."""
     state: StateDir
     """Generated keys and the demo files."""
+    data: Mapping[str, Any] = attrs.field(factory=dict, repr=False)
+    """The mapping ``config`` was checked from (file + flags): what the configuration
+    webhook's answer is merged over (:mod:`.configwebhook`)."""
 
     @property
     def demo(self) -> bool:
@@ -212,4 +215,4 @@ def load_settings(args: argparse.Namespace,
     config = parse_server_config(data, instance=default_instance(env))
     state_dir = getattr(args, "state_dir", None)
     state = StateDir(Path(state_dir) if state_dir else default_state_dir(env))
-    return Settings(config=config, cluster=mode, state=state)
+    return Settings(config=config, cluster=mode, state=state, data=data)
