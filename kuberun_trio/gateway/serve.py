@@ -405,6 +405,7 @@ async def _serve(options: GatewayOptions, kube: KubeClient, keeper: LeaseKeeper 
                         options=options.gc, live_connections=lambda: list(connections),
                         keeper=keeper, delete_timeout=options.kubernetes.timeouts.pod_stop)
         reaper.on_orphan_deleted = options.metrics.orphan_pods_deleted
+        reaper.persistent_idle_timeout = options.kubernetes.pod.persistent_idle_timeout
         if options.gc.startup_sweep:
             await reaper.sweep_at_start()
         hub = await nursery.start(PodWatchHub(
