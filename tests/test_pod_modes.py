@@ -19,7 +19,7 @@ import trio_asyncio
 from gatewaykit import Rig, kube_config, open_rig
 
 from kuberun_trio.aio.kube import KubeClient, open_kube_client
-from kuberun_trio.errors import NotFoundError
+from kuberun_trio.errors import KubernetesError, NotFoundError
 from kuberun_trio.gateway import persistent
 from kuberun_trio.gateway.config import parse_config
 from kuberun_trio.gateway.podtemplate import (
@@ -262,6 +262,22 @@ async def test_sweep_drops_dead_replicas_claims(tmp_path: Path) -> None:
         await claim_as("dead_1", "default/kuberun-dead")
         assert await reaper.sweep_persistent() == 1
         await settle(lambda: not rig.pods())
+
+
+async def test_sweep_delete_loses_to_a_newer_claim(tmp_path: Path) -> None:
+    """The sweep deletes at the version it judged: a claim made since turns it into 409."""
+    async with open_rig(tmp_path, mode="persistent") as rig, kube_of(rig) as kube:
+        conn = await rig.connect("bob")
+        await run(conn, "true")
+        await close(conn)
+        name = persistent_pod_name("bob")
+        judged = the_pod(rig)["metadata"]["resourceVersion"]
+        await kube.patch_pod("default", name, {"metadata": {"annotations": {
+            persistent.claim_key("newcomer"): "{}"}}})
+        with pytest.raises(KubernetesError) as caught:
+            await kube.delete_pod("default", name, resource_version=judged)
+        assert caught.value.status == 409
+        assert names(rig) == {name}
 
 
 async def test_connection_waits_for_a_deletion_then_gets_a_new_pod(
