@@ -141,8 +141,12 @@ async def test_persistent_pod_kept_and_reused(tmp_path: Path) -> None:
         assert len(names(rig)) == 2, "one pod per user"
         await close(conn)
         await close(other)
-        # the gateway's own sweeps (the start-up one included) leave users' pods alone
+        # the gateway's own sweeps (the start-up one included) leave users' pods alone,
+        # even one that carries the instance label (the mode label decides)
         assert rig.gateway.reaper is not None
+        async with kube_of(rig) as kube:
+            await kube.patch_pod("default", persistent_pod_name("bob"), {"metadata": {
+                "labels": {LABEL_INSTANCE: "test-gw", LABEL_CONNECTION_ID: "gone"}}})
         assert await rig.gateway.reaper.sweep_at_start() == 0
         assert await rig.gateway.reaper.sweep() == 0
         assert len(names(rig)) == 2

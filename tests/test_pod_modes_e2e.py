@@ -163,7 +163,8 @@ def test_restart_keeps_and_reuses_the_pod(cluster: Cluster, keys: Keys,
     path = tmp_path / "persistent.yaml"
     path.write_text(PERSISTENT)
     user = unique("restart")
-    first = start_gateway(cluster, keys, tmp_path, "pm-restart", "--config", str(path))
+    first = start_gateway(cluster, keys, tmp_path, "pm-restart", "--config", str(path),
+                          "--grace", "0.5")
     client = spawn(as_user(first.ssh("echo kept > /tmp/note; hostname; exec sleep 600"), user))
     try:
         assert first_line(client) == persistent_pod_name(user)
