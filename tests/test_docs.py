@@ -103,6 +103,6 @@ def test_readme_rbac_covers_the_gateway() -> None:
     role = next(d for d in yaml.safe_load_all(rbac) if d["kind"] == "Role")
     granted = {(resource, verb) for rule in role["rules"] for resource in rule["resources"]
                for verb in rule["verbs"]}
-    needed = {("pods", v) for v in ("create", "get", "list", "watch", "delete")}
+    needed = {("pods", v) for v in ("create", "get", "list", "watch", "delete", "patch")}
     needed |= {("pods/exec", "get"), ("pods/exec", "create"), ("events", "list")}
     assert needed <= granted
