@@ -31,6 +31,7 @@ from kuberun_trio.gateway.podtemplate import (
     persistent_pod_name,
 )
 from kuberun_trio.gateway.reaper import GcOptions
+from kuberun_trio.gateway.timelimits import SessionTimeLimits
 
 
 async def run(conn: asyncssh.SSHClientConnection, command: str) -> tuple[str, str, int | None]:
@@ -89,8 +90,11 @@ def test_persistent_pod_names_keep_users_apart() -> None:
 
 
 def test_persistent_manifest_belongs_to_the_user() -> None:
+    gateway_pod = {"apiVersion": "v1", "kind": "Pod", "name": "gw-0", "uid": "u1"}
+    operators = {"apiVersion": "example.com/v1", "kind": "Lab", "name": "lab", "uid": "u2"}
     config = parse_config({"pod": {"mode": "persistent", "metadata": {
-        "annotations": {"kuberun.trio/holder": "gw_1", "kuberun.trio/lease": "ns/l"}}}})
+        "annotations": {"kuberun.trio/holder": "gw_1", "kuberun.trio/lease": "ns/l"},
+        "ownerReferences": [gateway_pod, operators]}}})
     body = build_pod(config, connection_id="c1", username="bob", client_address="1.2.3.4:5",
                      instance="gw", auth_metadata={}, auth_env={})
     meta = body["metadata"]
@@ -98,6 +102,7 @@ def test_persistent_manifest_belongs_to_the_user() -> None:
     assert meta["labels"][LABEL_MODE] == "persistent"
     assert LABEL_CONNECTION_ID not in meta["labels"] and LABEL_INSTANCE not in meta["labels"]
     assert "kuberun.trio/holder" not in meta["annotations"]
+    assert meta["ownerReferences"] == [operators], "it must outlive the gateway's pod"
     fixed = parse_config({"pod": {"mode": "persistent", "metadata": {"name": "bobs-box"}}})
     body = build_pod(fixed, connection_id="c1", username="bob", client_address="",
                      instance="gw", auth_metadata={}, auth_env={})
@@ -150,6 +155,17 @@ async def test_persistent_pod_kept_and_reused(tmp_path: Path) -> None:
         assert await rig.gateway.reaper.sweep_at_start() == 0
         assert await rig.gateway.reaper.sweep() == 0
         assert len(names(rig)) == 2
+
+
+async def test_persistent_pod_gets_no_session_deadline(tmp_path: Path) -> None:
+    """``maxSessionDuration`` ends connections; it must not put the user's pod (which
+    outlives them) on a clock."""
+    limits = SessionTimeLimits(max_session_duration=3600, timeout_grace_period=5)
+    async with open_rig(tmp_path, options={"time_limits": limits}, mode="persistent") as rig:
+        conn = await rig.connect("bob")
+        assert (await run(conn, "true"))[2] == 0
+        assert "activeDeadlineSeconds" not in the_pod(rig)["spec"]
+        await close(conn)
 
 
 class LateSight:

@@ -10,8 +10,9 @@ Everything here is a pure function: configuration and connection facts in, a JSO
   ``session`` mode). In ``persistent`` mode the pod belongs to the user, not to a
   connection: it is named ``metadata.name`` as given, else :func:`persistent_pod_name` of
   the username, and carries ``kuberun.trio/mode: persistent`` instead of the connection-id
-  and instance labels and the holder/Lease annotations, so that no orphan sweep, start-up
-  sweep or ``gc`` run ever takes it for a connection's leftover;
+  and instance labels, the holder/Lease annotations and an owner pod (the gateway's own),
+  so that no orphan sweep, start-up sweep, ``gc`` run or garbage collector ever takes it
+  for a connection's leftover;
 * makes the console container (``consoleContainerNumber``) run ``idleCommand`` with no
   args -- sessions are pods/exec calls into it -- and defaults ``restartPolicy`` to
   ``Never`` (a pod whose idle process died is of no use to its connection);
@@ -299,6 +300,15 @@ def build_pod(
             labels.pop(key, None)
         for key in _CONNECTION_ANNOTATIONS:
             annotations.pop(key, None)
+        # An owner pod (the gateway's own, added in a cluster) would take the user's pod
+        # with it when the gateway pod goes (a rolling update): a persistent pod has none.
+        owners = [ref for ref in metadata.get("ownerReferences") or []
+                  if not (isinstance(ref, dict) and ref.get("kind") == "Pod"
+                          and ref.get("apiVersion") == "v1")]
+        if owners:
+            metadata["ownerReferences"] = owners
+        else:
+            metadata.pop("ownerReferences", None)
     else:
         labels[LABEL_CONNECTION_ID] = sanitize_label_value(connection_id)
         labels[LABEL_INSTANCE] = sanitize_label_value(instance)

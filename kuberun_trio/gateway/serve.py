@@ -380,10 +380,10 @@ def _with_identity(options: GatewayOptions, keeper: LeaseKeeper | None) -> Gatew
 
 def _with_deadline(options: GatewayOptions) -> GatewayOptions:
     """``options`` whose pods carry ``activeDeadlineSeconds`` for ``maxSessionDuration``
-    (the smaller one if the configured spec has its own)."""
+    (the smaller one if the configured spec has its own); not in ``persistent`` mode."""
     deadline = options.time_limits.active_deadline(options.kubernetes.timeouts.pod_stop)
-    if deadline is None:
-        return options
+    if deadline is None or options.kubernetes.pod.mode == "persistent":
+        return options  # a user's pod outlives connections: no per-connection deadline
     pod = options.kubernetes.pod
     spec = dict(pod.spec)
     own = spec.get("activeDeadlineSeconds")
