@@ -17,6 +17,7 @@ import pytest
 import trio
 import trio_asyncio
 from gatewaykit import Rig, kube_config, open_rig
+from prometheus_client import generate_latest
 
 from kuberun_trio.aio.kube import KubeClient, open_kube_client
 from kuberun_trio.errors import KubernetesError, NotFoundError
@@ -244,6 +245,8 @@ async def test_idle_pod_reaped_only_when_unused(tmp_path: Path) -> None:
         await close(conn)
         await settle(lambda: not rig.pods(), within=15)
         assert rig.gateway.reaper is not None and rig.gateway.reaper.persistent_pods_deleted == 1
+        scraped = generate_latest(rig.gateway.metrics.registry).decode()
+        assert "kuberun_persistent_pods_deleted_total 1.0" in scraped
         conn = await rig.connect("bob")
         assert (await run(conn, "true"))[2] == 0
         assert the_pod(rig)["metadata"]["uid"] != first, "a new pod after the reaping"

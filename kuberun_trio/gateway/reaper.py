@@ -148,7 +148,9 @@ class Reaper:
         self.persistent_idle_timeout = 8 * 3600.0
         """Idle timeout of persistent pods that do not record their own (0: never)."""
         self.persistent_pods_deleted = 0
-        """Idle persistent pods the sweeps deleted."""
+        """Idle persistent pods the sweeps deleted (``kuberun_persistent_pods_deleted_total``)."""
+        self.on_persistent_deleted: Callable[[int], None] = lambda count: None
+        """Called with the number of idle persistent pods each sweep deleted (metrics)."""
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._wake = trio.Event()
 
@@ -251,6 +253,7 @@ class Reaper:
         deleted = await persistent.sweep_idle(self.kube, self.namespace, judge,
                                               self.persistent_idle_timeout)
         self.persistent_pods_deleted += deleted
+        self.on_persistent_deleted(deleted)
         return deleted
 
     async def sweep_own(self) -> int:

@@ -406,6 +406,7 @@ async def _serve(options: GatewayOptions, kube: KubeClient, keeper: LeaseKeeper 
                         keeper=keeper, delete_timeout=options.kubernetes.timeouts.pod_stop)
         reaper.on_orphan_deleted = options.metrics.orphan_pods_deleted
         reaper.persistent_idle_timeout = options.kubernetes.pod.persistent_idle_timeout
+        reaper.on_persistent_deleted = options.metrics.persistent_pods_deleted
         if options.gc.startup_sweep:
             await reaper.sweep_at_start()
         hub = await nursery.start(PodWatchHub(
