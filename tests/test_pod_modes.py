@@ -348,6 +348,12 @@ async def test_session_mode_one_pod_per_channel(tmp_path: Path) -> None:
         await finish(first)
         left = await settle(lambda: len(names(rig)) == 1 and names(rig))
         (gone,) = pods - left
+
+        def deleted() -> bool:  # logged once the DELETE's answer is out
+            return any(e.method == "DELETE" for e in rig.cluster.request_log.for_pod(
+                "default", gone))
+
+        await settle(deleted)
         entries = rig.cluster.request_log.for_pod("default", gone)
         closes = [e for e in entries if e.kind == "exec-close"]
         deletes = [e for e in entries if e.kind == "http" and e.method == "DELETE"]
@@ -357,3 +363,44 @@ async def test_session_mode_one_pod_per_channel(tmp_path: Path) -> None:
         await finish(second)
         await settle(lambda: not rig.pods())
         await close(conn)
+
+
+async def test_session_mode_signal_and_pod_loss_stay_in_their_channel(tmp_path: Path) -> None:
+    """A signal reaches the process in its channel's pod; a channel whose pod is lost ends
+    with the reason and 255, while the connection and its other channels go on."""
+    async with open_rig(tmp_path, mode="session") as rig, kube_of(rig) as kube:
+        conn = await rig.connect()
+
+        async def signalled() -> tuple[bytes, Any]:
+            process = await conn.create_process("echo ready; exec sleep 30", encoding=None)
+            line = await process.stdout.readline()
+            process.send_signal("TERM")
+            await process.wait()
+            return line, process.exit_signal
+
+        with trio.fail_after(20):
+            line, exit_signal = await trio_asyncio.aio_as_trio(signalled)()
+        assert line == b"ready\n" and exit_signal is not None and exit_signal[0] == "TERM"
+        await settle(lambda: not rig.pods())
+
+        async def start() -> tuple[asyncssh.SSHClientProcess[Any], str]:
+            process = await conn.create_process("echo $HOSTNAME; exec sleep 30")
+            return process, str(await process.stdout.readline()).strip()
+
+        victim, pod = await trio_asyncio.aio_as_trio(start)()
+        bystander, other = await trio_asyncio.aio_as_trio(start)()
+        assert names(rig) == {pod, other}
+        await kube.delete_pod("default", pod, grace_period_seconds=0)
+
+        async def ended(process: asyncssh.SSHClientProcess[Any]) -> tuple[str, int | None]:
+            _out, err = await process.communicate()
+            return str(err), process.exit_status
+
+        with trio.fail_after(20):
+            err, status = await trio_asyncio.aio_as_trio(ended)(victim)
+        assert status == 255 and f"the pod {pod} is gone" in err, err
+        assert await run(conn, "echo still") == ("still\n", "", 0)
+        bystander.stdin.write_eof()
+        bystander.terminate()
+        await close(conn)
+        await settle(lambda: not rig.pods())
