@@ -134,7 +134,9 @@ async def test_persistent_pod_kept_and_reused(tmp_path: Path) -> None:
         assert (await run(conn, "echo kept > /tmp/note"))[2] == 0
         pod = the_pod(rig)
         assert pod["metadata"]["name"] == persistent_pod_name("bob")
-        assert persistent.claims(pod), "claimed while connected"
+        (claim,) = persistent.claims(pod).values()
+        assert rig.gateway.reaper is not None
+        assert claim["holder"] == rig.gateway.reaper.holder, "the claim names this process"
         await close(conn)
         await settle(lambda: not persistent.claims(the_pod(rig)))
         pod = the_pod(rig)
@@ -197,7 +199,8 @@ async def test_create_conflict_uses_the_existing_pod(tmp_path: Path) -> None:
         events: list[str] = []
         with trio.fail_after(10):
             pod = await persistent.claim(
-                LateSight(kube), body, connection_id="late", create_missing=True,  # type: ignore[arg-type]
+                LateSight(kube), body, connection_id="late",  # type: ignore[arg-type]
+                holder="other_1", lease="", create_missing=True,
                 idle_timeout=60, emit=lambda _lvl, event, *a, **k: events.append(event))
         assert events == ["persistent-pod-exists", "persistent-pod-claimed"]
         assert pod["metadata"]["name"] == the_pod(rig)["metadata"]["name"]
@@ -255,7 +258,8 @@ async def test_idle_pod_reaped_only_when_unused(tmp_path: Path) -> None:
 
 async def test_sweep_drops_dead_replicas_claims(tmp_path: Path) -> None:
     """A claim whose gateway's Lease is gone is stale; a claim of a live Lease holder keeps
-    the pod; a claim naming no Lease cannot be judged and keeps it too."""
+    the pod; a claim naming no Lease cannot be judged and keeps it too; a claim of this
+    process for a connection it no longer has is stale."""
     gc = {"gc": GcOptions(sweep_interval=3600)}
     async with open_rig(tmp_path, options=gc, mode="persistent",
                         persistentIdleTimeout="1s") as rig, kube_of(rig) as kube:
@@ -285,6 +289,14 @@ async def test_sweep_drops_dead_replicas_claims(tmp_path: Path) -> None:
         await claim_as("dead_1", "default/kuberun-dead")
         assert await reaper.sweep_persistent() == 1
         await settle(lambda: not rig.pods())
+        # this very process, for a connection it no longer has (a release that failed)
+        conn = await rig.connect("bob")
+        await run(conn, "true")
+        await close(conn)
+        await settle(lambda: not persistent.claims(the_pod(rig)))
+        await trio.sleep(1.1)
+        await claim_as(reaper.holder, "")
+        assert await reaper.sweep_persistent() == 1
 
 
 async def test_sweep_delete_loses_to_a_newer_claim(tmp_path: Path) -> None:

@@ -113,10 +113,19 @@ async def wait_gone(kube: KubeClient, namespace: str, name: str) -> None:
         pause = min(GONE_POLL[1], pause * 2)
 
 
+def identity(metadata: Mapping[str, Any]) -> tuple[str, str]:
+    """(holder, Lease reference) of the gateway process, from the configured pod metadata
+    (where :mod:`.serve` puts them); empty strings where there are none."""
+    annotations = metadata.get("annotations") or {}
+    return (str(annotations.get(ANNOTATION_HOLDER) or ""),
+            str(annotations.get(ANNOTATION_LEASE) or ""))
+
+
 async def claim(kube: KubeClient, body: dict[str, Any], *, connection_id: str,
-                create_missing: bool, idle_timeout: float,
+                holder: str, lease: str, create_missing: bool, idle_timeout: float,
                 emit: Callable[..., None]) -> Pod:
-    """Get or create the persistent pod ``body`` names and claim it for ``connection_id``.
+    """Get or create the persistent pod ``body`` names and claim it for ``connection_id``
+    on behalf of the gateway process ``holder`` (which holds Lease ``lease``, if any).
 
     Returns the pod as claimed (it may still be starting). ``emit(level, event, message,
     *args, **fields)`` writes a log line. No timeout: bound it with a cancel scope.
@@ -126,8 +135,6 @@ async def claim(kube: KubeClient, body: dict[str, Any], *, connection_id: str,
     meta = body["metadata"]
     namespace, name = str(meta.get("namespace") or "default"), str(meta["name"])
     annotations = meta.setdefault("annotations", {})
-    holder = str(annotations.pop(ANNOTATION_HOLDER, "") or "")
-    lease = str(annotations.pop(ANNOTATION_LEASE, "") or "")
     annotations[ANNOTATION_IDLE_TIMEOUT] = f"{idle_timeout:g}"
     key = claim_key(connection_id)
     while True:

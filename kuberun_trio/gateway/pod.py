@@ -175,8 +175,10 @@ class ConnectionHandler:
         try:
             try:
                 with trio.fail_after(self.config.timeouts.pod_start):
+                    holder, lease = persistent.identity(self.config.pod.metadata)
                     await persistent.claim(
                         self.kube, body, connection_id=self.connection_id,
+                        holder=holder or f"{self.instance}_{self.connection_id}", lease=lease,
                         create_missing=self.config.pod.create_missing_pods,
                         idle_timeout=self.config.pod.persistent_idle_timeout, emit=self._emit)
                     ready = await self.kube.wait_for_pod(namespace, name, resource_version=None)
