@@ -147,6 +147,35 @@ def test_two_connections_at_once_get_one_pod(persistent_gateway: GatewayProcess,
     assert pod_of(cluster.kube, user) is not None
 
 
+def test_two_replicas_share_the_pod_and_reap_a_dead_ones_claim(
+        cluster: Cluster, keys: Keys, tmp_path: Path) -> None:
+    """Replicas A and B: one user through both at once gets one pod. A is killed with its
+    connection open; once A's Lease has expired, B's sweep drops A's claim and, the pod
+    being idle, deletes it."""
+    path = tmp_path / "replicas.yaml"
+    path.write_text("kubernetes: {pod: {mode: persistent, persistentIdleTimeout: 1s}}\n"
+                    "gc: {sweepInterval: 0.5s, margin: 1s}\n"
+                    "lease: {duration: 2s, renewInterval: 0.5s}\n")
+    user = unique("replicas")
+    a = start_gateway(cluster, keys, tmp_path, "pm-replica-a", "--config", str(path))
+    clients: list[subprocess.Popen[bytes]] = []
+    try:
+        with running_gateway(cluster, keys, tmp_path, "pm-replica-b", "--config",
+                             str(path)) as b:
+            clients = [spawn(as_user(gw.ssh("hostname; exec sleep 600"), user)) for gw in (a, b)]
+            assert {first_line(c) for c in clients} == {persistent_pod_name(user)}
+            pod = pod_of(cluster.kube, user)
+            assert pod is not None and len(claims(pod)) == 2
+            stop_process(a.proc, signal.SIGKILL)
+            stop_process(clients[1])  # B's connection ends: only A's dead claim is left
+            wait_for(lambda: pod_of(cluster.kube, user) is None, 30, "the idle pod reaped")
+            assert "persistent-claim-stale" in b.log() and "persistent-pod-reaped" in b.log()
+    finally:
+        stop_process(a.proc, signal.SIGKILL)
+        for client in clients:
+            stop_process(client, signal.SIGKILL)
+
+
 def test_idle_pod_reaped(cluster: Cluster, keys: Keys, tmp_path: Path) -> None:
     config = ("kubernetes: {pod: {mode: persistent, persistentIdleTimeout: 1s}}\n"
               "gc: {sweepInterval: 0.5s}\n")
