@@ -147,6 +147,7 @@ def test_two_connections_at_once_get_one_pod(persistent_gateway: GatewayProcess,
     assert pod_of(cluster.kube, user) is not None
 
 
+@pytest.mark.slow  # two gateways and a Lease expiry; tests/test_pod_modes.py judges claims fast
 def test_two_replicas_share_the_pod_and_reap_a_dead_ones_claim(
         cluster: Cluster, keys: Keys, tmp_path: Path) -> None:
     """Replicas A and B: one user through both at once gets one pod. A is killed with its
