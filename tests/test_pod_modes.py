@@ -416,3 +416,31 @@ async def test_session_mode_signal_and_pod_loss_stay_in_their_channel(tmp_path: 
         bystander.terminate()
         await close(conn)
         await settle(lambda: not rig.pods())
+
+
+async def test_session_mode_disconnect_ends_every_channel_in_order(tmp_path: Path) -> None:
+    """The client leaves with two channels open: each exec stream is closed before the
+    DELETE of its own pod."""
+    async with open_rig(tmp_path, mode="session") as rig:
+        conn = await rig.connect()
+
+        async def start() -> str:
+            process = await conn.create_process("echo $HOSTNAME; exec sleep 30")
+            return str(await process.stdout.readline()).strip()
+
+        pods = {await trio_asyncio.aio_as_trio(start)() for _ in range(2)}
+        assert names(rig) == pods and len(pods) == 2
+        conn.close()
+
+        def all_deleted() -> bool:
+            return all(any(e.method == "DELETE" for e in rig.cluster.request_log.for_pod(
+                "default", pod)) for pod in pods)
+
+        await settle(all_deleted)
+        for pod in pods:
+            entries = rig.cluster.request_log.for_pod("default", pod)
+            closes = [e for e in entries if e.kind == "exec-close"]
+            deletes = [e for e in entries if e.kind == "http" and e.method == "DELETE"]
+            assert len(closes) == 1 and len(deletes) == 1
+            assert closes[0].time < deletes[0].received, pod
+        await settle(lambda: not rig.pods() and not rig.gateway.connections)
