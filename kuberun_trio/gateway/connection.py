@@ -13,6 +13,13 @@ handshake and runs as one task in the server's nursery::
             ├── session task xM            one pods/exec each (GatewaySession.serve_exec)
             └── signal task xK             a second exec that delivers a signal
 
+In ``kubernetes.pod.mode: session`` (read from the handler's configuration, the
+connection's own) there is no connection pod: each session task owns one, created by
+``handler.session_pod`` around a session nursery (the session's exec, its signal tasks and
+a pod-loss watcher for that pod alone), so the exec stream is closed before its pod's
+DELETE. In ``persistent`` mode ``handler.connected`` yields the user's pod and releases it
+instead of deleting it (:mod:`.persistent`).
+
 It is also the :class:`~kuberun_trio.aio.sshserver.ConnectionPortal` that the
 asyncio-side SSH callbacks talk to, with synchronous calls only:
 

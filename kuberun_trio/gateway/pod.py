@@ -23,6 +23,12 @@ Given a :class:`~kuberun_trio.gateway.podwatch.PodWatchHub` (as the server
 does), the handler waits on the gateway's one shared pod watch; without one
 (library use) it follows its pod with watches of its own.
 
+The mode comes from the handler's own ``config`` (``kubernetes.pod.mode``): in
+``session`` mode the connection uses :meth:`ConnectionHandler.session_pod` once per
+session channel (same lifecycle, a pod each); in ``persistent`` mode
+:meth:`ConnectionHandler.connected` gets or creates the user's pod, claims it and
+releases the claim on the way out, leaving the pod (:mod:`.persistent`).
+
 No cancel scope or nursery spans the ``yield``, so the unstructured form --
 :meth:`on_handshake_success` / :meth:`on_disconnect`, mirroring ContainerSSH's
 handler -- can drive the same context manager from different tasks.
