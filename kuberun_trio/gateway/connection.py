@@ -192,7 +192,7 @@ class ConnectionRuntime:
         if session in self._session_pods:  # session mode: in the session's own nursery
             target, nursery = self._session_pods[session]
             nursery.start_soon(self._run_signal, plan, target)
-        elif self._nursery is not None:
+        elif self._nursery is not None and self._target is not None:
             self._nursery.start_soon(self._run_signal, plan)
 
     def _ended(self, reason: str, kind: ConnectionEnd) -> None:
