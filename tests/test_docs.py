@@ -112,7 +112,7 @@ OWN_POD = re.compile(r"^[ \t]*<!-- own-pod: (\w+)(.*?)-->[ \t]*\n"
                      r"(?:\s*^[ \t]*```sh\n(.*?)^[ \t]*```)?", re.S | re.M)
 
 
-@pytest.mark.needs("ssh", "ssh-keygen", "kubectl")
+@pytest.mark.needs("ssh", "kubectl")
 def test_tutorial_own_pod_as_written() -> None:
     """The tutorial's "your own pod" section, replayed like tests/test_newcomer.py replays the
     rest: a fresh HOME whose state directory the earlier sections made, the assignments of

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import SFTP_SERVER, require_namespaces_sync
+from support import require_namespaces_sync
 from test_e2e_openssh import (
     ENV,
     GATEWAY,
@@ -40,7 +40,7 @@ from test_e2e_openssh import (
 from kuberun_trio.gateway.persistent import claims
 from kuberun_trio.gateway.podtemplate import persistent_pod_name
 
-pytestmark = pytest.mark.needs("ssh", "ssh-keygen", paths=[SFTP_SERVER])
+pytestmark = pytest.mark.needs("ssh", "ssh-keygen")
 
 
 
