@@ -33,6 +33,7 @@ from kuberun_trio.gateway.podtemplate import (
 )
 from kuberun_trio.gateway.reaper import GcOptions
 from kuberun_trio.gateway.timelimits import SessionTimeLimits
+from kuberun_trio.server.gc import find_orphans
 
 
 async def run(conn: asyncssh.SSHClientConnection, command: str) -> tuple[str, str, int | None]:
@@ -155,6 +156,7 @@ async def test_persistent_pod_kept_and_reused(tmp_path: Path) -> None:
         async with kube_of(rig) as kube:
             await kube.patch_pod("default", persistent_pod_name("bob"), {"metadata": {
                 "labels": {LABEL_INSTANCE: "test-gw", LABEL_CONNECTION_ID: "gone"}}})
+            assert await find_orphans(kube, "default", "test-gw") == []  # nor does `gc`
         assert await rig.gateway.reaper.sweep_at_start() == 0
         assert await rig.gateway.reaper.sweep() == 0
         assert len(names(rig)) == 2
