@@ -148,7 +148,7 @@ def rules(role: Obj) -> set[tuple[str, str, str]]:
 @pytest.mark.parametrize("tree", TREES)
 def test_rbac_grants_what_the_gateway_needs_and_no_more(tree: str) -> None:
     objects = render(tree)
-    guest = {("", "pods", v) for v in ("create", "get", "list", "watch", "delete")}
+    guest = {("", "pods", v) for v in ("create", "get", "list", "watch", "delete", "patch")}
     guest |= {("", sub, v) for sub in ("pods/exec", "pods/portforward", "pods/attach")
               for v in ("get", "create")}
     guest |= {("", "events", "list")}

@@ -103,7 +103,7 @@ def test_readme_rbac_covers_the_gateway() -> None:
     role = next(d for d in yaml.safe_load_all(rbac) if d["kind"] == "Role")
     granted = {(resource, verb) for rule in role["rules"] for resource in rule["resources"]
                for verb in rule["verbs"]}
-    needed = {("pods", v) for v in ("create", "get", "list", "watch", "delete")}
+    needed = {("pods", v) for v in ("create", "get", "list", "watch", "delete", "patch")}
     needed |= {("pods/exec", "get"), ("pods/exec", "create"), ("events", "list")}
     needed |= {("pods/portforward", "get"), ("pods/portforward", "create")}  # ssh -L / -D
     assert needed <= granted
@@ -185,3 +185,50 @@ async def test_configure_snippet() -> None:
     assert KubernetesConfig.default().pod.spec["containers"][0]["image"] == "busybox"
     with pytest.raises(ConfigRefused):
         await configure(login(""))
+
+OWN_POD = re.compile(r"^[ \t]*<!-- own-pod: (\w+)(.*?)-->[ \t]*\n"
+                     r"(?:\s*^[ \t]*```sh\n(.*?)^[ \t]*```)?", re.S | re.M)
+
+
+@pytest.mark.needs("ssh", "kubectl")
+def test_tutorial_own_pod_as_written() -> None:
+    """The tutorial's "your own pod" section, replayed like tests/test_newcomer.py replays the
+    rest: a fresh HOME whose state directory the earlier sections made, the assignments of
+    the earlier blocks (``STATE``, ``SSH``), a free port."""
+    import shutil
+    import tempfile
+
+    from test_newcomer import Replay, Step, doc_commands
+
+    from kuberun_trio.gateway.podtemplate import persistent_pod_name
+
+    home = Path(tempfile.mkdtemp(prefix="kr-home-", dir="/tmp"))
+    replay = Replay(home)
+    try:
+        (home / ".local/state/kuberun-trio").mkdir(parents=True)  # sections 1-4 made it
+        for step in doc_commands("docs/tutorial.md"):
+            replay.prepare(step)  # collects STATE=..., SSH=...
+        text = (ROOT / "docs/tutorial.md").read_text()
+        steps = [Step(m[1], dict(re.findall(r"(\w+)=(\S+)", m[2])), m[3] or "")
+                 for m in OWN_POD.finditer(text)]
+        assert [s.kind for s in steps] == ["run", "start", "run", "stop"]
+        stopped = []
+        for step in steps:
+            if step.kind == "run":
+                replay.run(step, timeout=120)
+            elif step.kind == "start":
+                replay.start(step, timeout=120)
+            else:
+                stopped.append(replay.stop())
+        out = "".join(o for o, _ in replay.outputs)
+        pod = persistent_pod_name("user")
+        assert f"# {pod}" in text, "the comment in the tutorial names the pod"
+        assert f"{pod}\n{pod}\nwork in progress\n" in out, out
+        assert re.search(rf"^{pod}\s+1/1\s+Running.*persistent$", out, re.M), out
+        assert "persistent-pod-created" in stopped[0]
+    finally:
+        for proc, _ in replay.started:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        shutil.rmtree(home, ignore_errors=True)

@@ -199,3 +199,30 @@ async def test_one_gib_stream_intact(cluster: EmbeddedCluster, kubectl: str) -> 
                      f"{cluster.kubeconfig_path} exec -i {pod} -- sha256sum"],
         capture_stdout=True, capture_stderr=True)
     assert up.stdout.split()[0].decode() == expected, up.stderr
+
+
+async def test_what_persistent_pods_use(cluster: EmbeddedCluster, kubectl: str) -> None:
+    """A second create is AlreadyExists; annotations are set and removed by merge patch;
+    a graceful delete shows ``deletionTimestamp`` until the pod is gone (gateway/persistent.py)."""
+    pod = await run_pod(cluster, kubectl, "sh", "-c", "trap '' TERM; while :; do sleep 0.2; done")
+    manifest = json.dumps({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod},
+                           "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
+    again = await kc(cluster, kubectl, "create", "--validate=false", "-f", "-",
+                     stdin=manifest.encode(), check=False)
+    assert again.returncode == 1
+    assert again.stderr.decode() == ('Error from server (AlreadyExists): error when creating '
+                                     f'"STDIN": pods "{pod}" already exists\n')
+    await kc(cluster, kubectl, "annotate", "pod", pod, "kuberun.trio/in-use.c1={}")
+    await kc(cluster, kubectl, "patch", "pod", pod, "--type=merge", "-p",
+             '{"metadata":{"annotations":{"kuberun.trio/in-use.c2":"{}"}}}')
+    await kc(cluster, kubectl, "annotate", "pod", pod, "kuberun.trio/in-use.c1-")
+    got = await kc(cluster, kubectl, "get", "pod", pod, "-o", "jsonpath={.metadata.annotations}")
+    annotations = json.loads(got.stdout)
+    assert "kuberun.trio/in-use.c1" not in annotations
+    assert annotations["kuberun.trio/in-use.c2"] == "{}"
+    await kc(cluster, kubectl, "delete", "pod", pod, "--grace-period=3", "--wait=false")
+    got = await kc(cluster, kubectl, "get", "pod", pod, "-o",
+                   "jsonpath={.metadata.deletionTimestamp} {.metadata.deletionGracePeriodSeconds}")
+    stamp, grace = got.stdout.decode().split()
+    assert stamp.endswith("Z") and grace == "3"
+    await kc(cluster, kubectl, "wait", "--for=delete", f"pod/{pod}", "--timeout=30s")

@@ -82,7 +82,7 @@ def test_every_error_with_its_key_path() -> None:
         "ssh": {"listen": "2222"},
         "auth": {"authorizedKeys": "/one/file", "webhook": {"url": "ftp://x", "timeout": "9x"}},
         "log": {"format": "xml", "level": "loud"},
-        "kubernetes": {"timeouts": {"podStart": "6x"}, "pod": {"mode": "session"}},
+        "kubernetes": {"timeouts": {"podStart": "6x"}, "pod": {"mode": "sessions"}},
         "instance": "",
         "sssh": {},
     })
@@ -92,7 +92,7 @@ def test_every_error_with_its_key_path() -> None:
     assert found["log.format"] == "must be text or json, got 'xml'"
     assert "DEBUG" in found["log.level"]
     assert found["kubernetes.timeouts.podStart"] == 'invalid duration "6x"'
-    assert "session mode is not supported" in found["kubernetes.pod.mode"]
+    assert "unknown mode 'sessions'" in found["kubernetes.pod.mode"]
     assert found["instance"] == "must be a non-empty string"
     assert found["sssh"] == "unknown key (did you mean ssh?)"
 

@@ -679,12 +679,30 @@ class KubeClient:
         return items
 
     async def delete_pod(self, namespace: str, name: str,
-                         grace_period_seconds: int | None = None) -> None:
-        """Delete a pod (graceful unless ``grace_period_seconds`` is 0); gone already is fine."""
+                         grace_period_seconds: int | None = None, *,
+                         resource_version: str | None = None) -> None:
+        """Delete a pod (graceful unless ``grace_period_seconds`` is 0); gone already is fine.
+
+        With ``resource_version`` only the pod at that version is deleted (409 ``Conflict``
+        as :class:`KubernetesError` if it changed since)."""
         t = self._t
+        kwargs: dict[str, Any] = {}
+        if resource_version is not None:
+            kwargs["body"] = k8s.V1DeleteOptions(
+                grace_period_seconds=grace_period_seconds,
+                preconditions=k8s.V1Preconditions(resource_version=resource_version))
         with contextlib.suppress(NotFoundError):
             await run_aio(t.call, t.api.delete_namespaced_pod, name, namespace,
-                          grace_period_seconds=grace_period_seconds)  # fmt: skip
+                          grace_period_seconds=grace_period_seconds, **kwargs)  # fmt: skip
+
+    async def patch_pod(self, namespace: str, name: str, patch: dict[str, Any]) -> Pod:
+        """JSON merge-patch (RFC 7386) of a pod's metadata; the pod as stored afterwards.
+
+        A ``None`` value removes the key; :class:`NotFoundError` if there is no pod."""
+        t = self._t
+        pod: Pod = await run_aio(t.call, t.api.patch_namespaced_pod, name, namespace, patch,
+                                 _content_type="application/merge-patch+json")  # fmt: skip
+        return pod
 
     async def events_for_pod(self, namespace: str, name: str) -> list[dict[str, Any]]:
         """Events with ``involvedObject.name`` ``name``, as listed (see :func:`last_warning`)."""

@@ -1,8 +1,8 @@
 """The gateway's ``kubernetes:`` configuration: frozen values, loaded from YAML, checked hard.
 
 The keys follow ContainerSSH's kubernetes backend (``connection``, ``pod``, ``timeouts``), so
-a ContainerSSH ``kubernetes:`` section in connection mode loads unchanged, except for its
-agent keys (kuberun_trio needs no agent in the pod) and ``mode: session``.
+a ContainerSSH ``kubernetes:`` section loads unchanged (modes ``connection``, ``session`` and
+``persistent``), except for its agent keys (kuberun_trio needs no agent in the pod).
 
 Loading runs in two passes, and reports *every* problem it finds, each as a
 :class:`~kuberun_trio.errors.ConfigError` naming the dotted key path
@@ -33,7 +33,7 @@ import attrs
 # The generic names are re-exported (``X as X``) for code that imports them from here.
 from ..configtools import ConfigProblems as ConfigProblems
 from ..configtools import InvalidValue as InvalidValue
-from ..configtools import as_mapping
+from ..configtools import as_mapping, duration_or_off
 from ..configtools import check_keys as check_keys
 from ..configtools import config_key as config_key
 from ..configtools import duration as duration
@@ -165,7 +165,12 @@ class PodConfig:
     expose_auth_metadata_as_annotations: Mapping[str, str] = attrs.Factory(dict)
     """Auth metadata key -> pod annotation key."""
     mode: str = "connection"
-    """Only ``connection`` (one pod per SSH connection, sessions are execs)."""
+    """``connection`` (one pod per SSH connection, sessions are execs), ``session`` (one pod
+    per session channel) or ``persistent`` (one pod per user, kept across connections)."""
+    create_missing_pods: bool = True
+    """Persistent mode: create the user's pod when it does not exist (false: refuse the login)."""
+    persistent_idle_timeout: float = duration_or_off(8 * 3600.0)
+    """Persistent mode: delete a pod no connection has used for this long (0: never)."""
     metadata: Mapping[str, Any] = attrs.Factory(default_metadata)
     """Pod ObjectMeta; ``namespace`` defaults to ``default``, ``generateName`` to ``kuberun-``."""
     spec: Mapping[str, Any] = attrs.Factory(
@@ -334,17 +339,18 @@ def _check_connection(conn: ConnectionConfig, path: str, problems: ConfigProblem
         problems.add(key_path(path, "burst"), "must be at least 1")
 
 
+POD_MODES = ("connection", "session", "persistent")
+"""The values of ``kubernetes.pod.mode``."""
+
+
 def _check_pod(pod: PodConfig, path: str, problems: ConfigProblems) -> PodConfig:
-    if pod.mode == "session":
+    if pod.mode not in POD_MODES:
         problems.add(
             key_path(path, "mode"),
-            "session mode is not supported: kuberun_trio runs "
-            "one pod per SSH connection; set mode: connection or remove it",
+            f"unknown mode {pod.mode!r}; choose one of {', '.join(POD_MODES)}",
         )
-    elif pod.mode != "connection":
-        problems.add(
-            key_path(path, "mode"), f"unknown mode {pod.mode!r}; only connection is supported"
-        )
+    if pod.persistent_idle_timeout < 0:
+        problems.add(key_path(path, "persistentIdleTimeout"), "must not be negative")
     for key, command in (("idleCommand", pod.idle_command), ("shellCommand", pod.shell_command)):
         if not command or not command[0]:
             problems.add(key_path(path, key), "must be a non-empty list starting with a program")

@@ -18,6 +18,13 @@ handshake and runs as one task in the server's nursery::
             └── agent relay (+ one task    ``ssh -A`` (agent.py): the relay exec, and one
                 per agent connection)      exec + auth-agent channel per agent connection
 
+In ``kubernetes.pod.mode: session`` (read from the handler's configuration, the
+connection's own) there is no connection pod: each session task owns one, created by
+``handler.session_pod`` around a session nursery (the session's exec, its signal tasks and
+a pod-loss watcher for that pod alone), so the exec stream is closed before its pod's
+DELETE. In ``persistent`` mode ``handler.connected`` yields the user's pod and releases it
+instead of deleting it (:mod:`.persistent`).
+
 It is also the :class:`~kuberun_trio.aio.sshserver.ConnectionPortal` that the
 asyncio-side SSH callbacks talk to, with synchronous calls only:
 
@@ -174,6 +181,8 @@ class ConnectionRuntime:
         self.finished = trio.Event()
         self._lost = trio.Event()
         self._loss_reason: str | None = None
+        self._session_pods: dict[GatewaySession, tuple[ExecTarget, trio.Nursery]] = {}
+        """``session`` mode: each running session's pod target and nursery (signals)."""
 
     def __repr__(self) -> str:
         state = ("failed" if self._failure else "ready" if self._target else "starting")
@@ -183,6 +192,11 @@ class ConnectionRuntime:
     @property
     def connection_id(self) -> str:
         return self.handler.connection_id
+
+    @property
+    def session_mode(self) -> bool:
+        """``kubernetes.pod.mode: session`` (of this connection's configuration)."""
+        return self.handler.config.pod.mode == "session"
 
     # -- ConnectionPortal (synchronous, called from asyncssh callbacks) ----
     def new_session(self, chan_id: int) -> SessionMachine:
@@ -210,6 +224,8 @@ class ConnectionRuntime:
 
     def submit_forward(self, forward: ForwardSession) -> None:
         reason = self._failure or self._draining
+        if reason is None and self.session_mode:
+            reason = "port forwarding needs one pod per connection (kubernetes.pod.mode: session)"
         if reason is not None:
             forward.refuse(reason)
         elif self._nursery is None:
@@ -223,6 +239,8 @@ class ConnectionRuntime:
 
         if not self.agent_options.enabled:
             return FORWARDING_DISABLED
+        if self.session_mode:
+            return "agent forwarding needs one pod per connection (kubernetes.pod.mode: session)"
         if not self.auth.agent_forwarding:
             return "agent forwarding is not permitted for this key (no-agent-forwarding)"
         if session.machine.state is not State.IDLE:
@@ -243,7 +261,10 @@ class ConnectionRuntime:
         nursery.start_soon(self.agent.run, self._target, self._agent_ssh, nursery)
 
     def send_signal(self, session: GatewaySession, plan: SignalPlan) -> None:
-        if self._nursery is not None:
+        if session in self._session_pods:  # session mode: in the session's own nursery
+            target, nursery = self._session_pods[session]
+            nursery.start_soon(self._run_signal, plan, target)
+        elif self._nursery is not None and self._target is not None:
             self._nursery.start_soon(self._run_signal, plan)
 
     def _ended(self, reason: str, kind: ConnectionEnd) -> None:
@@ -287,8 +308,8 @@ class ConnectionRuntime:
         for session in [*self._pending, *self._sessions]:
             session.end_soon(message)
             plan = session.machine.terminate()
-            if plan is not None and self._nursery is not None:
-                self._nursery.start_soon(self._run_signal, plan)
+            if plan is not None:
+                self.send_signal(session, plan)
         if not self._sessions:
             self.abort(message, kind)
 
@@ -306,34 +327,11 @@ class ConnectionRuntime:
                  if self.time_limits.enabled else None)  # the login was just now
         try:
             with self._scope:
-                async with self.handler.connected(self.username, self.auth) as pod:
-                    target = attrs.evolve(self._make_target(pod), pod_loss=self.pod_loss_reason)
-                    if self.files:
-                        await self._write_files(target)
-                    self._target = target
-                    self._pod = PodAddress.of(pod.name, pod.pod)
-                    async with trio.open_nursery() as nursery:
-                        self._nursery = nursery
-                        if watch is not None:
-                            nursery.start_soon(watch.run)
-                        if self.agent is not None:
-                            self._start_agent(nursery)
-                        for session in self._pending:
-                            nursery.start_soon(self._run_session, session)
-                        self._pending.clear()
-                        for forward in self._forwards:
-                            nursery.start_soon(self._run_forward, forward)
-                        self._forwards.clear()
-                        loss = await self.handler.wait_lost(pod)
-                        reason = f"the pod {pod.name} is gone: {loss.reason}: {loss.message}"
-                        self._loss_reason = reason
-                        self._lost.set()
-                        self._info("pod %s lost: %s: %s", pod.name, loss.reason, loss.message,
-                                   event="pod-lost", level=logging.WARNING, pod=pod.name,
-                                   reason=loss.reason)
-                        self._ended(reason, ConnectionEnd.POD_LOST)
-                        self._end(reason)
-                        nursery.cancel_scope.cancel()
+                if self.session_mode:
+                    await self._serve(None, watch)
+                else:
+                    async with self.handler.connected(self.username, self.auth) as pod:
+                        await self._serve(pod, watch)
         except PodStartError as exc:
             self.metrics.backend_error()
             self.metrics.pod_start_failed(exc.reason)
@@ -376,6 +374,40 @@ class ConnectionRuntime:
                    files=sorted(self.files),
                    duration_ms=round(1000 * (trio.current_time() - started)))
 
+    async def _serve(self, pod: ConnectedPod | None, watch: TimeLimitWatch | None) -> None:
+        """Run the sessions and forwards (on ``pod``; None in ``session`` mode: each session
+        makes its own)."""
+        if pod is not None:
+            target = attrs.evolve(self._make_target(pod), pod_loss=self.pod_loss_reason)
+            if self.files:
+                await self._write_files(target)
+            self._target = target
+            self._pod = PodAddress.of(pod.name, pod.pod)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if watch is not None:
+                nursery.start_soon(watch.run)
+            if self.agent is not None:
+                self._start_agent(nursery)
+            for session in self._pending:
+                nursery.start_soon(self._run_session, session)
+            self._pending.clear()
+            for forward in self._forwards:
+                nursery.start_soon(self._run_forward, forward)
+            self._forwards.clear()
+            if pod is None:  # session mode: the connection lives until the client leaves
+                await trio.sleep_forever()
+            loss = await self.handler.wait_lost(pod)
+            reason = f"the pod {pod.name} is gone: {loss.reason}: {loss.message}"
+            self._loss_reason = reason
+            self._lost.set()
+            self._info("pod %s lost: %s: %s", pod.name, loss.reason, loss.message,
+                       event="pod-lost", level=logging.WARNING, pod=pod.name,
+                       reason=loss.reason)
+            self._ended(reason, ConnectionEnd.POD_LOST)
+            self._end(reason)
+            nursery.cancel_scope.cancel()
+
     async def pod_loss_reason(self, wait: float) -> str | None:
         """Why the pod is gone, waiting at most ``wait`` s for the watcher; None if it is not."""
         with trio.move_on_after(wait):
@@ -414,7 +446,75 @@ class ConnectionRuntime:
         self._close()
 
     async def _run_session(self, session: GatewaySession) -> None:
-        assert self._target is not None
+        if self.session_mode:
+            await self._run_session_pod(session)
+        else:
+            assert self._target is not None
+            await self._serve_session(session, self._target)
+
+    async def _run_session_pod(self, session: GatewaySession) -> None:
+        """``session`` mode: the channel's own pod around its exec; the pod is deleted
+        after the exec stream closed (the session nursery has exited)."""
+        await trio.lowlevel.checkpoint_if_cancelled()  # teardown began: make no pod
+        session_id = self._session_ids.get(session.machine, f"{self.connection_id}-?")
+        self._sessions.add(session)  # told by drain/abort while its pod starts
+        lost, why = trio.Event(), list[str]()
+
+        async def pod_loss(wait: float) -> str | None:
+            with trio.move_on_after(wait):
+                await lost.wait()
+            return why[0] if why else None
+
+        try:
+            async with self.handler.session_pod(self.username, self.auth, session_id) as pod:
+                target = attrs.evolve(self._make_target(pod), pod_loss=pod_loss)
+                if self.files:  # each session's pod gets the connection's files
+                    await self._write_files(target)
+                async with trio.open_nursery() as nursery:
+                    self._session_pods[session] = (target, nursery)
+                    nursery.start_soon(self._watch_session_pod, pod, session, lost, why,
+                                       nursery.cancel_scope)
+                    await self._serve_session(session, target)
+                    nursery.cancel_scope.cancel()
+        except PodStartError as exc:
+            self.metrics.backend_error()
+            self.metrics.pod_start_failed(exc.reason)
+            self._info("pod start failed: %s", exc, event="pod-start-failed",
+                       level=logging.WARNING, pod=exc.pod, reason=exc.reason,
+                       session_id=session_id)
+            session.fail(client_message(exc))
+        except KuberunError as exc:
+            self.metrics.backend_error()
+            told = client_message(exc)
+            self._info("session pod failed: %s", exc, event="connection-error",
+                       level=logging.ERROR, reason=told, error=_detail(exc),
+                       session_id=session_id)
+            session.fail(f"cannot start your pod: {told} (connection {self.connection_id})")
+        finally:
+            self._session_pods.pop(session, None)
+            self._sessions.discard(session)
+        if self._draining is not None and not self._sessions and not self._pending:
+            self.abort(self._draining, self._draining_kind)
+
+    async def _watch_session_pod(self, pod: ConnectedPod, session: GatewaySession,
+                                 lost: trio.Event, why: list[str],
+                                 scope: trio.CancelScope) -> None:
+        """``session`` mode: a session whose pod is lost ends (255 and why); others go on."""
+        try:
+            loss = await self.handler.wait_lost(pod)
+        except KuberunError as exc:
+            self._info("cannot watch pod %s: %s", pod.name, exc, event="pod-watch-failed",
+                       level=logging.WARNING, pod=pod.name)
+            return
+        reason = f"the pod {pod.name} is gone: {loss.reason}: {loss.message}"
+        why.append(reason)
+        lost.set()
+        self._info("pod %s lost: %s: %s", pod.name, loss.reason, loss.message,
+                   event="pod-lost", level=logging.WARNING, pod=pod.name, reason=loss.reason)
+        session.fail(reason)
+        scope.cancel()
+
+    async def _serve_session(self, session: GatewaySession, target: ExecTarget) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()  # teardown began: open no exec
         self._sessions.add(session)
         session_id = self._session_ids.pop(session.machine, "?")
@@ -437,7 +537,7 @@ class ConnectionRuntime:
             try:
                 if session in self._agent_sessions:
                     await self._agent_for(session)
-                result = await run_aio(session.serve_exec, self._target)
+                result = await run_aio(session.serve_exec, target)
             except trio.Cancelled:
                 cancelled = True
                 raise
@@ -526,14 +626,15 @@ class ConnectionRuntime:
                    event="forward-end", reason=reason, bytes_in=forward.bytes_in,
                    bytes_out=forward.bytes_out, duration_ms=round(1000 * took), **fields)
 
-    async def _run_signal(self, plan: SignalPlan) -> None:
+    async def _run_signal(self, plan: SignalPlan, target: ExecTarget | None = None) -> None:
         from ..aio.sshserver import run_command
 
-        assert self._target is not None
+        target = target or self._target
+        assert target is not None
         await trio.lowlevel.checkpoint_if_cancelled()  # teardown began: open no exec
         try:
             with trio.move_on_after(self.handler.config.timeouts.signal):
-                result = await run_aio(run_command, self._target, plan.argv, plan.container)
+                result = await run_aio(run_command, target, plan.argv, plan.container)
                 if result.exit_code != 0:
                     self._info("signal %s not delivered: %s", plan.signal, result.message,
                                event="signal-failed", level=logging.WARNING)

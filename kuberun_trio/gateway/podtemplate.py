@@ -6,7 +6,13 @@ Everything here is a pure function: configuration and connection facts in, a JSO
 
 * names the pod: ``metadata.generateName`` (sanitised to a DNS-1123 prefix) -- or, when the
   configuration fixes ``metadata.name``, that name with ``-<connection id>`` appended,
-  because one fixed name cannot serve two concurrent connections;
+  because one fixed name cannot serve two concurrent connections (``-<session id>`` in
+  ``session`` mode). In ``persistent`` mode the pod belongs to the user, not to a
+  connection: it is named ``metadata.name`` as given, else :func:`persistent_pod_name` of
+  the username, and carries ``kuberun.trio/mode: persistent`` instead of the connection-id
+  and instance labels, the holder/Lease annotations and an owner pod (the gateway's own),
+  so that no orphan sweep, start-up sweep, ``gc`` run or garbage collector ever takes it
+  for a connection's leftover;
 * makes the console container (``consoleContainerNumber``) run ``idleCommand`` with no
   args -- sessions are pods/exec calls into it -- and defaults ``restartPolicy`` to
   ``Never`` (a pod whose idle process died is of no use to its connection);
@@ -47,6 +53,12 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "kuberun-trio"
 ANNOTATION_CLIENT_ADDRESS = "kuberun.trio/client-address"
 ANNOTATION_USERNAME = "kuberun.trio/username"
+LABEL_MODE = "kuberun.trio/mode"
+"""``persistent`` or ``session`` (pods of ``connection`` mode carry no mode label)."""
+LABEL_SESSION_ID = "kuberun.trio/session-id"
+"""Session mode: the session channel a pod serves."""
+_CONNECTION_ANNOTATIONS = ("kuberun.trio/holder", "kuberun.trio/lease")
+"""Per-process annotations (lease.py) a persistent pod must not carry: it outlives them."""
 
 MAX_LABEL_VALUE = 63
 MAX_ANNOTATION_VALUE = 4096
@@ -187,6 +199,24 @@ def pod_name_for_connection(name: str, connection_id: str) -> str:
     return _fit_dns_label(candidate)
 
 
+def persistent_pod_name(username: str, prefix: str = DEFAULT_GENERATE_NAME) -> str:
+    """The stable pod name of ``username``'s persistent pod: ``<prefix><readable>-<hash>``.
+
+    A valid DNS-1123 label (the pod's hostname) for any username: the readable part is the
+    username folded to lower-case ASCII, other characters ``-``, cut to fit; the hash (of
+    the raw username) keeps ``Alice`` and ``alice`` -- and long names with one prefix --
+    apart. ``prefix`` is the configured ``generateName``.
+    """
+    head = _NOT_DNS_LABEL_CHAR.sub("-", sanitize_generate_name(prefix).lower()).lstrip("-")
+    head = head[:24].rstrip("-") + "-" if head.strip("-") else ""
+    digest = _digest(username)
+    body = re.sub("-+", "-", _NOT_DNS_LABEL_CHAR.sub("-", _ascii_fold(username).lower()))
+    body = body[: MAX_POD_NAME - len(head) - 1 - len(digest)].strip("-")
+    name = f"{head}{body}-{digest}" if body else f"{head}{digest}"
+    name = name.strip("-")
+    return name if dns1123_label_problem(name) is None else digest
+
+
 def valid_utf8(raw: str) -> str:
     """``raw`` with lone surrogates (which cannot be encoded) replaced by ``?``."""
     return raw.encode("utf-8", "replace").decode("utf-8")
@@ -215,8 +245,10 @@ def build_pod(
     instance: str,
     auth_metadata: Mapping[str, str],
     auth_env: Mapping[str, str],
+    session_id: str | None = None,
 ) -> dict[str, Any]:
-    """The pod manifest (JSON-ready) for one SSH connection.
+    """The pod manifest (JSON-ready) for one SSH connection (``session`` mode: for the
+    session channel ``session_id``; ``persistent`` mode: for the user).
 
     Precedence, lowest first -- labels and annotations: the configured metadata, exposed
     auth metadata, the gateway's own (``kuberun.trio/*``, managed-by); environment of the
@@ -232,8 +264,14 @@ def build_pod(
             "does not index a container of kubernetes.pod.spec.containers",
         )
 
-    if "name" in metadata:
-        metadata["name"] = pod_name_for_connection(str(metadata["name"]), connection_id)
+    persistent = pod.mode == "persistent"
+    if persistent:
+        metadata["name"] = str(metadata.get("name") or persistent_pod_name(
+            username, str(metadata.get("generateName", DEFAULT_GENERATE_NAME))))
+        metadata.pop("generateName", None)
+    elif "name" in metadata:
+        metadata["name"] = pod_name_for_connection(str(metadata["name"]),
+                                                   session_id or connection_id)
         metadata.pop("generateName", None)
     else:
         metadata["generateName"] = sanitize_generate_name(
@@ -255,9 +293,28 @@ def build_pod(
     env.update((k, v) for k, v in auth_env.items() if env_name_problem(k) is None)
 
     labels[LABEL_MANAGED_BY] = MANAGED_BY
-    labels[LABEL_CONNECTION_ID] = sanitize_label_value(connection_id)
     labels[LABEL_USERNAME] = sanitize_label_value(username)
-    labels[LABEL_INSTANCE] = sanitize_label_value(instance)
+    if persistent:
+        labels[LABEL_MODE] = "persistent"
+        for key in (LABEL_CONNECTION_ID, LABEL_INSTANCE, LABEL_SESSION_ID):
+            labels.pop(key, None)
+        for key in _CONNECTION_ANNOTATIONS:
+            annotations.pop(key, None)
+        # An owner pod (the gateway's own, added in a cluster) would take the user's pod
+        # with it when the gateway pod goes (a rolling update): a persistent pod has none.
+        owners = [ref for ref in metadata.get("ownerReferences") or []
+                  if not (isinstance(ref, dict) and ref.get("kind") == "Pod"
+                          and ref.get("apiVersion") == "v1")]
+        if owners:
+            metadata["ownerReferences"] = owners
+        else:
+            metadata.pop("ownerReferences", None)
+    else:
+        labels[LABEL_CONNECTION_ID] = sanitize_label_value(connection_id)
+        labels[LABEL_INSTANCE] = sanitize_label_value(instance)
+    if session_id is not None and pod.mode == "session":
+        labels[LABEL_MODE] = "session"
+        labels[LABEL_SESSION_ID] = sanitize_label_value(session_id)
     annotations[ANNOTATION_USERNAME] = annotation_value(username, 1024)
     annotations[ANNOTATION_CLIENT_ADDRESS] = annotation_value(client_address, 1024)
     metadata["labels"] = labels

@@ -27,6 +27,12 @@ connection gave up, so nobody knows the pod; a sibling replica dies with pods op
   namespace that no pod names any more are deleted too, so a Deployment's churn leaves
   no Leases behind.
 
+* **Persistent pods** (``kubernetes.pod.mode: persistent``) belong to users, not to
+  connections: every sweep above skips a pod labelled ``kuberun.trio/mode: persistent``
+  (they carry no instance label either). Each periodic sweep instead deletes the persistent
+  pods of the namespace that no live connection of any replica claims and that have been
+  idle beyond their ``persistentIdleTimeout`` (:func:`.persistent.sweep_idle`).
+
 Every sweep deletion is logged (``orphan-pod-deleted``, with the dead instance) and
 counted in :attr:`Reaper.orphan_pods_deleted` (exported as
 ``kuberun_orphan_pods_deleted_total`` where metrics exist); every retry success in
@@ -46,11 +52,13 @@ import trio
 
 from ..aio.kube import KubeClient
 from ..errors import KuberunError, NotFoundError
+from . import persistent
 from .lease import ANNOTATION_HOLDER, ANNOTATION_LEASE, LeaseKeeper, LeaseView, parse_time, view
 from .podtemplate import (
     LABEL_CONNECTION_ID,
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
+    LABEL_MODE,
     MANAGED_BY,
     label_selector_for_instance,
     sanitize_label_value,
@@ -104,6 +112,11 @@ class _Pending:
     due: float = 0.0
 
 
+def _persistent(meta: dict[str, Any]) -> bool:
+    """A user's persistent pod: never an orphan of a connection."""
+    return (meta.get("labels") or {}).get(LABEL_MODE) == "persistent"
+
+
 def _age(obj: dict[str, Any], now: datetime.datetime) -> float:
     created = parse_time(str((obj.get("metadata") or {}).get("creationTimestamp") or ""))
     return (now - created).total_seconds() if created else 0.0
@@ -132,6 +145,12 @@ class Reaper:
         """Failed deletes the retry loop completed."""
         self.sweeps = 0
         """Sweeps completed."""
+        self.persistent_idle_timeout = 8 * 3600.0
+        """Idle timeout of persistent pods that do not record their own (0: never)."""
+        self.persistent_pods_deleted = 0
+        """Idle persistent pods the sweeps deleted (``kuberun_persistent_pods_deleted_total``)."""
+        self.on_persistent_deleted: Callable[[int], None] = lambda count: None
+        """Called with the number of idle persistent pods each sweep deleted (metrics)."""
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._wake = trio.Event()
 
@@ -212,7 +231,7 @@ class Reaper:
                                          label_selector_for_instance(self.instance))
         deleted = 0
         for pod in pods:
-            if not pod["metadata"].get("deletionTimestamp"):
+            if not pod["metadata"].get("deletionTimestamp") and not _persistent(pod["metadata"]):
                 deleted += await self._delete_orphan(pod["metadata"], self.instance,
                                                      "left by an earlier run of this instance")
         return deleted
@@ -222,7 +241,19 @@ class Reaper:
         deleted = await self.sweep_own()
         if self.options.cross_instance and self.keeper is not None and self.keeper.held:
             deleted += await self.sweep_replicas()
+        deleted += await self.sweep_persistent()
         self.sweeps += 1
+        return deleted
+
+    async def sweep_persistent(self) -> int:
+        """Delete the namespace's persistent pods that are idle and claimed by no live
+        connection of any replica (see :mod:`.persistent`)."""
+        judge = persistent.ClaimJudge(self.kube, self.holder, self.live_connections(),
+                                      self.options.margin)
+        deleted = await persistent.sweep_idle(self.kube, self.namespace, judge,
+                                              self.persistent_idle_timeout)
+        self.persistent_pods_deleted += deleted
+        self.on_persistent_deleted(deleted)
         return deleted
 
     async def sweep_own(self) -> int:
@@ -233,7 +264,7 @@ class Reaper:
         deleted = 0
         for pod in pods:
             meta = pod["metadata"]
-            if meta.get("deletionTimestamp"):
+            if meta.get("deletionTimestamp") or _persistent(meta):
                 continue
             if (meta.get("annotations") or {}).get(ANNOTATION_HOLDER) != self.holder:
                 continue
@@ -251,7 +282,7 @@ class Reaper:
         for pod in pods:
             meta = pod["metadata"]
             ref = (meta.get("annotations") or {}).get(ANNOTATION_LEASE)
-            if not ref or "/" not in ref or meta.get("deletionTimestamp"):
+            if not ref or "/" not in ref or meta.get("deletionTimestamp") or _persistent(meta):
                 continue
             if (meta.get("labels") or {}).get(LABEL_INSTANCE) == own:
                 continue

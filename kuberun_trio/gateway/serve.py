@@ -423,10 +423,10 @@ def _with_identity(options: GatewayOptions, keeper: LeaseKeeper | None) -> Gatew
 
 def _with_deadline(options: GatewayOptions) -> GatewayOptions:
     """``options`` whose pods carry ``activeDeadlineSeconds`` for ``maxSessionDuration``
-    (the smaller one if the configured spec has its own)."""
+    (the smaller one if the configured spec has its own); not in ``persistent`` mode."""
     deadline = options.time_limits.active_deadline(options.kubernetes.timeouts.pod_stop)
-    if deadline is None:
-        return options
+    if deadline is None or options.kubernetes.pod.mode == "persistent":
+        return options  # a user's pod outlives connections: no per-connection deadline
     pod = options.kubernetes.pod
     spec = dict(pod.spec)
     own = spec.get("activeDeadlineSeconds")
@@ -450,6 +450,8 @@ async def _serve(options: GatewayOptions, kube: KubeClient, keeper: LeaseKeeper 
                             options=options.gc, live_connections=lambda: list(connections),
                             keeper=keeper, delete_timeout=options.kubernetes.timeouts.pod_stop)
             reaper.on_orphan_deleted = options.metrics.orphan_pods_deleted
+            reaper.persistent_idle_timeout = options.kubernetes.pod.persistent_idle_timeout
+            reaper.on_persistent_deleted = options.metrics.persistent_pods_deleted
             if options.gc.startup_sweep:
                 await reaper.sweep_at_start()
             hub = await nursery.start(PodWatchHub(

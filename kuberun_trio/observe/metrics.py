@@ -190,6 +190,10 @@ class GatewayMetrics:
                                      ["verb", "resource", "code"], registry=r)
         self._orphans = Counter("kuberun_orphan_pods_deleted",
                                 "Pods of dead gateway runs deleted by the sweep.", registry=r)
+        self._persistent_reaped = Counter(
+            "kuberun_persistent_pods_deleted",
+            "Persistent pods (kubernetes.pod.mode: persistent) deleted by the sweep after "
+            "persistentIdleTimeout without a connection.", registry=r)
         self._rejected = Counter("kuberun_connections_rejected",
                                  "Connections refused or ended by the gateway before they "
                                  "were served, by reason.", ["reason"], registry=r)
@@ -325,6 +329,10 @@ class GatewayMetrics:
     def orphan_pods_deleted(self, count: int = 1) -> None:
         if count:
             self._orphans.inc(count)
+
+    def persistent_pods_deleted(self, count: int = 1) -> None:
+        if count:
+            self._persistent_reaped.inc(count)
 
 
 _UNOBSERVED: list[GatewayMetrics] = []

@@ -25,7 +25,7 @@ import trio
 
 from ..aio.kube import KubeClient
 from ..errors import KuberunError
-from ..gateway.podtemplate import label_selector_for_instance
+from ..gateway.podtemplate import LABEL_MODE, label_selector_for_instance
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ async def find_orphans(kube: KubeClient, namespace: str, instance: str) -> list[
     found = []
     for pod in pods:
         meta = pod["metadata"]
+        if (meta.get("labels") or {}).get(LABEL_MODE) == "persistent":
+            continue  # a user's pod (kubernetes.pod.mode: persistent), not a connection's
         phase = "Terminating" if meta.get("deletionTimestamp") else str(
             (pod.get("status") or {}).get("phase") or "Unknown")
         found.append(Orphan(str(meta.get("namespace") or namespace), str(meta["name"]), phase))
