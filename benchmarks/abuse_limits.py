@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.abuse_limits [--channels 1000] [--connections 200] [--json FILE]``
 starts an embedded cluster and an in-process gateway with the default
-:class:`~kuberun_trio.gateway.limits.Limits` (except the pre-auth limits, which
+:class:`~kuberun_trio.core.limits.Limits` (except the pre-auth limits, which
 would drop a burst of connections from one address before the per-user limit is
 reached), then, as asyncssh attacker "mallory":
 
@@ -31,9 +31,9 @@ import trio_asyncio
 
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.cluster import open_embedded_cluster
-from kuberun_trio.gateway.auth import PublicKeyAuthenticator
-from kuberun_trio.gateway.config import parse_config
-from kuberun_trio.gateway.limits import Limits, MaxStartups
+from kuberun_trio.core.auth import PublicKeyAuthenticator
+from kuberun_trio.core.config import parse_config
+from kuberun_trio.core.limits import Limits, MaxStartups
 from kuberun_trio.gateway.serve import GatewayOptions, open_gateway
 
 

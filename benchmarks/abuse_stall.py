@@ -28,10 +28,10 @@ import trio_asyncio
 
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.cluster import open_embedded_cluster
-from kuberun_trio.gateway.auth import PublicKeyAuthenticator
-from kuberun_trio.gateway.config import parse_config
+from kuberun_trio.core.auth import PublicKeyAuthenticator
+from kuberun_trio.core.config import parse_config
+from kuberun_trio.core.podtemplate import LABEL_INSTANCE
 from kuberun_trio.gateway.lease import LeaseOptions
-from kuberun_trio.gateway.podtemplate import LABEL_INSTANCE
 from kuberun_trio.gateway.reaper import GcOptions
 from kuberun_trio.gateway.serve import GatewayOptions, open_gateway
 

@@ -148,9 +148,9 @@ def gateway_main(key_file: str, pub_file: str, kubeconfig: str | None,
     import trio
 
     from kuberun_trio.aio.bridge import open_aio_loop
-    from kuberun_trio.gateway.auth import PublicKeyAuthenticator
-    from kuberun_trio.gateway.config import parse_config
-    from kuberun_trio.gateway.forwarding import ForwardingPolicy
+    from kuberun_trio.core.auth import PublicKeyAuthenticator
+    from kuberun_trio.core.config import parse_config
+    from kuberun_trio.core.forwarding import ForwardingPolicy
     from kuberun_trio.gateway.serve import GatewayOptions, open_gateway
     from kuberun_trio.observe import MetricsEndpoint
     from kuberun_trio.recording import RecordingOptions

@@ -68,9 +68,9 @@ import trio
 
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.cluster import EmbeddedCluster, open_embedded_cluster
-from kuberun_trio.gateway.auth import PublicKeyAuthenticator
-from kuberun_trio.gateway.config import parse_config
-from kuberun_trio.gateway.limits import Limits, MaxStartups
+from kuberun_trio.core.auth import PublicKeyAuthenticator
+from kuberun_trio.core.config import parse_config
+from kuberun_trio.core.limits import Limits, MaxStartups
 from kuberun_trio.gateway.serve import Gateway, GatewayOptions, open_gateway
 
 BENCH_LIMITS = Limits(max_startups=MaxStartups.parse("100000"), max_startups_per_address=100_000,

@@ -14,7 +14,7 @@ collected in a :class:`ConfigProblems`, and the caller raises them all at the en
 :meth:`ConfigProblems.raise_if_any`. :func:`read_yaml_mapping` reads the top-level mapping of
 a YAML file, rejecting duplicate keys.
 
-Used by the ``kubernetes:`` section (:mod:`kuberun_trio.gateway.config`) and the rest of the
+Used by the ``kubernetes:`` section (:mod:`kuberun_trio.core.config`) and the rest of the
 server configuration (:mod:`kuberun_trio.server.config`).
 """
 

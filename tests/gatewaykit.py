@@ -13,9 +13,9 @@ import trio_asyncio
 
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.cluster import EmbeddedCluster, open_embedded_cluster
-from kuberun_trio.gateway.auth import PublicKeyAuthenticator
-from kuberun_trio.gateway.config import KubernetesConfig, parse_config
-from kuberun_trio.gateway.limits import Limits
+from kuberun_trio.core.auth import PublicKeyAuthenticator
+from kuberun_trio.core.config import KubernetesConfig, parse_config
+from kuberun_trio.core.limits import Limits
 from kuberun_trio.gateway.serve import Gateway, GatewayOptions, open_gateway
 
 

@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.cluster import EmbeddedCluster, open_embedded_cluster
-from kuberun_trio.gateway.auth import PublicKeyAuthenticator
-from kuberun_trio.gateway.config import parse_config
+from kuberun_trio.core.auth import PublicKeyAuthenticator
+from kuberun_trio.core.config import parse_config
 from kuberun_trio.gateway.serve import Gateway, GatewayOptions, serve_gateway
 from kuberun_trio.observe import HealthEndpoint, MetricsEndpoint, Readiness
 

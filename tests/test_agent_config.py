@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from kuberun_trio.cli import build_parser
+from kuberun_trio.core.session import SessionConfig, SessionMachine, State
 from kuberun_trio.errors import ConfigError, ConfigErrors
 from kuberun_trio.gateway import agent
-from kuberun_trio.gateway.session import SessionConfig, SessionMachine, State
 from kuberun_trio.server import authkeys
 from kuberun_trio.server.config import parse_server_config
 from kuberun_trio.server.settings import load_settings

@@ -34,8 +34,8 @@ import trio_asyncio
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.aio.sshserver import lost_reason
 from kuberun_trio.cluster import EmbeddedCluster, open_embedded_cluster
+from kuberun_trio.core.audit import AuditPolicy
 from kuberun_trio.errors import ExecError, KubernetesError, PodStartError, client_message
-from kuberun_trio.gateway.audit import AuditPolicy
 from kuberun_trio.server.config import parse_server_config
 from kuberun_trio.server.keys import ensure_private_key, public_key_line
 from kuberun_trio.server.logs import configure_logging
@@ -524,7 +524,7 @@ async def test_login_grace_time_ends_before_login(tmp_path: Path, monkeypatch: p
     says so (embedding API; the timer is 1 s here instead of the default)."""
     from gatewaykit import open_rig
 
-    from kuberun_trio.gateway.limits import Limits
+    from kuberun_trio.core.limits import Limits
 
     caplog.set_level(logging.INFO, logger="kuberun_trio")
     async with open_rig(tmp_path, limits=Limits(login_grace_time=1.0)) as rig:
@@ -575,7 +575,7 @@ async def test_a_request_flood_is_counted_not_logged(tmp_path: Path,
     """300 refused env requests cost 20 log lines and one warning, and the total is kept."""
     from gatewaykit import open_rig
 
-    from kuberun_trio.gateway.audit import REFUSALS_LOGGED
+    from kuberun_trio.core.audit import REFUSALS_LOGGED
 
     caplog.set_level(logging.INFO, logger="kuberun_trio")
     async with open_rig(tmp_path) as rig:

@@ -15,8 +15,7 @@ import attrs
 import psutil
 import pytest
 
-from kuberun_trio.errors import ConfigError, ConfigErrors
-from kuberun_trio.gateway.config import (
+from kuberun_trio.core.config import (
     DEFAULT_IDLE_COMMAND,
     ConfigProblems,
     InvalidValue,
@@ -29,6 +28,7 @@ from kuberun_trio.gateway.config import (
     parse_duration,
     structure_section,
 )
+from kuberun_trio.errors import ConfigError, ConfigErrors
 
 PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 

@@ -23,16 +23,16 @@ from gatewaykit import Rig, kube_config, open_rig
 
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.cluster.certs import make_certificates
-from kuberun_trio.errors import ConfigError, ConfigErrors
-from kuberun_trio.gateway.auth import AuthResult
-from kuberun_trio.gateway.config import KubernetesConfig, parse_config
-from kuberun_trio.gateway.connsettings import (
+from kuberun_trio.core.auth import AuthResult
+from kuberun_trio.core.config import KubernetesConfig, parse_config
+from kuberun_trio.core.connsettings import (
     CANNOT_CONFIGURE,
     ConfigRefused,
     ConnectionSettings,
     LoginInfo,
     file_problem,
 )
+from kuberun_trio.errors import ConfigError, ConfigErrors
 from kuberun_trio.gateway.throttle import LoginPolicy
 from kuberun_trio.observe.metrics import GatewayMetrics
 from kuberun_trio.server.config import ConfigServerConfig, parse_server_config

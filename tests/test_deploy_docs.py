@@ -36,7 +36,7 @@ from deploykit import (
 )
 
 from kuberun_trio.cli import build_parser
-from kuberun_trio.gateway.podtemplate import LABEL_INSTANCE
+from kuberun_trio.core.podtemplate import LABEL_INSTANCE
 from kuberun_trio.server.settings import load_settings
 
 pytestmark = pytest.mark.skipif(kubectl() is None, reason="kubectl is not installed")

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kuberun_trio.gateway.auth import AuthResult
+from kuberun_trio.core.auth import AuthResult
 from kuberun_trio.server.config import parse_server_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,8 +170,8 @@ async def test_configure_snippet() -> None:
     snippet = next(b for b in blocks("docs/embedding.md", "python") if "def team_images" in b)
     namespace: dict[str, Any] = {}
     exec(compile(snippet, "docs/embedding.md", "exec"), namespace)
-    from kuberun_trio.gateway.config import KubernetesConfig
-    from kuberun_trio.gateway.connsettings import ConfigRefused, LoginInfo
+    from kuberun_trio.core.config import KubernetesConfig
+    from kuberun_trio.core.connsettings import ConfigRefused, LoginInfo
 
     configure = namespace["team_images"](KubernetesConfig.default(), {"blue": "python:3.12"})
 
@@ -200,7 +200,7 @@ def test_tutorial_own_pod_as_written() -> None:
 
     from test_newcomer import Replay, Step, doc_commands
 
-    from kuberun_trio.gateway.podtemplate import persistent_pod_name
+    from kuberun_trio.core.podtemplate import persistent_pod_name
 
     home = Path(tempfile.mkdtemp(prefix="kr-home-", dir="/tmp"))
     replay = Replay(home)

@@ -1,6 +1,6 @@
 """Port forwarding (direct-tcpip) through the in-process gateway: asyncssh as the client.
 
-The decisions (:mod:`kuberun_trio.gateway.forwarding`) are tested as pure functions; the
+The decisions (:mod:`kuberun_trio.core.forwarding`) are tested as pure functions; the
 gateway's behaviour with an in-process embedded cluster, whose pods share this host's
 network (a listener of the test is "in the pod"), and whose request log shows that every
 port-forward stream closed before the pod's DELETE.
@@ -19,8 +19,7 @@ import trio
 import trio_asyncio
 from gatewaykit import Rig, open_rig
 
-from kuberun_trio.errors import ConfigError, ConfigErrors
-from kuberun_trio.gateway.forwarding import (
+from kuberun_trio.core.forwarding import (
     FORWARDING_DISABLED,
     ForwardingPolicy,
     PodAddress,
@@ -30,7 +29,8 @@ from kuberun_trio.gateway.forwarding import (
     command_problems,
     judge,
 )
-from kuberun_trio.gateway.limits import Limits
+from kuberun_trio.core.limits import Limits
+from kuberun_trio.errors import ConfigError, ConfigErrors
 from kuberun_trio.server.config import parse_server_config
 
 ON = ForwardingPolicy(enabled=True)

@@ -26,13 +26,13 @@ import trio.testing
 from kuberun_trio.aio import sshserver
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.aio.execstream import ExecResult
+from kuberun_trio.core.auth import AuthResult
+from kuberun_trio.core.podstate import PodLoss
+from kuberun_trio.core.session import SessionConfig, SignalPlan
 from kuberun_trio.errors import PodStartError
 from kuberun_trio.gateway import connection
-from kuberun_trio.gateway.auth import AuthResult
 from kuberun_trio.gateway.connection import CLOSE_LINGER, FAILURE_LINGER, ConnectionRuntime
 from kuberun_trio.gateway.pod import ConnectedPod
-from kuberun_trio.gateway.podstate import PodLoss
-from kuberun_trio.gateway.session import SessionConfig, SignalPlan
 
 Behaviour = Callable[[Any], Awaitable[ExecResult]]
 """An asyncio coroutine function standing in for ``GatewaySession.serve_exec``."""

@@ -19,11 +19,11 @@ from lifecyclekit import StallProxy, settle
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.aio.kube import RetryPolicy, open_kube_client
 from kuberun_trio.cluster import EmbeddedCluster
+from kuberun_trio.core.auth import AuthResult
+from kuberun_trio.core.config import KubernetesConfig, parse_config
+from kuberun_trio.core.podtemplate import LABEL_CONNECTION_ID
 from kuberun_trio.errors import KuberunError, PodStartError
-from kuberun_trio.gateway.auth import AuthResult
-from kuberun_trio.gateway.config import KubernetesConfig, parse_config
 from kuberun_trio.gateway.pod import ConnectionHandler
-from kuberun_trio.gateway.podtemplate import LABEL_CONNECTION_ID
 
 LOGGER = "kuberun_trio.test.handler"
 FAST = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.1)

@@ -23,9 +23,9 @@ from lifecyclekit import Snapshot, StallProxy, Track, settle, snapshot
 
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.cluster import EmbeddedCluster, open_embedded_cluster
-from kuberun_trio.gateway.auth import PublicKeyAuthenticator
-from kuberun_trio.gateway.config import parse_config
-from kuberun_trio.gateway.podtemplate import (
+from kuberun_trio.core.auth import PublicKeyAuthenticator
+from kuberun_trio.core.config import parse_config
+from kuberun_trio.core.podtemplate import (
     ANNOTATION_CLIENT_ADDRESS,
     ANNOTATION_USERNAME,
     LABEL_CONNECTION_ID,

@@ -14,8 +14,8 @@ import pytest
 import trio
 import trio.testing
 
+from kuberun_trio.core.config import KubernetesConfig
 from kuberun_trio.errors import KubernetesError, PodStartError
-from kuberun_trio.gateway.config import KubernetesConfig
 from kuberun_trio.gateway.pod import ConnectionHandler
 
 LOG = logging.getLogger("test.pod.paths")

@@ -19,15 +19,15 @@ import trio
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.aio.kube import KubeClient, RetryPolicy, TokenBucket, open_kube_client
 from kuberun_trio.cluster import EmbeddedCluster
-from kuberun_trio.errors import ConfigError, KubernetesError, NotFoundError, PodStartError
-from kuberun_trio.gateway.config import KubernetesConfig, parse_config
-from kuberun_trio.gateway.podstate import (
+from kuberun_trio.core.config import KubernetesConfig, parse_config
+from kuberun_trio.core.podstate import (
     PodLoss,
     last_warning,
     pod_loss,
     pod_ready,
     pod_start_failure,
 )
+from kuberun_trio.errors import ConfigError, KubernetesError, NotFoundError, PodStartError
 
 NS = "default"
 FAST = RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.05)

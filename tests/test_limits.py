@@ -1,4 +1,4 @@
-"""The sans-IO limit decisions of ``kuberun_trio.gateway.limits``, driven synchronously."""
+"""The sans-IO limit decisions of ``kuberun_trio.core.limits``, driven synchronously."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from kuberun_trio.gateway.limits import (
+from kuberun_trio.core.limits import (
     Admission,
     Limits,
     MaxStartups,
@@ -198,7 +198,7 @@ def test_keepalive_ends_a_silent_client_after_interval_times_count() -> None:
 
 
 def test_report_refusal_logs_event_and_reason(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, "kuberun_trio.gateway.limits"):
+    with caplog.at_level(logging.WARNING, "kuberun_trio.core.limits"):
         report_refusal(Refusal("max-sessions", "too many", "session"), connection_id="c1",
                        client="1.2.3.4:5")
     (record,) = caplog.records

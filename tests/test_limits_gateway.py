@@ -23,12 +23,12 @@ from test_gateway_sessions import aio, close, open_raw
 
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.cluster import open_embedded_cluster
-from kuberun_trio.gateway.auth import PublicKeyAuthenticator
-from kuberun_trio.gateway.config import parse_config
-from kuberun_trio.gateway.limits import Limits, MaxStartups
+from kuberun_trio.core.auth import PublicKeyAuthenticator
+from kuberun_trio.core.config import parse_config
+from kuberun_trio.core.limits import Limits, MaxStartups
 from kuberun_trio.gateway.serve import GatewayOptions, open_gateway
 
-LIMITS_LOG = "kuberun_trio.gateway.limits"
+LIMITS_LOG = "kuberun_trio.core.limits"
 
 
 @contextlib.asynccontextmanager

@@ -13,8 +13,9 @@ import pytest
 import trio
 import trio.testing
 
-from kuberun_trio.gateway.auth import AuthResult
-from kuberun_trio.gateway.login import TOO_MANY_FAILURES, LoginGate, Refusal
+from kuberun_trio.core.auth import AuthResult
+from kuberun_trio.core.refusals import Refusal
+from kuberun_trio.gateway.login import TOO_MANY_FAILURES, LoginGate
 from kuberun_trio.gateway.throttle import LoginLimiter, LoginPolicy, address_key, login_keys
 from kuberun_trio.server import passwords
 from kuberun_trio.server.auth import ServerAuthenticator

@@ -29,8 +29,8 @@ import trio
 import trio_asyncio
 
 from kuberun_trio.cluster import EmbeddedCluster
+from kuberun_trio.core.config import ConnectionConfig
 from kuberun_trio.errors import ConfigErrors
-from kuberun_trio.gateway.config import ConnectionConfig
 from kuberun_trio.server import authkeys
 from kuberun_trio.server.auth import build_authenticator
 from kuberun_trio.server.config import AuthConfig, parse_server_config
@@ -602,7 +602,7 @@ def test_demo_says_which_package_sftp_needs(tmp_path: Path) -> None:
     assert len(warnings) == 1
     assert "sftp and scp will fail: /nonexistent/sftp-server is missing on this host" in \
         warnings[0] and "fix kubernetes.pod.subsystems.sftp" in warnings[0]
-    from kuberun_trio.gateway.config import KubernetesConfig
+    from kuberun_trio.core.config import KubernetesConfig
     from kuberun_trio.server.main import check_demo_sftp
 
     default = KubernetesConfig.default()
@@ -618,7 +618,7 @@ def test_demo_says_which_package_sftp_needs(tmp_path: Path) -> None:
 
 
 def test_missing_default_sftp_server_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kuberun_trio.gateway.config import KubernetesConfig
+    from kuberun_trio.core.config import KubernetesConfig
     from kuberun_trio.server import main
 
     monkeypatch.setattr(os, "access", lambda *a, **k: False)  # a host without the package

@@ -20,10 +20,8 @@ from gatewaykit import Rig, kube_config, open_rig
 from prometheus_client import generate_latest
 
 from kuberun_trio.aio.kube import KubeClient, open_kube_client
-from kuberun_trio.errors import KubernetesError, NotFoundError
-from kuberun_trio.gateway import persistent
-from kuberun_trio.gateway.config import parse_config
-from kuberun_trio.gateway.podtemplate import (
+from kuberun_trio.core.config import parse_config
+from kuberun_trio.core.podtemplate import (
     LABEL_CONNECTION_ID,
     LABEL_INSTANCE,
     LABEL_MODE,
@@ -31,6 +29,8 @@ from kuberun_trio.gateway.podtemplate import (
     dns1123_label_problem,
     persistent_pod_name,
 )
+from kuberun_trio.errors import KubernetesError, NotFoundError
+from kuberun_trio.gateway import persistent
 from kuberun_trio.gateway.reaper import GcOptions
 from kuberun_trio.gateway.timelimits import SessionTimeLimits
 from kuberun_trio.server.gc import find_orphans
@@ -121,7 +121,7 @@ def test_session_manifest_names_its_session() -> None:
 
 
 def test_claim_keys_are_valid_annotation_keys() -> None:
-    from kuberun_trio.gateway.podtemplate import qualified_name_problem
+    from kuberun_trio.core.podtemplate import qualified_name_problem
 
     for cid in ("0123456789abcdef", "Conn ID/with spaces", "x" * 200):
         assert qualified_name_problem(persistent.claim_key(cid)) is None

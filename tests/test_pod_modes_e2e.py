@@ -3,7 +3,7 @@
 The embedded cluster runs as its own process with ``--private-tmp`` (every pod has a
 ``/tmp`` of its own, so a file found again proves the same pod) and namespaces (a pod's
 hostname is its name). Each user gets a persistent pod named
-:func:`~kuberun_trio.gateway.podtemplate.persistent_pod_name`; the tests use a username of
+:func:`~kuberun_trio.core.podtemplate.persistent_pod_name`; the tests use a username of
 their own each, so that they do not meet on one pod.
 """
 
@@ -37,8 +37,8 @@ from test_e2e_openssh import (
     wait_for,
 )
 
+from kuberun_trio.core.podtemplate import persistent_pod_name
 from kuberun_trio.gateway.persistent import claims
-from kuberun_trio.gateway.podtemplate import persistent_pod_name
 
 pytestmark = pytest.mark.needs("ssh", "ssh-keygen")
 

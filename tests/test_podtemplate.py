@@ -11,9 +11,8 @@ from typing import Any
 import attrs
 import pytest
 
-from kuberun_trio.errors import ConfigError
-from kuberun_trio.gateway.config import KubernetesConfig, parse_config
-from kuberun_trio.gateway.podtemplate import (
+from kuberun_trio.core.config import KubernetesConfig, parse_config
+from kuberun_trio.core.podtemplate import (
     ANNOTATION_CLIENT_ADDRESS,
     ANNOTATION_USERNAME,
     LABEL_CONNECTION_ID,
@@ -30,6 +29,7 @@ from kuberun_trio.gateway.podtemplate import (
     sanitize_generate_name,
     sanitize_label_value,
 )
+from kuberun_trio.errors import ConfigError
 
 # Independent restatements of the API server's rules (k8s.io/apimachinery validation).
 LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")

@@ -18,15 +18,15 @@ import trio
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.aio.kube import KubeClient, open_kube_client
 from kuberun_trio.cluster import EmbeddedCluster
-from kuberun_trio.errors import PodStartError
-from kuberun_trio.gateway.config import parse_config
-from kuberun_trio.gateway.podstate import PodLoss, pod_ready
-from kuberun_trio.gateway.podtemplate import (
+from kuberun_trio.core.config import parse_config
+from kuberun_trio.core.podstate import PodLoss, pod_ready
+from kuberun_trio.core.podtemplate import (
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
     MANAGED_BY,
     label_selector_for_instance,
 )
+from kuberun_trio.errors import PodStartError
 from kuberun_trio.gateway.podwatch import PodWatchHub
 
 NS = "default"

@@ -15,9 +15,10 @@ import trio_asyncio
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.aio.kube import KubeClient, open_kube_client
 from kuberun_trio.cluster import EmbeddedCluster
+from kuberun_trio.core.auth import PublicKeyAuthenticator
+from kuberun_trio.core.config import KubernetesConfig, parse_config
+from kuberun_trio.core.podtemplate import build_pod
 from kuberun_trio.errors import KuberunError
-from kuberun_trio.gateway.auth import PublicKeyAuthenticator
-from kuberun_trio.gateway.config import KubernetesConfig, parse_config
 from kuberun_trio.gateway.lease import (
     ANNOTATION_HOLDER,
     ANNOTATION_LEASE,
@@ -30,7 +31,6 @@ from kuberun_trio.gateway.lease import (
     lease_name,
     view,
 )
-from kuberun_trio.gateway.podtemplate import build_pod
 from kuberun_trio.gateway.reaper import GcOptions, Reaper, ReaperStatistics
 from kuberun_trio.gateway.serve import GatewayOptions, open_gateway
 

@@ -29,7 +29,7 @@ from test_server_cli import (
 )
 
 from kuberun_trio.cluster import EmbeddedCluster
-from kuberun_trio.gateway.podtemplate import LABEL_INSTANCE
+from kuberun_trio.core.podtemplate import LABEL_INSTANCE
 from kuberun_trio.server.keys import ensure_private_key, known_hosts_line
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/ssh"), reason="needs OpenSSH")

@@ -20,8 +20,8 @@ import trio
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.aio.kube import open_kube_client
 from kuberun_trio.cluster import EmbeddedCluster
-from kuberun_trio.gateway.config import KubernetesConfig, parse_config
-from kuberun_trio.gateway.podtemplate import LABEL_INSTANCE, build_pod
+from kuberun_trio.core.config import KubernetesConfig, parse_config
+from kuberun_trio.core.podtemplate import LABEL_INSTANCE, build_pod
 from kuberun_trio.server.keys import ensure_private_key, known_hosts_line, public_key_line
 
 needs_ssh = pytest.mark.needs("ssh", "ssh-keygen")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from kuberun_trio.cli import build_parser
+from kuberun_trio.core.limits import Limits, MaxStartups
 from kuberun_trio.errors import ConfigError, ConfigErrors
-from kuberun_trio.gateway.limits import Limits, MaxStartups
 from kuberun_trio.gateway.throttle import LoginPolicy
 from kuberun_trio.server.config import (
     AuthConfig,

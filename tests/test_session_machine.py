@@ -8,8 +8,8 @@ from typing import Any
 import attrs
 import pytest
 
-from kuberun_trio.gateway import shellwrap
-from kuberun_trio.gateway.session import (
+from kuberun_trio.core import shellwrap
+from kuberun_trio.core.session import (
     TRANSITIONS,
     AbortExec,
     Close,

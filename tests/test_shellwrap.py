@@ -20,8 +20,8 @@ import psutil  # type: ignore[import-untyped]
 import pytest
 import trio
 
-from kuberun_trio.gateway import shellwrap
-from kuberun_trio.gateway.session import (
+from kuberun_trio.core import shellwrap
+from kuberun_trio.core.session import (
     Close,
     SendExitSignal,
     SendSignal,

@@ -27,9 +27,9 @@ from kuberun_trio.aio.sshserver import (
     GatewayChannel,
     GatewaySession,
 )
-from kuberun_trio.gateway.audit import ConnectionAudit
+from kuberun_trio.core.audit import ConnectionAudit
+from kuberun_trio.core.session import SessionConfig, SessionMachine, State
 from kuberun_trio.gateway.login import LoginGate
-from kuberun_trio.gateway.session import SessionConfig, SessionMachine, State
 
 
 class RecordingChannel:

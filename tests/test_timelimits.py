@@ -8,8 +8,8 @@ import pytest
 import trio
 import trio.testing
 
+from kuberun_trio.core.audit import ConnectionAudit, ConnectionEnd
 from kuberun_trio.errors import ConfigError, ConfigErrors
-from kuberun_trio.gateway.audit import ConnectionAudit, ConnectionEnd
 from kuberun_trio.gateway.timelimits import (
     IDLE_MESSAGE,
     MAX_DURATION_MESSAGE,

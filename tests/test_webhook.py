@@ -22,7 +22,7 @@ from gatewaykit import kube_config
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.cluster import open_embedded_cluster
 from kuberun_trio.cluster.certs import make_certificates
-from kuberun_trio.gateway.podtemplate import (
+from kuberun_trio.core.podtemplate import (
     ANNOTATION_USERNAME,
     LABEL_USERNAME,
     sanitize_label_value,

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 :func:`open_kube_client` builds a kubernetes-asyncio ``ApiClient`` *inside* the
 trio-asyncio loop (aiohttp needs a running loop) from one of three sources of
-:class:`~kuberun_trio.gateway.config.ConnectionConfig`: an explicit ``host``
+:class:`~kuberun_trio.core.config.ConnectionConfig`: an explicit ``host``
 (CA / client certificate / key as PEM text or files, bearer token or token file
 -- re-read whenever the file changes -- or basic auth), a kubeconfig
 (+ context), or the in-cluster service account. The aiohttp session is
@@ -34,7 +34,7 @@ Pod watches (:meth:`KubeClient.wait_for_pod`,
 from the last resourceVersion seen (BOOKMARKs included); a 410 Expired (an
 ``ERROR`` event or HTTP 410) triggers a re-list and a new watch from the list's
 resourceVersion. The judgement of each pod state is a pure function of
-:mod:`kuberun_trio.gateway.podstate`. The caller bounds the
+:mod:`kuberun_trio.core.podstate`. The caller bounds the
 whole wait with a trio cancel scope (``timeouts.podStart``).
 """
 
@@ -62,12 +62,12 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.stream import WsApiClient
 
+from ..core.podstate import Pod, PodLoss, judge_start, pod_loss
 from ..errors import ConfigError, KubernetesError, NotFoundError
-from ..gateway.podstate import Pod, PodLoss, judge_start, pod_loss
 from .bridge import run_aio
 
 if TYPE_CHECKING:
-    from ..gateway.config import ConnectionConfig, KubernetesConfig
+    from ..core.config import ConnectionConfig, KubernetesConfig
 
 log = logging.getLogger(__name__)
 

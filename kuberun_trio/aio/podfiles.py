@@ -2,10 +2,10 @@
 
 Theory of operation
 -------------------
-The connection's settings may carry files (:attr:`~kuberun_trio.gateway.connsettings.
+The connection's settings may carry files (:attr:`~kuberun_trio.core.connsettings.
 ConnectionSettings.files`). Once the pod is Ready and before any session starts, the
 connection task calls :func:`write_files` once through the bridge. Each file is one exec
-of :func:`~kuberun_trio.gateway.connsettings.write_file_argv` in the console container
+of :func:`~kuberun_trio.core.connsettings.write_file_argv` in the console container
 -- a POSIX ``sh`` that takes the path as an argument (never parsed by a shell) and
 exactly ``size`` bytes from stdin, so no content ever sits in a URL or an argv. The
 files are written one after another; the first that fails raises
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..core.connsettings import write_file_argv
 from ..errors import ExecError
-from ..gateway.connsettings import write_file_argv
 from .execstream import open_exec
 from .sshserver import ExecTarget, _Collector
 

@@ -10,7 +10,7 @@ resolves -- with the session (open confirmation) or with ``ChannelOpenError`` (o
 failure, with its code and text). Nothing is accepted and then reset.
 
 The trio side (:mod:`kuberun_trio.gateway.connection`) decides where the channel goes
-(:func:`kuberun_trio.gateway.forwarding.judge`) once the pod is Ready, and then either
+(:func:`kuberun_trio.core.forwarding.judge`) once the pod is Ready, and then either
 refuses it (:meth:`ForwardSession.refuse`) or awaits :meth:`ForwardSession.serve` once,
 through the bridge. ``serve`` opens the stream -- a ``pods/portforward`` WebSocket
 (:mod:`.portforward`) or an exec of ``podNetworkCommand`` -- and pumps it on the asyncio
@@ -44,14 +44,14 @@ from asyncssh.constants import (
 )
 from asyncssh.packet import UInt32
 
-from ..gateway.audit import ConnectionAudit, format_address
-from ..gateway.forwarding import ViaPodNetwork, ViaPortForward
+from ..core.audit import ConnectionAudit, format_address
+from ..core.forwarding import ViaPodNetwork, ViaPortForward
 from ..observe.metrics import ByteCounts, unobserved
 from .execstream import ExecStream, open_exec
 from .portforward import open_portforward
 
 if TYPE_CHECKING:
-    from ..gateway.limits import Ticket
+    from ..core.limits import Ticket
     from .sshserver import ExecTarget
 
 STDERR_KEPT = 2048

@@ -5,7 +5,7 @@ Theory of operation
 asyncssh calls :class:`GatewaySSHServer` (one per TCP connection) and
 :class:`GatewaySession` (one per session channel) synchronously from its
 protocol machinery. Those callbacks never block and never await: they feed
-the sans-IO :class:`~kuberun_trio.gateway.session.SessionMachine`, answer the
+the sans-IO :class:`~kuberun_trio.core.session.SessionMachine`, answer the
 SSH request with its verdict, and hand work to the trio side through a
 :class:`ConnectionPortal` -- plain synchronous calls (``nursery.start_soon``,
 ``Event.set``, ``CancelScope.cancel``) that are safe here because trio-asyncio
@@ -30,22 +30,22 @@ it, so :class:`GatewayChannel` overrides its request handler to ask the
 session machine (refusing env after start and invalid names with a channel
 failure). The same goes for ``signal``, whose default handler always succeeds.
 
-Limits (:mod:`kuberun_trio.gateway.limits` decides, this module carries out):
+Limits (:mod:`kuberun_trio.core.limits` decides, this module carries out):
 a TCP connection is admitted in :meth:`GatewaySSHServer.connection_made` or
 disconnected right after the version exchange, before any key exchange is
 computed; the login grace timer runs from there to ``auth_completed``, where
 the login is counted for its user (or refused with a disconnect); session
 channels over ``maxSessions`` fail to open with the reason; each session's
-signals pass a :class:`~kuberun_trio.gateway.limits.SignalBucket`. Keepalive
+signals pass a :class:`~kuberun_trio.core.limits.SignalBucket`. Keepalive
 probes are asyncssh's (``keepalive_interval``/``keepalive_count_max``).
 
-Per-connection settings (``GatewayOptions.configure``, :mod:`kuberun_trio.gateway.connsettings`):
+Per-connection settings (``GatewayOptions.configure``, :mod:`kuberun_trio.core.connsettings`):
 once a credential is proven and the user's limits passed, :meth:`GatewaySSHServer._configured`
 resets the login's throttle keys and awaits the hook before the client hears "logged in",
 so every channel sees :attr:`GatewaySSHServer.settings`; a refusal disconnects with the
 reason, as a per-user limit does.
 
-Audit: every TCP connection gets a :class:`~kuberun_trio.gateway.audit.ConnectionAudit`
+Audit: every TCP connection gets a :class:`~kuberun_trio.core.audit.ConnectionAudit`
 on ``connection_made`` (``connection-accepted``); ``connection_lost`` before login writes
 ``pre-auth-end``. Refused channel requests are logged with the session machine's reason.
 Forwarding: with ``security.forwarding.forwardingMode: enable`` a ``direct-tcpip`` open
@@ -80,21 +80,20 @@ from asyncssh.constants import OPEN_ADMINISTRATIVELY_PROHIBITED
 from asyncssh.packet import SSHPacket
 from asyncssh.public_key import decode_ssh_public_key
 
-from ..errors import client_message, status_reason
-from ..gateway.audit import AuditPolicy, ConnectionAudit, format_address
-from ..gateway.auth import AuthResult
-from ..gateway.connsettings import (
+from ..core.audit import AuditPolicy, ConnectionAudit, format_address
+from ..core.auth import AuthResult
+from ..core.connsettings import (
     CANNOT_CONFIGURE,
     ConfigRefused,
     Configure,
     ConnectionSettings,
     LoginInfo,
 )
-from ..gateway.forwarding import REVERSE_REFUSED, STREAMLOCAL_REFUSED, ForwardingPolicy
-from ..gateway.limits import Admission, SignalBucket, Ticket, open_fds, report_refusal
-from ..gateway.limits import Refusal as LimitRefusal
-from ..gateway.login import LoginGate, Refusal
-from ..gateway.session import (
+from ..core.forwarding import REVERSE_REFUSED, STREAMLOCAL_REFUSED, ForwardingPolicy
+from ..core.limits import Admission, SignalBucket, Ticket, open_fds, report_refusal
+from ..core.limits import Refusal as LimitRefusal
+from ..core.refusals import Refusal
+from ..core.session import (
     AbortExec,
     Action,
     Close,
@@ -109,6 +108,7 @@ from ..gateway.session import (
     SignalPlan,
     StartExec,
 )
+from ..errors import client_message, status_reason
 from ..observe.metrics import ByteCounts, GatewayMetrics, unobserved
 from .bridge import run_trio, translate
 from .execstream import ExecResult, ExecStream, open_exec
@@ -116,6 +116,7 @@ from .linger import Lingering, linger_on_abort
 from .sshforward import ForwardSession, accept_forward, reopen_window
 
 if TYPE_CHECKING:
+    from ..gateway.login import LoginGate  # the trio-side gate it is handed
     from ..recording import SessionRecording
 
 log = logging.getLogger(__name__)
@@ -466,7 +467,7 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         if self._finished:
             return
         self._finished = True
-        from ..gateway.session import State
+        from ..core.session import State
 
         told = message in self._noticed
         if self.machine.state in (State.STARTING,):
@@ -515,7 +516,7 @@ class GatewaySSHServer(asyncssh.SSHServer):
 
     Authentication goes through the gateway's :class:`~kuberun_trio.gateway.login.LoginGate`
     (limiter turn first, then the credential; only a proven login completes it). With an
-    :class:`~kuberun_trio.gateway.limits.Admission`, the connection is admitted (or dropped
+    :class:`~kuberun_trio.core.limits.Admission`, the connection is admitted (or dropped
     at once) when TCP connects, must log in within ``loginGraceTime``, is counted for its
     user once the login is proven, and opens sessions and signals within limits.
     """

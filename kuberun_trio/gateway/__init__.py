@@ -1,14 +1,13 @@
 """The SSH gateway as a library (trio-flavoured; asyncio lives in :mod:`kuberun_trio.aio`).
 
-``serve`` runs it (``serve_gateway`` / ``open_gateway``); ``config`` loads and
-validates the ``kubernetes:`` section; ``podtemplate`` turns it plus one SSH
-connection into a pod manifest; ``pod`` owns a connection's pod (create, wait,
-delete); ``connection`` is the connection nursery with its session tasks;
-``session`` and ``shellwrap`` are the sans-IO session machine and its exec
-wrapper; ``podstate`` judges pod states; ``podwatch`` shares one pod watch per
-namespace; ``auth`` is the authenticator protocol; ``throttle`` (the sans-IO login
-limiter), ``login`` (the gate every login attempt passes) and ``refusals`` (the one
-function every refusal is logged through) limit logins; ``connsettings`` is the
-per-connection settings hook (``GatewayOptions.configure``). The module map with more
-detail is in ``docs/architecture.md``.
+``serve`` runs it (``serve_gateway`` / ``open_gateway``); ``pod`` owns a
+connection's pod (create, wait, delete), ``persistent`` a user's pod; ``connection``
+is the connection nursery with its session, forward and agent tasks; ``podwatch``
+shares one pod watch per namespace; ``throttle`` (the sans-IO login limiter) and
+``login`` (the gate every login attempt passes) limit logins; ``lease``, ``reaper``
+and ``timelimits`` are the instance's Lease, the orphan sweeps and the session time
+limits. The pure modules it shares with :mod:`kuberun_trio.aio` -- configuration,
+session machine, pod judgement, audit, limits, forwarding decision, per-connection
+settings -- live in :mod:`kuberun_trio.core`. The module map with more detail is in
+``docs/architecture.md``.
 """

@@ -58,8 +58,8 @@ import trio
 
 from ..aio import agentrelay
 from ..aio.bridge import run_aio
+from ..core.audit import ConnectionAudit
 from ..errors import client_message
-from .audit import ConnectionAudit
 
 if TYPE_CHECKING:
     from ..aio.sshserver import ExecTarget

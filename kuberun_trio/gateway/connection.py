@@ -35,7 +35,7 @@ asyncio-side SSH callbacks talk to, with synchronous calls only:
   then does ``connected`` delete the pod.
 * ``send_signal(session, plan)`` -- run the signal exec as a sibling task.
 * ``submit_forward(forward)`` -- a direct-tcpip channel (``ssh -L``/``-D``) asks to open.
-  Once the pod is Ready, :func:`.forwarding.judge` decides: refused (``administratively
+  Once the pod is Ready, :func:`kuberun_trio.core.forwarding.judge` decides: refused (``administratively
   prohibited``, a ``request-refused`` line) or a task that awaits
   ``ForwardSession.serve`` once, which answers the client's open and pumps the stream.
   Forward tasks are siblings of the session tasks, so every port-forward stream is
@@ -90,14 +90,14 @@ import attrs
 import trio
 
 from ..aio.bridge import run_aio
+from ..core.audit import ConnectionAudit, ConnectionEnd
+from ..core.auth import AuthResult
+from ..core.forwarding import ForwardingPolicy, PodAddress, Refused, ViaPortForward, judge
+from ..core.session import ExecPlan, SessionConfig, SessionMachine, SignalPlan
 from ..errors import ExecError, KuberunError, PodStartError, client_message
 from ..observe.metrics import GatewayMetrics, unobserved
 from .agent import AgentOptions, AgentRelay
-from .audit import ConnectionAudit, ConnectionEnd
-from .auth import AuthResult
-from .forwarding import ForwardingPolicy, PodAddress, Refused, ViaPortForward, judge
 from .pod import ConnectedPod, ConnectionHandler
-from .session import ExecPlan, SessionConfig, SessionMachine, SignalPlan
 from .timelimits import SessionTimeLimits, TimeLimitWatch
 
 if TYPE_CHECKING:
@@ -235,7 +235,7 @@ class ConnectionRuntime:
 
     def agent_requested(self, session: GatewaySession) -> str | None:
         from ..aio.sshserver import FORWARDING_DISABLED
-        from .session import State
+        from ..core.session import State
 
         if not self.agent_options.enabled:
             return FORWARDING_DISABLED

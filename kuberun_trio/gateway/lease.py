@@ -46,14 +46,14 @@ import attrs
 import trio
 
 from ..aio.kube import KubeClient
-from ..errors import KubernetesError, KuberunError, NotFoundError
-from .podtemplate import (
+from ..core.podtemplate import (
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
     MANAGED_BY,
     pod_name_for_connection,
     sanitize_label_value,
 )
+from ..errors import KubernetesError, KuberunError, NotFoundError
 
 log = logging.getLogger(__name__)
 

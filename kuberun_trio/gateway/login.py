@@ -46,8 +46,8 @@ from typing import Any
 import attrs
 import trio
 
-from .auth import Authenticator, AuthResult
-from .refusals import refuse
+from ..core.auth import Authenticator, AuthResult
+from ..core.refusals import Refusal, refuse
 from .throttle import LoginLimiter, LoginPolicy, address_key, login_keys
 
 log = logging.getLogger(__name__)
@@ -64,16 +64,6 @@ class Proof:
     method: str
     result: AuthResult
     fingerprint: str | None = None
-
-
-@attrs.frozen
-class Refusal:
-    """An attempt refused by the gate itself (not by the authenticator)."""
-
-    disconnect: str | None = None
-    """Disconnect the client with this message (too many failures)."""
-    banner: str | None = None
-    """Tell the client this (an SSH auth banner) before the failure reply."""
 
 
 @attrs.define(eq=False)

@@ -47,10 +47,10 @@ from typing import Any
 import trio
 
 from ..aio.kube import KubeClient
+from ..core.podstate import Pod
+from ..core.podtemplate import LABEL_MANAGED_BY, LABEL_MODE, MANAGED_BY
 from ..errors import KubernetesError, KuberunError, NotFoundError, PodStartError
 from .lease import ANNOTATION_HOLDER, ANNOTATION_LEASE, format_micro_time, parse_time, utcnow, view
-from .podstate import Pod
-from .podtemplate import LABEL_MANAGED_BY, LABEL_MODE, MANAGED_BY
 
 log = logging.getLogger(__name__)
 

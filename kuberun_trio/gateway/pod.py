@@ -52,13 +52,18 @@ import attrs
 import trio
 
 from ..aio.kube import KubeClient
+from ..core.auth import AuthResult
+from ..core.config import KubernetesConfig
+from ..core.podstate import PodLoss, last_warning
+from ..core.podtemplate import (
+    LABEL_CONNECTION_ID,
+    LABEL_SESSION_ID,
+    build_pod,
+    sanitize_label_value,
+)
 from ..errors import KuberunError, PodStartError
 from ..observe.metrics import GatewayMetrics, unobserved
 from . import persistent
-from .auth import AuthResult
-from .config import KubernetesConfig
-from .podstate import PodLoss, last_warning
-from .podtemplate import LABEL_CONNECTION_ID, LABEL_SESSION_ID, build_pod, sanitize_label_value
 from .podwatch import PodWatchHub
 from .reaper import Reaper
 

@@ -7,7 +7,7 @@ Without a hub, every connection follows its own pod with two watches of its own
 hundreds of connections mean hundreds of open watch streams on the API server.
 A :class:`PodWatchHub` replaces them with *one* watch per namespace on the label
 selector of this gateway instance
-(:func:`~kuberun_trio.gateway.podtemplate.label_selector_for_instance`).
+(:func:`~kuberun_trio.core.podtemplate.label_selector_for_instance`).
 
 :meth:`PodWatchHub.run` is a trio service (start it with ``nursery.start``). The
 first waiter in a namespace starts that namespace's follower: one call of
@@ -45,8 +45,8 @@ import attrs
 import trio
 
 from ..aio.kube import KubeClient
+from ..core.podstate import Pod, PodLoss, judge_start, pod_loss
 from ..errors import KuberunError, NotFoundError
-from .podstate import Pod, PodLoss, judge_start, pod_loss
 
 log = logging.getLogger(__name__)
 

@@ -51,10 +51,7 @@ import attrs
 import trio
 
 from ..aio.kube import KubeClient
-from ..errors import KuberunError, NotFoundError
-from . import persistent
-from .lease import ANNOTATION_HOLDER, ANNOTATION_LEASE, LeaseKeeper, LeaseView, parse_time, view
-from .podtemplate import (
+from ..core.podtemplate import (
     LABEL_CONNECTION_ID,
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
@@ -63,6 +60,9 @@ from .podtemplate import (
     label_selector_for_instance,
     sanitize_label_value,
 )
+from ..errors import KuberunError, NotFoundError
+from . import persistent
+from .lease import ANNOTATION_HOLDER, ANNOTATION_LEASE, LeaseKeeper, LeaseView, parse_time, view
 
 log = logging.getLogger(__name__)
 

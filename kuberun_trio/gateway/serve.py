@@ -56,17 +56,20 @@ from ..aio import sshserver
 from ..aio.bridge import ensure_aio_loop, loop_roundtrip, run_aio
 from ..aio.kube import KubeClient, open_kube_client
 from ..aio.linger import Lingering
+from ..core.audit import AuditPolicy, ConnectionEnd
+from ..core.auth import Authenticator, AuthResult
+from ..core.config import KubernetesConfig
+from ..core.connsettings import Configure, ConnectionSettings, LoginInfo
+from ..core.forwarding import ForwardingPolicy
+from ..core.limits import Admission, Limits, fd_limit, open_fds
+from ..core.podtemplate import label_selector_for_instance
+from ..core.session import SessionConfig
 from ..observe import GatewayMetrics, HealthEndpoint, MetricsEndpoint, Readiness
 from ..observe.health import probe_api
 from ..observe.service import EndpointAddresses, serve_endpoints
 from ..recording import Recorder, RecordingOptions
 from .agent import AgentOptions
-from .audit import AuditPolicy, ConnectionEnd
-from .auth import Authenticator, AuthResult
-from .config import KubernetesConfig
 from .connection import ConnectionRuntime
-from .connsettings import Configure, ConnectionSettings, LoginInfo
-from .forwarding import ForwardingPolicy
 from .lease import (
     ANNOTATION_HOLDER,
     ANNOTATION_LEASE,
@@ -75,13 +78,10 @@ from .lease import (
     default_instance,
     holder_identity,
 )
-from .limits import Admission, Limits, fd_limit, open_fds
 from .login import LoginGate
 from .pod import ConnectedPod, ConnectionHandler
-from .podtemplate import label_selector_for_instance
 from .podwatch import PodWatchHub
 from .reaper import GcOptions, Reaper
-from .session import SessionConfig
 from .throttle import LoginPolicy
 from .timelimits import SessionTimeLimits
 
@@ -120,7 +120,7 @@ class GatewayOptions:
     login: LoginPolicy = attrs.Factory(LoginPolicy)
     """Login throttling and tries per connection (one limiter per gateway; :mod:`.throttle`)."""
     limits: Limits = attrs.Factory(Limits)
-    """Connection, session and signal limits (:mod:`kuberun_trio.gateway.limits`)."""
+    """Connection, session and signal limits (:mod:`kuberun_trio.core.limits`)."""
     audit: AuditPolicy = attrs.field(factory=AuditPolicy)
     """What the audit log records of client input (commands: on, cut at 1024 bytes)."""
     metrics: GatewayMetrics | None = None
@@ -138,12 +138,12 @@ class GatewayOptions:
     """Record every session channel as an asciicast v2 file (:mod:`kuberun_trio.recording`);
     None: no recording."""
     forwarding: ForwardingPolicy = attrs.Factory(ForwardingPolicy)
-    """Port forwarding (``ssh -L``/``-D`` to the pod; :mod:`.forwarding`); off by default."""
+    """Port forwarding (``ssh -L``/``-D`` to the pod; :mod:`kuberun_trio.core.forwarding`); off by default."""
     agent: AgentOptions = attrs.Factory(AgentOptions)
     """Agent forwarding (``ssh -A``, :mod:`.agent`); off by default."""
     configure: Configure | None = None
     """Decide each connection's own settings after its login (its ``kubernetes`` config,
-    environment, files; :mod:`.connsettings`); None: every connection gets ``kubernetes``.
+    environment, files; :mod:`kuberun_trio.core.connsettings`); None: every connection gets ``kubernetes``.
     The server's is ContainerSSH's configuration webhook (``configserver``)."""
 
 

@@ -38,7 +38,7 @@ from typing import Protocol
 import attrs
 import trio
 
-from .audit import ConnectionAudit, ConnectionEnd
+from ..core.audit import ConnectionAudit, ConnectionEnd
 
 IDLE_MESSAGE = "session idle time limit reached"
 MAX_DURATION_MESSAGE = "session time limit reached"

@@ -1,4 +1,4 @@
-"""The server's :class:`~kuberun_trio.gateway.auth.Authenticator`: keys, passwords, webhook.
+"""The server's :class:`~kuberun_trio.core.auth.Authenticator`: keys, passwords, webhook.
 
 Theory of operation
 -------------------
@@ -14,7 +14,7 @@ and a source that fails -- unreadable file, webhook down or slow -- answers *no*
 Throttling, tries per connection and the ``auth allow`` line belong to the gateway
 (:mod:`kuberun_trio.gateway.login`): it asks this authenticator only once an attempt's turn
 has come, and logs ``allow`` once, when the whole login is proven. Here every *refusal* is
-logged, at INFO, through :func:`~kuberun_trio.gateway.refusals.refuse` with
+logged, at INFO, through :func:`~kuberun_trio.core.refusals.refuse` with
 ``extra={"event": "auth", "connection_id", "username", "method", "result": "deny",
 "reason", "remote_address"}`` plus ``fingerprint`` for keys (never a password, never
 metadata values); a password check refused by the full hashing queue logs
@@ -35,8 +35,8 @@ from typing import Any
 
 import trio
 
-from ..gateway.auth import AuthResult
-from ..gateway.refusals import refuse
+from ..core.auth import AuthResult
+from ..core.refusals import refuse
 from ..gateway.throttle import address_key
 from ..observe.metrics import GatewayMetrics
 from .authkeys import AuthorizedKeysFiles, KeyLineError, client_ip, offered_key

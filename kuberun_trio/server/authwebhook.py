@@ -13,7 +13,7 @@ ContainerSSH asks an external server about every credential (its "auth webhook")
 ``success`` (required) and optionally ``authenticatedUsername``, ``metadata``,
 ``environment`` and ``files``; each entry of the last three is ``{"value": ...,
 "sensitive": bool}`` (a bare string is accepted too). ``metadata`` and ``environment``
-become the :class:`~kuberun_trio.gateway.auth.AuthResult`'s; ``files`` are not supported
+become the :class:`~kuberun_trio.core.auth.AuthResult`'s; ``files`` are not supported
 and are dropped with a warning.
 
 Only an HTTP 200 with a well-formed body and ``"success": true`` lets a client in;

@@ -6,7 +6,7 @@ Theory of operation
 One file, eleven sections plus a top-level ``instance`` name. Each section is a frozen attrs
 class structured by the strict converter of :mod:`kuberun_trio.configtools` (camelCase
 keys, unknown keys refused, no coercion); the ``kubernetes`` section *is*
-:func:`kuberun_trio.gateway.config.parse_config`. :func:`parse_server_config` collects the
+:func:`kuberun_trio.core.config.parse_config`. :func:`parse_server_config` collects the
 problems of all sections before raising, so one run of ``check-config`` lists every error,
 each with its dotted key path (``ssh.listen: expected HOST:PORT, got "2222x"``).
 
@@ -40,14 +40,14 @@ from ..configtools import (
     structure_section,
 )
 from ..configtools import duration as duration_field
+from ..core.audit import DEFAULT_MAX_COMMAND_BYTES, AuditPolicy
+from ..core.config import ConnectionConfig, KubernetesConfig, parse_config
+from ..core.forwarding import FORWARDING_MODES, ForwardingPolicy, command_problems
+from ..core.limits import Limits, MaxStartups
+from ..core.podtemplate import dns1123_label_problem
 from ..errors import ConfigError, ConfigErrors
 from ..gateway.agent import AgentOptions
-from ..gateway.audit import DEFAULT_MAX_COMMAND_BYTES, AuditPolicy
-from ..gateway.config import ConnectionConfig, KubernetesConfig, parse_config
-from ..gateway.forwarding import FORWARDING_MODES, ForwardingPolicy, command_problems
 from ..gateway.lease import default_instance
-from ..gateway.limits import Limits, MaxStartups
-from ..gateway.podtemplate import dns1123_label_problem
 from ..gateway.throttle import LoginPolicy
 from ..gateway.timelimits import SessionTimeLimits
 from ..recording import RecordingOptions
@@ -202,7 +202,7 @@ class ForwardingConfig:
     """Agent connections carried at once per SSH connection; more are refused."""
 
     def policy(self) -> ForwardingPolicy:
-        """The gateway's :class:`~kuberun_trio.gateway.forwarding.ForwardingPolicy`."""
+        """The gateway's :class:`~kuberun_trio.core.forwarding.ForwardingPolicy`."""
         command = self.pod_network_command
         return ForwardingPolicy(enabled=self.forwarding_mode == "enable",
                                 pod_network_command=tuple(command) if command else None)
@@ -257,7 +257,7 @@ class LogConfig:
 
     @property
     def audit(self) -> AuditPolicy:
-        """The gateway's :class:`~kuberun_trio.gateway.audit.AuditPolicy` for these keys."""
+        """The gateway's :class:`~kuberun_trio.core.audit.AuditPolicy` for these keys."""
         return AuditPolicy(commands=self.commands, max_command_bytes=self.max_command_bytes)
 
 
@@ -388,7 +388,7 @@ class ServerConfig:
 
     @property
     def limits(self) -> Limits:
-        """The gateway's :class:`~kuberun_trio.gateway.limits.Limits` (``ssh`` + ``security``)."""
+        """The gateway's :class:`~kuberun_trio.core.limits.Limits` (``ssh`` + ``security``)."""
         ssh, sec = self.ssh, self.security
         return Limits(
             login_grace_time=ssh.login_grace_time,

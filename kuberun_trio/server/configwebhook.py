@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The server's ``GatewayOptions.configure`` (see :mod:`kuberun_trio.gateway.connsettings`):
+The server's ``GatewayOptions.configure`` (see :mod:`kuberun_trio.core.connsettings`):
 once a login is proven, :meth:`ConfigWebhook.configure` POSTs JSON to ``configserver.url``
 as given (no path is added)::
 
@@ -65,9 +65,8 @@ import trio
 from ..aio.bridge import run_aio
 from ..aio.webhook import post_json, redact, redact_url
 from ..configtools import key_path
-from ..errors import AuthError, ConfigError, ConfigErrors
-from ..gateway import shellwrap
-from ..gateway.connsettings import (
+from ..core import shellwrap
+from ..core.connsettings import (
     CANNOT_CONFIGURE,
     MAX_FILE_BYTES,
     MAX_FILES,
@@ -76,6 +75,7 @@ from ..gateway.connsettings import (
     LoginInfo,
     file_problem,
 )
+from ..errors import AuthError, ConfigError, ConfigErrors
 from ..observe.metrics import GatewayMetrics, unobserved
 from .authwebhook import is_loopback_host
 from .config import ConfigServerConfig, parse_server_config

@@ -3,10 +3,10 @@
 Theory of operation
 -------------------
 Every pod the gateway creates carries ``app.kubernetes.io/managed-by=kuberun-trio`` and
-``kuberun.trio/instance=<instance>`` (:mod:`kuberun_trio.gateway.podtemplate`). A gateway that
+``kuberun.trio/instance=<instance>`` (:mod:`kuberun_trio.core.podtemplate`). A gateway that
 died without cleaning up (SIGKILL, OOM, node loss) leaves such pods running.
 ``python -m kuberun_trio gc`` lists the pods matching
-:func:`~kuberun_trio.gateway.podtemplate.label_selector_for_instance` in its namespace and
+:func:`~kuberun_trio.core.podtemplate.label_selector_for_instance` in its namespace and
 deletes them (``--dry-run`` only lists); it refuses while a live gateway holds the
 instance's Lease, unless ``--force``. The server itself does the same at start, after taking
 its Lease (:meth:`kuberun_trio.gateway.reaper.Reaper.sweep_at_start`), and its sweeps
@@ -24,8 +24,8 @@ import attrs
 import trio
 
 from ..aio.kube import KubeClient
+from ..core.podtemplate import LABEL_MODE, label_selector_for_instance
 from ..errors import KuberunError
-from ..gateway.podtemplate import LABEL_MODE, label_selector_for_instance
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
+from ..core.config import ConnectionConfig
 from ..errors import ConfigError
-from ..gateway.config import ConnectionConfig
 
 KEY = "kubernetes.connection.kubeconfig"
 TOKEN_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/token"

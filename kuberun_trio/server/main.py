@@ -49,10 +49,10 @@ import trio
 
 from ..aio.bridge import open_aio_loop
 from ..aio.kube import open_kube_client
+from ..core.auth import Authenticator
+from ..core.config import ConnectionConfig, KubernetesConfig
+from ..core.connsettings import Configure
 from ..errors import ConfigError, KuberunError
-from ..gateway.auth import Authenticator
-from ..gateway.config import ConnectionConfig, KubernetesConfig
-from ..gateway.connsettings import Configure
 from ..gateway.lease import LeaseOptions
 from ..gateway.reaper import GcOptions
 from ..gateway.serve import Gateway, GatewayOptions, serve_gateway

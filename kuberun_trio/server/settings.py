@@ -44,7 +44,7 @@ from typing import Any, Literal
 import attrs
 
 from ..configtools import read_yaml_mapping
-from ..gateway.config import DEFAULT_IDLE_COMMAND, default_spec
+from ..core.config import DEFAULT_IDLE_COMMAND, default_spec
 from ..gateway.lease import default_instance
 from .config import ServerConfig, parse_server_config
 from .demo import StateDir, default_state_dir

@@ -27,7 +27,7 @@ Values that come from clients (usernames, metadata) must never make pod creation
 label values go through :func:`sanitize_label_value`, annotation values are capped and made
 valid UTF-8, and invalid ``auth_env`` names are skipped. Keys and names that come from the
 configuration are checked once at load time with the ``*_problem`` validators below (used by
-:mod:`kuberun_trio.gateway.config`), so a bad key is a configuration error, not a pod error.
+:mod:`kuberun_trio.core.config`), so a bad key is a configuration error, not a pod error.
 """
 
 from __future__ import annotations
