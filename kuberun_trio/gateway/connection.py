@@ -35,7 +35,7 @@ asyncio-side SSH callbacks talk to, with synchronous calls only:
   then does ``connected`` delete the pod.
 * ``send_signal(session, plan)`` -- run the signal exec as a sibling task.
 * ``submit_forward(forward)`` -- a direct-tcpip channel (``ssh -L``/``-D``) asks to open.
-  Once the pod is Ready, :func:`kuberun_trio.core.forwarding.judge` decides: refused (``administratively
+  Once the pod is Ready, :func:`~..core.forwarding.judge` decides: refused (``administratively
   prohibited``, a ``request-refused`` line) or a task that awaits
   ``ForwardSession.serve`` once, which answers the client's open and pumps the stream.
   Forward tasks are siblings of the session tasks, so every port-forward stream is

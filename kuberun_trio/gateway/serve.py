@@ -138,12 +138,12 @@ class GatewayOptions:
     """Record every session channel as an asciicast v2 file (:mod:`kuberun_trio.recording`);
     None: no recording."""
     forwarding: ForwardingPolicy = attrs.Factory(ForwardingPolicy)
-    """Port forwarding (``ssh -L``/``-D`` to the pod; :mod:`kuberun_trio.core.forwarding`); off by default."""
+    """Port forwarding (``ssh -L``/``-D`` to the pod; :mod:`..core.forwarding`); off by default."""
     agent: AgentOptions = attrs.Factory(AgentOptions)
     """Agent forwarding (``ssh -A``, :mod:`.agent`); off by default."""
     configure: Configure | None = None
     """Decide each connection's own settings after its login (its ``kubernetes`` config,
-    environment, files; :mod:`kuberun_trio.core.connsettings`); None: every connection gets ``kubernetes``.
+    environment, files; :mod:`..core.connsettings`); None: every connection gets ``kubernetes``.
     The server's is ContainerSSH's configuration webhook (``configserver``)."""
 
 
