@@ -37,7 +37,8 @@ from test_e2e_openssh import (
     wait_for,
 )
 
-from kuberun_trio.gateway.agent import CONNECT_WAIT, TOOLS_MISSING, AgentOptions
+from kuberun_trio.core.forwarding import AgentOptions
+from kuberun_trio.gateway.agent import CONNECT_WAIT, TOOLS_MISSING
 
 pytestmark = [e2e.pytestmark, pytest.mark.needs("ssh-agent", "ssh-add", "socat", "python3")]
 cluster = e2e.cluster

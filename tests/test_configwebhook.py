@@ -671,3 +671,29 @@ async def test_files_are_written_without_stdin_eof_too(tmp_path: Path) -> None:
         with trio.fail_after(15):
             result = await run(rig, f"cat {target}")
     assert result.stdout == "v4 ok\n", result.stderr
+
+
+async def test_per_connection_forwarding(tmp_path: Path) -> None:
+    """``security.forwarding`` in a reply applies to that connection only: alice may
+    ``ssh -L`` (nothing listens, so her open fails for that reason), bob may not."""
+    def answer(login: dict[str, Any]) -> Answer:
+        if login["username"] == "alice":
+            return reply(config={"security": {"forwarding": {"forwardingMode": "enable"}}})
+        return reply()
+
+    async def forward(rig: Rig, username: str) -> asyncssh.ChannelOpenError:
+        conn = await rig.connect(username)
+        try:
+            with pytest.raises(asyncssh.ChannelOpenError) as info:
+                with trio.fail_after(30):
+                    await trio_asyncio.aio_as_trio(conn.open_connection)("localhost", 9)
+            return info.value
+        finally:
+            conn.close()
+            await trio_asyncio.aio_as_trio(conn.wait_closed)()
+
+    async with webhook_rig(tmp_path, answer) as (rig, _, _):
+        alice, bob = await forward(rig, "alice"), await forward(rig, "bob")
+    assert alice.code == asyncssh.OPEN_CONNECT_FAILED, alice.reason
+    assert "cannot connect to port 9 in the pod" in alice.reason
+    assert bob.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, bob.reason

@@ -770,6 +770,8 @@ class GatewaySSHServer(asyncssh.SSHServer):
         self.metrics.handshake_succeeded()
         self.metrics.auth_result("password" if result.method == "password" else "pubkey",
                                  accepted=True)
+        if self.settings is not None and self.settings.forwarding is not None:
+            self.forwarding = self.settings.forwarding  # this connection's own
         if self.ticket is not None and self.settings is not None:
             self.ticket.max_sessions = self.settings.max_sessions
         if self.ticket is not None and self.conn is not None:

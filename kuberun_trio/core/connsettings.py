@@ -44,6 +44,7 @@ import attrs
 from ..errors import KuberunError
 from .auth import AuthResult
 from .config import KubernetesConfig
+from .forwarding import AgentOptions, ForwardingPolicy
 
 CANNOT_CONFIGURE = "Cannot get configuration at this time"
 """What the client reads when the hook fails (ContainerSSH's words)."""
@@ -92,6 +93,10 @@ class ConnectionSettings:
     """Session channels open at once on this connection (None: the gateway's limit)."""
     max_signals_per_second: float | None = None
     """Signals per second per session (None: the gateway's limit)."""
+    forwarding: ForwardingPolicy | None = None
+    """``ssh -L``/``-D`` for this connection (None: the gateway's ``forwarding``)."""
+    agent: AgentOptions | None = None
+    """``ssh -A`` for this connection (None: the gateway's ``agent``)."""
 
     def auth_for(self, auth: AuthResult) -> AuthResult:
         """``auth`` with this connection's metadata and environment added (ours win)."""

@@ -166,3 +166,13 @@ def command_problems(argv: Iterable[object]) -> list[str]:
     if not problems and ("{host}" not in text or "{port}" not in text):
         problems.append("must contain {host} and {port}")
     return problems
+
+
+@attrs.frozen
+class AgentOptions:
+    """``security.forwarding`` as far as the agent goes (``ssh -A``; gateway/agent.py)."""
+
+    enabled: bool = False
+    """``agentForwardingMode: enable``."""
+    max_connections: int = 8
+    """Agent connections carried at once per SSH connection."""

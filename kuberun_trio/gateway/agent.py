@@ -53,12 +53,12 @@ import re
 import secrets
 from typing import TYPE_CHECKING, Any, Final
 
-import attrs
 import trio
 
 from ..aio import agentrelay
 from ..aio.bridge import run_aio
 from ..core.audit import ConnectionAudit
+from ..core.forwarding import AgentOptions
 from ..errors import client_message
 
 if TYPE_CHECKING:
@@ -210,16 +210,6 @@ while True:
 """One agent connection's exec (``python3 -c PYTHON_CONNECT DIR/cN``)."""
 
 _LINE = re.compile(r"kuberun-agent (ready|none|failed|conn)(?: (.{0,200}))?")
-
-
-@attrs.frozen
-class AgentOptions:
-    """``security.forwarding`` as far as the agent goes."""
-
-    enabled: bool = False
-    """``agentForwardingMode: enable``."""
-    max_connections: int = 8
-    """Agent connections carried at once per SSH connection."""
 
 
 def relay_directory() -> str:

@@ -92,11 +92,18 @@ import trio
 from ..aio.bridge import run_aio
 from ..core.audit import ConnectionAudit, ConnectionEnd
 from ..core.auth import AuthResult
-from ..core.forwarding import ForwardingPolicy, PodAddress, Refused, ViaPortForward, judge
+from ..core.forwarding import (
+    AgentOptions,
+    ForwardingPolicy,
+    PodAddress,
+    Refused,
+    ViaPortForward,
+    judge,
+)
 from ..core.session import ExecPlan, SessionConfig, SessionMachine, SignalPlan
 from ..errors import ExecError, KuberunError, PodStartError, client_message
 from ..observe.metrics import GatewayMetrics, unobserved
-from .agent import AgentOptions, AgentRelay
+from .agent import AgentRelay
 from .pod import ConnectedPod, ConnectionHandler
 from .timelimits import SessionTimeLimits, TimeLimitWatch
 

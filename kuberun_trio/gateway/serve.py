@@ -60,7 +60,7 @@ from ..core.audit import AuditPolicy, ConnectionEnd
 from ..core.auth import Authenticator, AuthResult
 from ..core.config import KubernetesConfig
 from ..core.connsettings import Configure, ConnectionSettings, LoginInfo
-from ..core.forwarding import ForwardingPolicy
+from ..core.forwarding import AgentOptions, ForwardingPolicy
 from ..core.limits import Admission, Limits, fd_limit, open_fds
 from ..core.podtemplate import label_selector_for_instance
 from ..core.session import SessionConfig
@@ -68,7 +68,6 @@ from ..observe import GatewayMetrics, HealthEndpoint, MetricsEndpoint, Readiness
 from ..observe.health import probe_api
 from ..observe.service import EndpointAddresses, serve_endpoints
 from ..recording import Recorder, RecordingOptions
-from .agent import AgentOptions
 from .connection import ConnectionRuntime
 from .lease import (
     ANNOTATION_HOLDER,
@@ -263,16 +262,18 @@ class _Server:
                                     metrics=self.metrics)
         auth: AuthResult = ssh.auth_result or AuthResult()
         session_config = self.session_config
+        forwarding, agent = self.options.forwarding, self.options.agent
         if settings is not None:
             auth = settings.auth_for(auth)
             session_config = session_config_for(settings.kubernetes)
+            forwarding = settings.forwarding or forwarding
+            agent = settings.agent or agent
         runtime = ConnectionRuntime(handler, session_config, username=ssh.username,
                                     auth=auth, make_target=self._target, close_connection=ssh.close,
                                     audit=ssh.audit, metrics=self.metrics,
                                     time_limits=self.options.time_limits,
                                     recorder=self.recorder,
-                                    forwarding=self.options.forwarding,
-                                    agent=self.options.agent,
+                                    forwarding=forwarding, agent=agent,
                                     files=settings.files if settings is not None else None)
         if self.closing is not None:  # authenticated while the gateway shuts down
             self.metrics.connection_rejected("shutdown")

@@ -42,11 +42,10 @@ from ..configtools import (
 from ..configtools import duration as duration_field
 from ..core.audit import DEFAULT_MAX_COMMAND_BYTES, AuditPolicy
 from ..core.config import ConnectionConfig, KubernetesConfig, parse_config
-from ..core.forwarding import FORWARDING_MODES, ForwardingPolicy, command_problems
+from ..core.forwarding import FORWARDING_MODES, AgentOptions, ForwardingPolicy, command_problems
 from ..core.limits import Limits, MaxStartups
 from ..core.podtemplate import dns1123_label_problem
 from ..errors import ConfigError, ConfigErrors
-from ..gateway.agent import AgentOptions
 from ..gateway.lease import default_instance
 from ..gateway.throttle import LoginPolicy
 from ..gateway.timelimits import SessionTimeLimits
@@ -209,7 +208,7 @@ class ForwardingConfig:
 
     @property
     def agent(self) -> AgentOptions:
-        """The gateway's :class:`~kuberun_trio.gateway.agent.AgentOptions`."""
+        """The gateway's :class:`~kuberun_trio.core.forwarding.AgentOptions`."""
         return AgentOptions(enabled=self.agent_forwarding_mode == "enable",
                             max_connections=self.max_agent_connections)
 

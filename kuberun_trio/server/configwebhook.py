@@ -214,7 +214,9 @@ def merged_settings(reply: ConfigReply, base: Mapping[str, Any]) -> ConnectionSe
     return ConnectionSettings(kubernetes=config.kubernetes, environment=reply.environment,
                               metadata=reply.metadata, files=files,
                               max_sessions=config.security.max_sessions,
-                              max_signals_per_second=config.security.max_signals_per_second)
+                              max_signals_per_second=config.security.max_signals_per_second,
+                              forwarding=config.security.forwarding.policy(),
+                              agent=config.security.forwarding.agent)
 
 
 def _files(raw: Mapping[str, str], problems: list[ConfigError]) -> dict[str, bytes]:
