@@ -18,7 +18,7 @@ import test_cluster_streaming
 import trio
 from test_cluster_streaming import UID, Harness, HttpAnswer, WsClient, answer, open_ws, ws
 
-from kuberun_trio.cluster import spdy
+from kuberun_trio.cluster import spdy, spdyforward
 
 TUNNEL = "SPDY/3.1+portforward.k8s.io"
 harness = test_cluster_streaming.harness  # the fixture: a fake kubelet, real sandbox
@@ -225,6 +225,31 @@ async def test_duplicate_stream_type_is_reported(harness: Harness) -> None:
     await c.syn(streamtype="error", port="80", requestid="7")
     await c.until(lambda: err in c.data)
     assert c.data[err] == b"error processing stream for request 7: error stream already assigned"
+    await wsc.close()
+
+
+async def test_data_on_an_error_stream_is_dropped(harness: Harness) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, _echo_once)
+        c, wsc = await tunnel_client(harness)
+        err = await c.syn(streamtype="error", port=str(port), requestid="0")
+        for _ in range(40):  # more than a stream's queue: must not stall the reader
+            await c.send(spdy.data_frame(err, b"junk"))
+        data = await c.syn(streamtype="data", port=str(port), requestid="0")
+        await c.send(spdy.data_frame(data, b"x"))
+        await c.until(lambda: data in c.fin)
+        assert c.data[data] == b"echo:x"
+        await wsc.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_incomplete_pair_times_out(harness: Harness, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    monkeypatch.setattr(spdyforward, "STREAM_CREATION_TIMEOUT", 0.2)
+    c, wsc = await tunnel_client(harness)
+    err = await c.syn(streamtype="error", port="80", requestid="5")
+    await c.until(lambda: err in c.fin)
+    assert c.data[err] == b"(conn=spdy, request=5) timed out waiting for streams"
     await wsc.close()
 
 

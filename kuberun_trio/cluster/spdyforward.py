@@ -116,6 +116,8 @@ class PodSandboxView:
 @attrs.define
 class _Stream:
     id: int
+    kind: str
+    """``data`` or ``error``."""
     port: int
     inbox: trio.MemorySendChannel[bytes]
     outbox: trio.MemoryReceiveChannel[bytes]
@@ -136,9 +138,11 @@ class SpdyPortForward:
     """One SPDY port-forward connection of the kubelet's streaming server."""
 
     def __init__(self, transport: ByteTransport, pod: PodSandboxView, idle_timeout: float,
-                 creation_timeout: float = STREAM_CREATION_TIMEOUT) -> None:
+                 creation_timeout: float | None = None) -> None:
         self.transport, self.pod = transport, pod
-        self.idle_timeout, self.creation_timeout = idle_timeout, creation_timeout
+        self.idle_timeout = idle_timeout
+        self.creation_timeout = (STREAM_CREATION_TIMEOUT if creation_timeout is None
+                                 else creation_timeout)
         self.codec = spdy.HeaderCodec()
         self.streams: dict[int, _Stream] = {}
         self.pairs: dict[str, _Pair] = {}
@@ -211,7 +215,7 @@ class SpdyPortForward:
         stream = self.streams.get(frame.stream_id)
         if stream is None:
             return  # gone already (spdystream drops these too)
-        if frame.data:
+        if frame.data and stream.kind == "data":  # nobody reads what comes on an error stream
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.inbox.send(frame.data)
         if frame.fin:
@@ -237,12 +241,12 @@ class SpdyPortForward:
             await self._send(spdy.rst_stream_frame(stream_id, spdy.CANCEL))
             return
         send, receive = trio.open_memory_channel[bytes](_INBOX)
-        stream = _Stream(stream_id, int(headers["port"][0]), send, receive)
+        kind = headers["streamtype"][0]
+        stream = _Stream(stream_id, kind, int(headers["port"][0]), send, receive)
         if frame.fin:
             send.close()
         self.streams[stream_id] = stream
         await self._send(spdy.syn_reply_frame(self.codec, stream_id))
-        kind = headers["streamtype"][0]
         request = _request_id(headers, stream_id, kind)
         pair = self.pairs.get(request)
         if pair is None:
