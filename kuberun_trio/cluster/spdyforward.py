@@ -40,7 +40,7 @@ import trio
 
 from . import spdy
 from .portforward import dial_pod, forward_error, go_errno
-from .streamsession import CHUNK, IdleTimer
+from .streamsession import IdleTimer
 from .websocket import WebSocket
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ STREAM_CREATION_TIMEOUT = 30.0
 """The kubelet's ``DefaultStreamCreationTimeout``."""
 COPY_GRACE = 1.0
 """containerd waits this long for the second direction once the first has ended."""
+READ_SIZE = 256 * 1024
+"""Pod output read at once (one DATA frame): 8x Go's copy buffer, for Python's per-frame cost."""
 _INBOX = 16
 """Data frames queued per stream before the reader waits (head-of-line, as spdystream)."""
 
@@ -328,7 +330,7 @@ class SpdyPortForward:
 
         async def pod_to_client() -> None:
             try:
-                while chunk := await conn.receive_some(CHUNK):
+                while chunk := await conn.receive_some(READ_SIZE):
                     if data.finished:  # the client reset it: drop the rest quietly
                         break
                     await self._send(spdy.data_frame(data.id, bytes(chunk)))
