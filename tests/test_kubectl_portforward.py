@@ -15,7 +15,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import trio
-from support import kubectl_id, kubectl_version, kubectl_versions, require_kubectl
+from support import (
+    kubectl_id,
+    kubectl_version,
+    kubectl_versions,
+    require_kubectl,
+    require_tools,
+)
 from test_kubectl_conformance import kc
 
 from kuberun_trio.cluster import EmbeddedCluster
@@ -123,6 +129,7 @@ def spdy_requests(cluster: EmbeddedCluster, pod: str) -> list[str]:
 async def test_http_through_kubectl_port_forward(
     cluster: EmbeddedCluster, kubectl: str, forward: Start
 ) -> None:
+    require_tools("curl")
     port = free_port()
     pod = await http_pod(cluster, kubectl, port)
     pf = await forward(cluster, kubectl, f"pod/{pod}", f"0:{port}")
