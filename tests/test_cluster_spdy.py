@@ -8,6 +8,7 @@ error texts, PING, RST, refusals before the upgrade, and the sandbox stopping.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import struct
 import zlib
@@ -18,7 +19,7 @@ import test_cluster_streaming
 import trio
 from test_cluster_streaming import UID, Harness, HttpAnswer, WsClient, answer, open_ws, ws
 
-from kuberun_trio.cluster import spdy, spdyforward
+from kuberun_trio.cluster import EmbeddedCluster, spdy, spdyforward
 
 TUNNEL = "SPDY/3.1+portforward.k8s.io"
 harness = test_cluster_streaming.harness  # the fixture: a fake kubelet, real sandbox
@@ -131,8 +132,10 @@ async def _echo_once(stream: trio.SocketStream) -> None:
 
 async def _hold(stream: trio.SocketStream) -> None:
     async with stream:
-        while await stream.receive_some(65536):
-            pass
+        with contextlib.suppress(trio.BrokenResourceError):  # a cut forward may reset it
+            await stream.send_all(b"hi")  # connected
+            while await stream.receive_some(65536):
+                pass
 
 
 async def _serve(nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]
@@ -319,3 +322,53 @@ async def test_spdy_negotiation_refusals(harness: Harness) -> None:
     got = await answer(h, h.url("portforward"))
     assert isinstance(got, HttpAnswer) and got.body == b'query parameter "port" is required'
     assert isinstance(await open_ws(h, h.url("portforward", ports=80)), WsClient)
+
+
+# -- with the real kubelet ------------------------------------------------------------------
+async def test_real_kubelet_many_forwards_then_pod_deletion_ends_them(
+        http_cluster: EmbeddedCluster) -> None:
+    """16 concurrent v4 WebSockets and 16 SPDY pairs to one pod; deleting the pod ends every
+    open forward even though the listener (on the host) outlives the pod's processes."""
+    cluster = http_cluster
+    ep = test_cluster_streaming._endpoint(cluster)
+    await test_cluster_streaming._running_pod(cluster, "pf", {"command": ["sleep", "60"]})
+    try:
+        await _many_then_delete(cluster, ep)
+    finally:
+        for stream in ep.streams:
+            await trio.aclose_forcefully(stream)
+
+
+async def _many_then_delete(cluster: EmbeddedCluster, ep: test_cluster_streaming.Endpoint
+                            ) -> None:
+    async with trio.open_nursery() as nursery:
+        echo, hold = await _serve(nursery, _echo_once), await _serve(nursery, _hold)
+        base = "/api/v1/namespaces/default/pods/pf/portforward"
+        sockets = [await ws(ep, f"{base}?ports={echo}") for _ in range(16)]
+        for i, c in enumerate(sockets):
+            await c.send(b"\x00" + str(i).encode())
+        for i, c in enumerate(sockets):
+            await c.collect()
+            assert c.channel(0)[2:] == f"echo:{i}".encode() and c.close_code == 1000
+        tunnel = await ws(ep, base, TUNNEL)
+
+        async def receive() -> bytes:
+            msg = await tunnel.next()
+            return msg[1] if msg is not None else b""
+
+        c = SpdyClient(tunnel.send, receive)
+        pairs = [await c.pair(echo, str(i)) for i in range(16)]
+        for i, (_, data) in enumerate(pairs):
+            await c.send(spdy.data_frame(data, str(i).encode()))
+        await c.until(lambda: all({e, d} <= c.fin for e, d in pairs))
+        assert [c.data[d] for _, d in pairs] == [f"echo:{i}".encode() for i in range(16)]
+        held_ws = await ws(ep, f"{base}?ports={hold}")
+        err, data = await c.pair(hold, "held")
+        await c.until(lambda: c.data.get(data) == b"hi")
+        assert len([await held_ws.next() for _ in range(3)]) == 3  # port, port, "hi"
+        cluster.store.delete_pod("default", "pf", grace_period_seconds=0)
+        await c.until(lambda: {err, data} <= c.fin)
+        await held_ws.collect()
+        assert held_ws.close_code == 1000 and c.data.get(err, b"") == b""
+        await tunnel.close()
+        nursery.cancel_scope.cancel()
