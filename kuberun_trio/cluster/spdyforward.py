@@ -15,7 +15,8 @@ as the kubelet's ``pkg/cri/streaming/portforward/httpstream.go`` does:
   or ``streamtype`` is reset (RST_STREAM CANCEL); a good one gets an empty SYN_REPLY.
   A pair that is not complete within 30 s gets ``timed out waiting for streams`` on its
   error stream; a second stream of one type gets ``error processing stream``.
-* A complete pair dials the pod (:func:`~.portforward.dial_pod`) and copies both ways.
+* A complete pair dials the pod (:func:`~.portforward.dial_pod`) and copies both ways
+  (the pod's output in DATA frames of up to 256 KiB).
   When one direction ends the other gets at most 1 s, then the TCP connection closes and
   the data stream is half-closed (FIN) -- containerd's ``portForward``. Any error is
   written on the error stream in the kubelet's words, which then gets its FIN. A client
@@ -123,7 +124,6 @@ class _Stream:
     port: int
     inbox: trio.MemorySendChannel[bytes]
     outbox: trio.MemoryReceiveChannel[bytes]
-    reset: bool = False
     finished: bool = False
     """We sent FIN (or RST): nothing more goes out on it."""
 
@@ -226,7 +226,7 @@ class SpdyPortForward:
     def _on_reset(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)
         if stream is not None:
-            stream.reset = stream.finished = True
+            stream.finished = True
             stream.inbox.close()
 
     async def _on_syn_stream(self, frame: spdy.ControlFrame) -> None:
@@ -258,6 +258,7 @@ class SpdyPortForward:
         if (pair.error if kind == "error" else pair.data) is not None:
             msg = f"error processing stream for request {request}: {kind} stream already assigned"
             log.info("port-forward: %s", msg)
+            receive.close()  # nothing will read it: its data is dropped
             await self._print(pair.error, msg)
             return
         if kind == "error":
