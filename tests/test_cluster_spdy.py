@@ -222,6 +222,19 @@ async def test_plain_upgrade_many_concurrent_pairs(harness: Harness) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_ipv6_only_listener_is_reached_over_tcp6(harness: Harness) -> None:
+    async with trio.open_nursery() as nursery:  # containerd dials tcp4, then tcp6
+        listeners = await nursery.start(functools.partial(
+            trio.serve_tcp, _echo_once, 0, host="::1"))
+        port = listeners[0].socket.getsockname()[1]
+        c = await plain_client(harness)
+        err, data = await c.pair(port, "0")
+        await c.send(spdy.data_frame(data, b"six"))
+        await c.until(lambda: {err, data} <= c.fin)
+        assert c.data[data] == b"echo:six" and c.data.get(err, b"") == b""
+        nursery.cancel_scope.cancel()
+
+
 async def test_duplicate_stream_type_is_reported(harness: Harness) -> None:
     c, wsc = await tunnel_client(harness)
     err = await c.syn(streamtype="error", port="80", requestid="7")
