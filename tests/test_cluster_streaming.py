@@ -66,12 +66,20 @@ class FakeStore:
 class FakeKubelet:
     def __init__(self) -> None:
         self.running: dict[str, Any] = {}
+        self.sandbox = "ready"
+        self.sandbox_stopped = trio.Event()
 
     def running_container(self, ns: str, pod: str, container: str) -> Any:
         try:
             return self.running[container]
         except KeyError:
             raise LookupError(container) from None
+
+    def sandbox_state(self, ns: str, pod: str, uid: str) -> str:
+        return self.sandbox
+
+    async def wait_sandbox_stopped(self, ns: str, pod: str, uid: str) -> None:
+        await self.sandbox_stopped.wait()
 
 
 @attrs.define
@@ -684,8 +692,9 @@ async def test_portforward_framing_echo_and_dial_error(harness: Harness) -> None
     assert c.channel(3) == lc + (
         f"error forwarding port {closed} to pod {UID}, uid : failed to execute portforward in "
         f'network namespace "/var/run/netns/cni-{UID}": failed to connect to '
-        f'localhost:{closed} inside namespace "{UID}": dial tcp4 127.0.0.1:{closed}: '
-        "connect: connection refused").encode()
+        f'localhost:{closed} inside namespace "{UID}", IPv4: dial tcp4 127.0.0.1:{closed}: '
+        f"connect: connection refused IPv6 dial tcp6 [::1]:{closed}: connect: connection "
+        "refused ").encode()
     assert all(k == "b" for k, _ in msgs)
 
 

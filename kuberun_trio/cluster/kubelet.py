@@ -194,6 +194,33 @@ class Kubelet:
             container=c,
         )
 
+    def sandbox_state(self, ns: str, pod: str, uid: str) -> str:
+        """The pod sandbox as the CRI sees it: ``ready``, ``stopped`` or ``missing``.
+
+        ``missing`` before the sandbox exists and once the pod (this ``uid``) is gone;
+        ``stopped`` once every container loop has ended (terminal pods, deletion).
+        """
+        worker = self._workers.get((ns, pod))
+        if worker is None or worker.uid != uid or worker.sandbox is None or worker.removed:
+            return "missing"
+        if worker.sandbox.destroyed or worker.containers_stopped.is_set():
+            return "stopped"
+        return "ready"
+
+    async def wait_sandbox_stopped(self, ns: str, pod: str, uid: str) -> None:
+        """Return once the sandbox of pod ``uid`` is no longer ready (at once if it is not)."""
+        worker = self._workers.get((ns, pod))
+        if worker is None or worker.uid != uid:
+            return
+        async with trio.open_nursery() as nursery:
+
+            async def until(event: trio.Event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until, worker.containers_stopped)
+            nursery.start_soon(until, worker.done)
+
     async def logs(
         self, ns: str, pod: str, container: str, *, follow: bool = False, previous: bool = False
     ) -> AsyncIterator[bytes]:

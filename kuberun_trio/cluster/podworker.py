@@ -88,6 +88,11 @@ class PodWorker:
         self._outer: trio.Nursery | None = None
         self._written: Obj | None = None
 
+    @property
+    def containers_stopped(self) -> trio.Event:
+        """Set once every container loop has ended (the sandbox is about to go)."""
+        return self._loops_done
+
     def container(self, name: str) -> Container | None:
         if not name and len(self.containers) == 1:
             return self.containers[0]

@@ -2,18 +2,27 @@
 
 Theory of operation
 -------------------
-:class:`PortForward` announces each port on channels ``2i`` (data) and ``2i+1``
-(errors) with its number as 2-byte little-endian, dials ``127.0.0.1:port`` (pods share
-the host network) and copies both ways until either side ends. Dial and copy errors go
-to the port's error channel as text in the kubelet's wording (errno spelled as Go does,
-:func:`go_errno`). The WebSocket closes when every port is done.
+:class:`PortForward` serves the WebSocket (``v4.channel.k8s.io``) protocol: it announces
+each port on channels ``2i`` (data) and ``2i+1`` (errors) with its number as 2-byte
+little-endian, dials the pod's port (:func:`dial_pod`) and copies both ways until either
+side ends. Dial and copy errors go to the port's error channel as text in the kubelet's
+wording (:func:`forward_error`, errno spelled as Go does, :func:`go_errno`). The
+WebSocket closes when every port is done. When the pod's sandbox stops (the pod
+finished, was evicted or deleted) every forward ends, as the pod network goes away.
+
+The SPDY protocol (kubectl's) lives in :mod:`.spdyforward` and shares the dialing and
+the error texts.
+
+Dialing is containerd's (``pkg/cri/server/sandbox_portforward_linux.go``): ``localhost``
+over tcp4, then tcp6; when both fail the error names both. Pods share the host's
+network here, so the port is dialled on the host's loopback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -24,9 +33,12 @@ from .websocket import WebSocket
 class PortForward(ChannelSession):
     """One port-forward WebSocket: a TCP connection per listed port."""
 
-    def __init__(self, ports: Sequence[int], pod_uid: str, idle_timeout: float) -> None:
+    def __init__(self, ports: Sequence[int], pod_uid: str, idle_timeout: float,
+                 sandbox_stopped: Callable[[], Awaitable[None]] | None = None) -> None:
         super().__init__(idle_timeout)
         self.ports, self.uid = list(ports), pod_uid
+        self.sandbox_stopped = sandbox_stopped
+        """Returns once the pod's sandbox stops: every forward then ends."""
 
     async def run(self, ws: WebSocket) -> None:
         idle = self._start(ws)
@@ -41,6 +53,9 @@ class PortForward(ChannelSession):
                 async with trio.open_nursery() as session:
                     session.start_soon(self._read_loop, [send for send, _ in inboxes])
                     async with trio.open_nursery() as forwards:
+                        if self.sandbox_stopped is not None:
+                            session.start_soon(_cancel_after, self.sandbox_stopped,
+                                               forwards.cancel_scope)
                         for i, (_, inbox) in enumerate(inboxes):
                             forwards.start_soon(self._forward, i, inbox)
                     session.cancel_scope.cancel()
@@ -62,16 +77,10 @@ class PortForward(ChannelSession):
     async def _forward(self, i: int, inbox: trio.MemoryReceiveChannel[bytes]) -> None:
         port = self.ports[i]
         with inbox:
-            sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-            try:
-                await sock.connect(("127.0.0.1", port))
-            except OSError as exc:
-                sock.close()
-                await self._error(i, f"failed to connect to localhost:{port} inside namespace "
-                                     f'"{self.uid}": dial tcp4 127.0.0.1:{port}: connect: '
-                                     f"{go_errno(exc)}")
+            stream, dial_problem = await dial_pod(port, self.uid)
+            if stream is None:
+                await self._error(i, dial_problem)
                 return
-            stream = trio.SocketStream(sock)
             problem: str | None = None
             async with stream, trio.open_nursery() as copies:
 
@@ -105,11 +114,54 @@ class PortForward(ChannelSession):
                 await self._error(i, problem)
 
     async def _error(self, i: int, problem: str) -> None:
-        port = self.ports[i]
-        await self._send(2 * i + 1, (
-            f"error forwarding port {port} to pod {self.uid}, uid : failed to execute "
-            f'portforward in network namespace "/var/run/netns/cni-{self.uid}": {problem}'
-        ).encode())
+        await self._send(2 * i + 1, forward_error(self.ports[i], self.uid, problem).encode())
+
+
+async def _cancel_after(event: Callable[[], Awaitable[None]], scope: trio.CancelScope) -> None:
+    await event()
+    scope.cancel()
+
+
+def netns_path(uid: str) -> str:
+    """The network namespace path containerd names in its errors."""
+    return f"/var/run/netns/cni-{uid}"
+
+
+def forward_error(port: int, sandbox: str, problem: str, *, in_netns: bool = True) -> str:
+    """The kubelet's error-stream text: ``error forwarding port P to pod ID, uid : ...``.
+
+    ``in_netns``: the problem arose inside containerd's ``netNSDo`` (dial and copy
+    errors), which wraps it as ``failed to execute portforward in network namespace``.
+    The CRI streaming server passes the sandbox id as the pod and no uid, hence ``uid :``.
+    """
+    if in_netns:
+        problem = f'failed to execute portforward in network namespace "{netns_path(sandbox)}": ' \
+                  + problem
+    return f"error forwarding port {port} to pod {sandbox}, uid : {problem}"
+
+
+async def dial_pod(port: int, sandbox: str) -> tuple[trio.SocketStream | None, str]:
+    """Connect to the pod's ``localhost:port`` as containerd does: tcp4, then tcp6.
+
+    Returns the stream, or None and containerd's text naming both failures.
+    """
+    errors: list[str] = []
+    for family, addr, label in ((trio.socket.AF_INET, "127.0.0.1", "tcp4 127.0.0.1"),
+                                (trio.socket.AF_INET6, "::1", "tcp6 [::1]")):
+        try:
+            sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+        except OSError:
+            errors.append("dial tcp6: address localhost: no suitable address found")
+            continue
+        try:
+            await sock.connect((addr, port))
+        except OSError as exc:
+            sock.close()
+            errors.append(f"dial {label}:{port}: connect: {go_errno(exc)}")
+            continue
+        return trio.SocketStream(sock), ""
+    return None, (f'failed to connect to localhost:{port} inside namespace "{sandbox}", '
+                  f"IPv4: {errors[0]} IPv6 {errors[1]} ")
 
 
 def go_errno(exc: BaseException) -> str:

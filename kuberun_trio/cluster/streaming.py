@@ -14,8 +14,17 @@ failures then arrive after the upgrade as an ``InternalError`` Status on
 channel 3. Everything that passes becomes an :class:`~.httptypes.Upgrade`.
 
 After the upgrade the session runs in its own module: exec and attach in
-:class:`~.remotecommand.RemoteCommand`, port-forward in :class:`~.portforward.PortForward`
-(both on the shared framing and idle timer of :mod:`.streamsession`).
+:class:`~.remotecommand.RemoteCommand`, WebSocket port-forward in
+:class:`~.portforward.PortForward` (both on the shared framing and idle timer of
+:mod:`.streamsession`), and kubectl's SPDY port-forward in
+:class:`~.spdyforward.SpdyPortForward`.
+
+Port-forward takes one of three paths (:func:`_portforward`): a WebSocket offering a
+``SPDY/3.1+`` subprotocol is the API server's tunnel (``streamtunnel.go``, kubectl
+≥ 1.31); an ``Upgrade: SPDY/3.1`` request is the plain SPDY upgrade (kubectl ≤ 1.30,
+and kubectl's fallback); any other WebSocket is the ``v4.channel.k8s.io`` protocol,
+the only one that needs ``?ports=``. All three first pass the kubelet's sandbox
+check (``GetPortForward``): a pod whose sandbox is not ready gets the runtime's 500.
 
 Every stream is logged as ``exec-open`` / ``exec-close`` in the request log, and
 all sessions end after 4 h without traffic, as both real servers do.
@@ -49,6 +58,7 @@ from .remotecommand import internal_status as internal_status
 from .remotecommand import query_bool as query_bool
 from .remotecommand import success_status as success_status
 from .requestlog import RequestLog
+from .spdyforward import PodSandboxView, RawTransport, SpdyPortForward, TunnelTransport
 from .websocket import (
     PORTFORWARD_PROTOCOLS,
     REMOTECOMMAND_V4_PROTOCOLS,
@@ -75,6 +85,14 @@ class PodGetter(Protocol):
 class ContainerLookup(Protocol):
     def running_container(self, ns: str, pod: str, container: str) -> RunningContainer:
         """Raises :class:`LookupError` (the kubelet's ``ContainerNotRunning``) if not running."""
+        ...
+
+    def sandbox_state(self, ns: str, pod: str, uid: str) -> str:
+        """``ready``, ``stopped`` or ``missing``: the pod sandbox as the CRI sees it."""
+        ...
+
+    async def wait_sandbox_stopped(self, ns: str, pod: str, uid: str) -> None:
+        """Return once the sandbox is no longer ready."""
         ...
 
 
@@ -153,14 +171,7 @@ async def handle_exec(req: Request, ctx: StreamingContext, kind: str) -> Reply:
     streams = _StreamLog(ctx.request_log, ns, name)
 
     if kind == "portforward":
-        if ports is None:
-            raise status.plain(400, 'query parameter "port" is required')
-        if 0 in ports:
-            raise status.plain(400, 'port "0" must be > 0')
-        protocol = _handshake(req, websocket, offered, PORTFORWARD_PROTOCOLS)
-        uid = str((pod.get("metadata") or {}).get("uid", ""))
-        forward = PortForward(ports, uid, ctx.idle_timeout)
-        return Upgrade(run=streams.wrap(protocol, forward.run))
+        return _portforward(req, ctx, pod, ports, streams)
 
     if not websocket:  # kubectl <= 1.29 speaks SPDY: say why, as a Status it can show
         raise status.bad_request(SPDY_REFUSAL)
@@ -201,6 +212,79 @@ def _kubelet_lookup(
         return ctx.kubelet.running_container(ns, name, container)
     except LookupError:
         raise _KubeletRefusal(500, f'container not found ("{container}")') from None
+
+
+def _portforward(req: Request, ctx: StreamingContext, pod: dict[str, Any],
+                 ports: list[int] | None, streams: _StreamLog) -> Upgrade:
+    offered = offered_protocols(req.headers)
+    websocket = is_websocket_request(req.headers)
+    meta = pod.get("metadata") or {}
+    ns, name, uid = str(meta.get("namespace", "")), str(meta.get("name", "")), str(
+        meta.get("uid", ""))
+    tunnel = websocket and any(p.startswith(SPDY_TUNNEL_PREFIX) for p in offered)
+    if tunnel or not websocket:  # kubectl: SPDY, tunnelled (>= 1.31) or plain (<= 1.30)
+        if tunnel:
+            spdy_protocols = [p[len(SPDY_TUNNEL_PREFIX):] for p in offered
+                              if p.startswith(SPDY_TUNNEL_PREFIX) and p.endswith(".k8s.io")]
+            if not spdy_protocols:
+                raise status.plain(400, "unable to upgrade: no tunneling spdy protocols provided")
+        elif "spdy/3.1" not in req.headers.get("upgrade", "").lower():
+            raise status.plain(400, "unable to upgrade: missing upgrade headers in request")
+        else:
+            spdy_protocols = [p.strip() for p in req.headers.get(
+                "x-stream-protocol-version", "").split(",") if p.strip()]
+        _sandbox_check(ctx, ns, name, uid)
+        if not spdy_protocols:
+            raise status.plain(400, "unable to upgrade: X-Stream-Protocol-Version is required")
+        if PORTFORWARD_SPDY not in spdy_protocols:
+            raise status.plain(403, (
+                "unable to upgrade: unable to negotiate protocol: client supports "
+                f"[{' '.join(spdy_protocols)}], server accepts [{PORTFORWARD_SPDY}]"))
+        view = PodSandboxView(
+            uid, functools.partial(ctx.kubelet.sandbox_state, ns, name, uid),
+            functools.partial(ctx.kubelet.wait_sandbox_stopped, ns, name, uid))
+        if tunnel:
+            protocol = _handshake(req, True, [SPDY_TUNNEL_PREFIX + PORTFORWARD_SPDY],
+                                  (SPDY_TUNNEL_PREFIX + PORTFORWARD_SPDY,))
+
+            async def tunnelled(ws: WebSocket) -> None:
+                await SpdyPortForward(TunnelTransport(ws), view, ctx.idle_timeout).run()
+
+            return Upgrade(run=streams.wrap(protocol, tunnelled))
+
+        async def plain(stream: trio.abc.Stream) -> None:
+            await SpdyPortForward(RawTransport(stream), view, ctx.idle_timeout).run()
+
+        return Upgrade(run=streams.wrap_raw(SPDY_UPGRADE_RESPONSE, plain))
+    if ports is None:
+        raise status.plain(400, 'query parameter "port" is required')
+    if 0 in ports:
+        raise status.plain(400, 'port "0" must be > 0')
+    _sandbox_check(ctx, ns, name, uid)
+    protocol = _handshake(req, websocket, offered, PORTFORWARD_PROTOCOLS)
+    forward = PortForward(ports, uid, ctx.idle_timeout,
+                          functools.partial(ctx.kubelet.wait_sandbox_stopped, ns, name, uid))
+    return Upgrade(run=streams.wrap(protocol, forward.run))
+
+
+def _sandbox_check(ctx: StreamingContext, ns: str, name: str, uid: str) -> None:
+    """The kubelet's ``GetPortForward``: the runtime needs a ready sandbox (500 otherwise)."""
+    state = ctx.kubelet.sandbox_state(ns, name, uid)
+    if state == "missing":
+        raise status.plain(500, f"failed to find sandboxID for pod {name}_{ns}({uid})")
+    if state != "ready":  # containerd's PortForward, through gRPC
+        raise status.plain(500, "rpc error: code = Unknown desc = sandbox container is not "
+                                "running")
+
+
+SPDY_TUNNEL_PREFIX = "SPDY/3.1+"
+"""apimachinery ``pkg/util/portforward`` ``WebsocketsSPDYTunnelingPrefix``."""
+PORTFORWARD_SPDY = "portforward.k8s.io"
+"""The kubelet's only port-forward SPDY protocol (``ProtocolV1Name``)."""
+SPDY_UPGRADE_RESPONSE = (
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+    b"X-Stream-Protocol-Version: portforward.k8s.io\r\n\r\n")
+"""``spdy.UpgradeResponse`` after ``httpstream.Handshake`` chose ``portforward.k8s.io``."""
 
 
 def _handshake(
@@ -257,5 +341,27 @@ class _StreamLog:
                     with trio.CancelScope(shield=True):
                         await ws.abort()
                 closed()
+
+        return run
+
+    def wrap_raw(
+        self, head: bytes, session: Callable[[trio.abc.Stream], Awaitable[None]]
+    ) -> Callable[[trio.abc.Stream, Request], Awaitable[None]]:
+        """An upgrade that is not a WebSocket: write ``head``, then hand the stream over."""
+        async def run(stream: trio.abc.Stream, req: Request) -> None:
+            try:
+                await stream.send_all(head)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await trio.aclose_forcefully(stream)
+                return
+            self.log.add("exec-open", req.method, req.path, 101, namespace=self.ns, pod=self.name)
+            try:
+                await session(stream)
+            except Exception:  # one broken stream must not take the server down
+                log.exception("SPDY stream of pod %s/%s failed", self.ns, self.name)
+            finally:
+                await trio.aclose_forcefully(stream)
+                self.log.add("exec-close", req.method, req.path, 101,
+                             namespace=self.ns, pod=self.name)
 
         return run
