@@ -24,7 +24,7 @@ from gatewaykit import Rig, kube_config, open_rig
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.cluster.certs import make_certificates
 from kuberun_trio.core.auth import AuthResult
-from kuberun_trio.core.config import KubernetesConfig, parse_config
+from kuberun_trio.core.config import KubernetesConfig
 from kuberun_trio.core.connsettings import (
     CANNOT_CONFIGURE,
     ConfigRefused,
@@ -236,24 +236,39 @@ def test_merge_is_deep_and_for_this_connection_only() -> None:
 
 
 def test_bob_persistent_mode_and_fixed_pod_name_are_carried() -> None:
-    """``kubernetes.pod.mode: persistent`` comes with the pod-modes work: checked once this
-    tree accepts it (today only ``connection`` is)."""
-    pod: dict[str, Any] = {"metadata": {"name": "bob-sandbox"}}
-    try:
-        parse_config({"pod": {"mode": "persistent"}})
-        knows_mode = True
-    except ConfigError:
-        knows_mode = False
-    if knows_mode:
-        pod["mode"] = "persistent"
+    pod: dict[str, Any] = {"metadata": {"name": "bob-sandbox"}, "mode": "persistent"}
     answer = ConfigReply(config={"kubernetes": {"pod": pod}}, ignored=(), metadata={},
                          environment={}, files={})
     settings = merged_settings(answer, {})
     assert settings.kubernetes.pod.metadata["name"] == "bob-sandbox"
-    if knows_mode:
-        assert settings.kubernetes.pod.mode == "persistent"
-    else:
-        pytest.skip("kubernetes.pod.mode is not in this tree yet (the pod-name part passed)")
+    assert settings.kubernetes.pod.mode == "persistent"
+
+
+async def test_bob_gets_his_own_persistent_pod_from_the_webhook(tmp_path: Path) -> None:
+    """The webhook makes bob's pod persistent with a fixed name: it outlives his connection
+    and his next connection uses the same pod; alice's connections keep fresh pods."""
+    def answer(login: dict[str, Any]) -> Answer:
+        if login["username"] == "bob":
+            return reply(config={"kubernetes": {"pod": {
+                "mode": "persistent", "metadata": {"name": "bob-sandbox"}}}})
+        return reply()
+
+    def pods(rig: Rig) -> dict[str, dict[str, Any]]:
+        return {p["metadata"]["name"]: p for p in rig.pods()
+                if not p["metadata"].get("deletionTimestamp")}
+
+    async with webhook_rig(tmp_path, answer) as (rig, _, _):
+        first = await run(rig, "echo one", "bob")
+        assert first.stdout == "one\n"
+        kept = pods(rig)["bob-sandbox"]  # still there after bob left
+        assert kept["metadata"]["labels"]["kuberun.trio/mode"] == "persistent"
+        assert (await run(rig, "echo two", "bob")).stdout == "two\n"
+        again = pods(rig)["bob-sandbox"]
+        assert again["metadata"]["uid"] == kept["metadata"]["uid"]  # the same pod
+        assert (await run(rig, "echo three", "alice")).stdout == "three\n"
+        with trio.fail_after(20):  # alice's pod goes with her connection
+            while set(pods(rig)) != {"bob-sandbox"}:
+                await trio.sleep(0.1)
 
 
 def test_invalid_merged_config_names_every_bad_key() -> None:
