@@ -607,12 +607,12 @@ async def test_a_bug_in_a_callback_shows_in_the_audit_trail(
     only; the gateway writes it as an error and as the connection's end reason."""
     from gatewaykit import open_rig
 
-    from kuberun_trio.aio import sshserver
+    from kuberun_trio.aio import sshsession
 
     def broken(self: Any, name: str, value: str) -> bool:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(sshserver.GatewaySession, "env_requested", broken)
+    monkeypatch.setattr(sshsession.GatewaySession, "env_requested", broken)
     caplog.set_level(logging.INFO, logger="kuberun_trio")
     async with open_rig(tmp_path) as rig:
         conn = await rig.connect()

@@ -110,3 +110,19 @@ def test_layer_detector() -> None:
     assert "gateway" in package_imports(sshserver, runtime_only=False)  # LoginGate, typed
     assert "gateway" in package_imports(PACKAGE / "gateway" / "serve.py")
     assert {"aio", "core"} <= package_imports(PACKAGE / "gateway" / "connection.py")
+
+
+def aio_siblings(path: Path) -> set[str]:
+    """The ``aio/`` modules that the module at ``path`` imports (``if TYPE_CHECKING:`` too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= ({node.module.split(".")[0]} if node.module
+                      else {alias.name for alias in node.names})
+    return found
+
+
+def test_the_ssh_session_side_never_imports_the_connection_side() -> None:
+    """``aio/sshserver.py`` builds on ``aio/sshsession.py``; the reverse would be a cycle."""
+    assert "sshsession" in aio_siblings(BOUNDARY / "sshserver.py")
+    assert "sshserver" not in aio_siblings(BOUNDARY / "sshsession.py")

@@ -23,7 +23,7 @@ import pytest
 import trio
 import trio.testing
 
-from kuberun_trio.aio import sshserver
+from kuberun_trio.aio import sshsession
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.aio.execstream import ExecResult
 from kuberun_trio.core.auth import AuthResult
@@ -89,7 +89,7 @@ class ScriptedSession:
     def notice(self, message: str) -> None:
         self.notices.append(message)
 
-    async def serve_exec(self, target: sshserver.ExecTarget) -> ExecResult:
+    async def serve_exec(self, target: sshsession.ExecTarget) -> ExecResult:
         self.result = await self.behaviour(target)
         return self.result
 
@@ -117,8 +117,8 @@ def runtime(handler: ScriptedHandler) -> tuple[ConnectionRuntime, list[str]]:
     rt = ConnectionRuntime(
         handler,  # type: ignore[arg-type]
         SessionConfig(), username="alice", auth=AuthResult(),
-        make_target=lambda pod: sshserver.ExecTarget(None, pod.namespace, pod.name,
-                                                     pod.container),
+        make_target=lambda pod: sshsession.ExecTarget(None, pod.namespace, pod.name,
+                                                      pod.container),
         close_connection=lambda: closes.append("closed"))
     return rt, closes
 
@@ -307,7 +307,7 @@ async def test_a_failing_signal_exec_is_logged_and_harmless(
             raise ConnectionResetError("the exec stream broke")
         return ExecResult(1, "kill: (1) - No such process", "NonZeroExitCode")
 
-    monkeypatch.setattr(sshserver, "run_command", run_command)
+    monkeypatch.setattr(sshsession, "run_command", run_command)
     handler = ScriptedHandler()
     async with trio.open_nursery() as nursery:
         rt = await ready_runtime(handler, nursery)
@@ -336,7 +336,7 @@ async def test_a_hanging_signal_exec_is_bounded(
             raise
         raise AssertionError("unreachable")
 
-    monkeypatch.setattr(sshserver, "run_command", run_command)
+    monkeypatch.setattr(sshsession, "run_command", run_command)
     handler = ScriptedHandler(signal_timeout=0.2)
     async with trio.open_nursery() as nursery:
         rt = await ready_runtime(handler, nursery)
@@ -355,7 +355,7 @@ async def test_a_signal_before_the_pod_is_ready_is_dropped(
         calls.append(argv)
         return ExecResult(0)
 
-    monkeypatch.setattr(sshserver, "run_command", run_command)
+    monkeypatch.setattr(sshsession, "run_command", run_command)
     handler = ScriptedHandler()
     rt, _ = runtime(handler)
     async with trio.open_nursery() as nursery:

@@ -1,4 +1,4 @@
-"""``aio/sshserver.py``'s edge paths, driven on purpose with scripted parts.
+"""``aio/sshsession.py``'s edge paths, driven on purpose with scripted parts.
 
 A :class:`GatewaySession` gets a recording channel and portal and a real
 :class:`SessionMachine`; the exec it opens is a scripted stream
@@ -18,10 +18,10 @@ import pytest
 import trio
 from asyncssh.packet import SSHPacket, String
 
-from kuberun_trio.aio import sshserver
+from kuberun_trio.aio import sshsession
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.aio.execstream import ExecResult
-from kuberun_trio.aio.sshserver import (
+from kuberun_trio.aio.sshsession import (
     PENDING_INPUT_LIMIT,
     ExecTarget,
     GatewayChannel,
@@ -114,7 +114,7 @@ def test_input_before_the_exec_pauses_the_channel_and_resumes_once_delivered(
     async def open_exec(*args: Any, **kw: Any) -> ScriptedStream:
         return stream
 
-    monkeypatch.setattr(sshserver, "open_exec", open_exec)
+    monkeypatch.setattr(sshsession, "open_exec", open_exec)
     session, chan, _ = session_for()
     chunk = b"x" * 32768
     sent = 0
@@ -140,7 +140,7 @@ def test_input_below_the_limit_never_pauses(monkeypatch: pytest.MonkeyPatch) -> 
     async def open_exec(*args: Any, **kw: Any) -> ScriptedStream:
         return stream
 
-    monkeypatch.setattr(sshserver, "open_exec", open_exec)
+    monkeypatch.setattr(sshsession, "open_exec", open_exec)
     session, chan, _ = session_for()
     session.data_received(b"y" * 1000, None)
     asyncio.run(session.serve_exec(ExecTarget(None, "default", "pod-1", "shell")))

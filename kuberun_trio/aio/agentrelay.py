@@ -34,7 +34,7 @@ import asyncssh
 from .execstream import ExecResult, ExecStream, open_exec
 
 if TYPE_CHECKING:
-    from .sshserver import ExecTarget
+    from .sshsession import ExecTarget
 
 log = logging.getLogger(__name__)
 

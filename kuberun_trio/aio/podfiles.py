@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from ..core.connsettings import write_file_argv
 from ..errors import ExecError
 from .execstream import open_exec
-from .sshserver import ExecTarget, _Collector
+from .sshsession import ExecTarget, _Collector
 
 CHUNK = 64 * 1024
 

@@ -52,7 +52,7 @@ from .portforward import open_portforward
 
 if TYPE_CHECKING:
     from ..core.limits import Ticket
-    from .sshserver import ExecTarget
+    from .sshsession import ExecTarget
 
 STDERR_KEPT = 2048
 """Bytes of a network command's stderr kept for the log."""

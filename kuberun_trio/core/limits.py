@@ -3,10 +3,11 @@
 Theory of operation
 -------------------
 Every resource a client can make the gateway spend is counted here, and every
-"no" is decided here; the asyncssh callbacks (:mod:`kuberun_trio.aio.sshserver`)
-only ask and carry out the answer. Nothing in this module does I/O or reads a
-clock: callers pass the time, the number of open file descriptors and a random
-number, so the rules are tested synchronously (``tests/test_limits.py``).
+"no" is decided here; the asyncssh callbacks (:mod:`kuberun_trio.aio.sshserver`,
+:mod:`kuberun_trio.aio.sshsession`) only ask and carry out the answer. Nothing in
+this module does I/O or reads a clock: callers pass the time, the number of open
+file descriptors and a random number, so the rules are tested synchronously
+(``tests/test_limits.py``).
 
 The life of one TCP connection, as :class:`Admission` sees it::
 

@@ -62,7 +62,7 @@ from ..core.forwarding import AgentOptions
 from ..errors import client_message
 
 if TYPE_CHECKING:
-    from ..aio.sshserver import ExecTarget
+    from ..aio.sshsession import ExecTarget
 
 log = logging.getLogger(__name__)
 

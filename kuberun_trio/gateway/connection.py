@@ -25,7 +25,7 @@ a pod-loss watcher for that pod alone), so the exec stream is closed before its 
 DELETE. In ``persistent`` mode ``handler.connected`` yields the user's pod and releases it
 instead of deleting it (:mod:`.persistent`).
 
-It is also the :class:`~kuberun_trio.aio.sshserver.ConnectionPortal` that the
+It is also the :class:`~kuberun_trio.aio.sshsession.ConnectionPortal` that the
 asyncio-side SSH callbacks talk to, with synchronous calls only:
 
 * ``submit(session)`` -- a session channel was started (shell/exec/subsystem).
@@ -109,7 +109,7 @@ from .timelimits import SessionTimeLimits, TimeLimitWatch
 
 if TYPE_CHECKING:
     from ..aio.sshforward import ForwardSession
-    from ..aio.sshserver import ExecTarget, GatewaySession
+    from ..aio.sshsession import ExecTarget, GatewaySession
     from ..recording import Recorder, SessionRecording
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ class ConnectionRuntime:
             self._nursery.start_soon(self._run_forward, forward)
 
     def agent_requested(self, session: GatewaySession) -> str | None:
-        from ..aio.sshserver import FORWARDING_DISABLED
+        from ..aio.sshsession import FORWARDING_DISABLED
         from ..core.session import State
 
         if not self.agent_options.enabled:
@@ -634,7 +634,7 @@ class ConnectionRuntime:
                    bytes_out=forward.bytes_out, duration_ms=round(1000 * took), **fields)
 
     async def _run_signal(self, plan: SignalPlan, target: ExecTarget | None = None) -> None:
-        from ..aio.sshserver import run_command
+        from ..aio.sshsession import run_command
 
         target = target or self._target
         assert target is not None

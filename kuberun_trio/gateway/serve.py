@@ -52,7 +52,7 @@ from typing import Any
 import attrs
 import trio
 
-from ..aio import sshserver
+from ..aio import sshserver, sshsession
 from ..aio.bridge import ensure_aio_loop, loop_roundtrip, run_aio
 from ..aio.kube import KubeClient, open_kube_client
 from ..aio.linger import Lingering
@@ -287,10 +287,10 @@ class _Server:
         self.nursery.start_soon(self._run_connection, runtime)
         return runtime
 
-    def _target(self, pod: ConnectedPod) -> sshserver.ExecTarget:
-        return sshserver.ExecTarget(self.kube.exec_client, pod.namespace, pod.name, pod.container,
-                                    throttle=self.kube.exec_throttle,
-                                    metrics=self.metrics)
+    def _target(self, pod: ConnectedPod) -> sshsession.ExecTarget:
+        return sshsession.ExecTarget(self.kube.exec_client, pod.namespace, pod.name, pod.container,
+                                     throttle=self.kube.exec_throttle,
+                                     metrics=self.metrics)
 
     async def _run_connection(self, runtime: ConnectionRuntime) -> None:
         try:
