@@ -62,7 +62,12 @@ from ..core.connsettings import (
     ConnectionSettings,
     LoginInfo,
 )
-from ..core.forwarding import REVERSE_REFUSED, STREAMLOCAL_REFUSED, ForwardingPolicy
+from ..core.forwarding import (
+    FORWARDING_DISABLED,
+    REVERSE_REFUSED,
+    STREAMLOCAL_REFUSED,
+    ForwardingPolicy,
+)
 from ..core.limits import Admission, SignalBucket, Ticket, open_fds, report_refusal
 from ..core.limits import Refusal as LimitRefusal
 from ..core.refusals import Refusal
@@ -70,7 +75,7 @@ from ..observe.metrics import GatewayMetrics, unobserved
 from .bridge import run_trio
 from .linger import Lingering, linger_on_abort
 from .sshforward import accept_forward
-from .sshsession import FORWARDING_DISABLED, ConnectionPortal, GatewayChannel, GatewaySession
+from .sshsession import ConnectionPortal, GatewayChannel, GatewaySession
 
 if TYPE_CHECKING:
     from ..gateway.login import LoginGate  # the trio-side gate it is handed

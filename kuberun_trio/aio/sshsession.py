@@ -61,6 +61,7 @@ import attrs
 from asyncssh.packet import SSHPacket
 
 from ..core.audit import ConnectionAudit
+from ..core.forwarding import FORWARDING_DISABLED
 from ..core.limits import Refusal as LimitRefusal
 from ..core.limits import SignalBucket
 from ..core.session import (
@@ -87,7 +88,6 @@ from .sshforward import ForwardSession, reopen_window
 if TYPE_CHECKING:
     from ..recording import SessionRecording
 
-FORWARDING_DISABLED = "forwarding is disabled on this gateway"
 """The reason every port, agent and X11 forwarding request is refused with."""
 
 PENDING_INPUT_LIMIT = 256 * 1024

@@ -93,6 +93,7 @@ from ..aio.bridge import run_aio
 from ..core.audit import ConnectionAudit, ConnectionEnd
 from ..core.auth import AuthResult
 from ..core.forwarding import (
+    FORWARDING_DISABLED,
     AgentOptions,
     ForwardingPolicy,
     PodAddress,
@@ -100,7 +101,7 @@ from ..core.forwarding import (
     ViaPortForward,
     judge,
 )
-from ..core.session import ExecPlan, SessionConfig, SessionMachine, SignalPlan
+from ..core.session import ExecPlan, SessionConfig, SessionMachine, SignalPlan, State
 from ..errors import ExecError, KuberunError, PodStartError, client_message
 from ..observe.metrics import GatewayMetrics, unobserved
 from .agent import AgentRelay
@@ -241,9 +242,6 @@ class ConnectionRuntime:
             self._nursery.start_soon(self._run_forward, forward)
 
     def agent_requested(self, session: GatewaySession) -> str | None:
-        from ..aio.sshsession import FORWARDING_DISABLED
-        from ..core.session import State
-
         if not self.agent_options.enabled:
             return FORWARDING_DISABLED
         if self.session_mode:
