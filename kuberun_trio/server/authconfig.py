@@ -76,14 +76,14 @@ class AuthConfig:
     """Failed attempts per connection (offered keys count) before it is disconnected."""
     throttle: ThrottleConfig = attrs.Factory(ThrottleConfig)
     password_hashing: PasswordHashingConfig = attrs.Factory(PasswordHashingConfig)
+    home_directory: str = "/home/%u"
+    """What ``%h`` stands for: gateway users are not host users, so not the passwd entry."""
 
     def login_policy(self) -> LoginPolicy:
         """The gateway's :class:`~kuberun_trio.gateway.throttle.LoginPolicy` for this section."""
         t = self.throttle
         return LoginPolicy(max_tries=self.max_tries, free_failures=t.free_failures,
                            delay=t.delay, max_delay=t.max_delay, forget_after=t.forget_after)
-    home_directory: str = "/home/%u"
-    """What ``%h`` stands for: gateway users are not host users, so not the passwd entry."""
 
 
 def check_auth(auth: AuthConfig, problems: ConfigProblems) -> None:
