@@ -612,7 +612,7 @@ def test_auth_webhook_sensitive_flags_reach_the_login() -> None:
         "environment": {"PW": {"value": "y", "sensitive": True}}}).encode())
     assert verdict.sensitive == {"metadata.tok", "environment.PW"}
     from kuberun_trio.server.auth import ServerAuthenticator
-    from kuberun_trio.server.config import AuthConfig
+    from kuberun_trio.server.authconfig import AuthConfig
 
     auth = ServerAuthenticator(AuthConfig(), logger=logging.getLogger("test"))
     result = auth._from_webhook(verdict, "password", "c1")

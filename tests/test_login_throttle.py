@@ -19,7 +19,7 @@ from kuberun_trio.gateway.login import TOO_MANY_FAILURES, LoginGate
 from kuberun_trio.gateway.throttle import LoginLimiter, LoginPolicy, address_key, login_keys
 from kuberun_trio.server import passwords
 from kuberun_trio.server.auth import ServerAuthenticator
-from kuberun_trio.server.config import AuthConfig, PasswordHashingConfig
+from kuberun_trio.server.authconfig import AuthConfig, PasswordHashingConfig
 from kuberun_trio.server.hashing import HashQueue, HashQueueFull
 from kuberun_trio.server.passwords import PasswordFile, cost_class
 

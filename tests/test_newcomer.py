@@ -33,7 +33,8 @@ from kuberun_trio.core.config import ConnectionConfig
 from kuberun_trio.errors import ConfigErrors
 from kuberun_trio.server import authkeys
 from kuberun_trio.server.auth import build_authenticator
-from kuberun_trio.server.config import AuthConfig, parse_server_config
+from kuberun_trio.server.authconfig import AuthConfig
+from kuberun_trio.server.config import parse_server_config
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBECONFIG = """\

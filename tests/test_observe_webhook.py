@@ -10,7 +10,7 @@ from test_webhook import KEY, ok, webhook_server
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.observe import GatewayMetrics
 from kuberun_trio.server.auth import ServerAuthenticator
-from kuberun_trio.server.config import AuthConfig, WebhookConfig
+from kuberun_trio.server.authconfig import AuthConfig, WebhookConfig
 
 
 async def test_webhook_requests_and_failures_are_counted() -> None:

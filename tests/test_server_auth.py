@@ -26,6 +26,7 @@ from kuberun_trio.cluster import open_embedded_cluster
 from kuberun_trio.gateway.serve import GatewayOptions, open_gateway
 from kuberun_trio.gateway.throttle import LoginPolicy
 from kuberun_trio.server.auth import ServerAuthenticator, build_authenticator
+from kuberun_trio.server.authconfig import AuthConfig
 from kuberun_trio.server.authkeys import (
     AuthorizedKeysFiles,
     KeyLineError,
@@ -36,7 +37,6 @@ from kuberun_trio.server.authkeys import (
     parse_expiry,
     parse_line,
 )
-from kuberun_trio.server.config import AuthConfig
 from kuberun_trio.server.passwords import (
     PasswordFile,
     check_password,

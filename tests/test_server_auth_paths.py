@@ -18,7 +18,7 @@ from test_webhook import Hook, ok, webhook_server
 
 from kuberun_trio.server import auth as server_auth
 from kuberun_trio.server.auth import ServerAuthenticator
-from kuberun_trio.server.config import AuthConfig, WebhookConfig
+from kuberun_trio.server.authconfig import AuthConfig, WebhookConfig
 from kuberun_trio.server.passwords import hash_scheme
 
 LOG = logging.getLogger("test.auth.paths")

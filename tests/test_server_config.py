@@ -15,14 +15,8 @@ from kuberun_trio.cli import build_parser
 from kuberun_trio.core.limits import Limits, MaxStartups
 from kuberun_trio.errors import ConfigError, ConfigErrors
 from kuberun_trio.gateway.throttle import LoginPolicy
-from kuberun_trio.server.config import (
-    AuthConfig,
-    WebhookConfig,
-    check_files,
-    load_server_config,
-    parse_listen,
-    parse_server_config,
-)
+from kuberun_trio.server.authconfig import AuthConfig, WebhookConfig
+from kuberun_trio.server.config import check_files, load_server_config, parse_server_config
 from kuberun_trio.server.demo import StateDir, default_state_dir, ssh_command
 from kuberun_trio.server.keys import (
     ensure_private_key,
@@ -33,6 +27,7 @@ from kuberun_trio.server.keys import (
 )
 from kuberun_trio.server.logs import configure_logging
 from kuberun_trio.server.settings import cluster_mode, load_settings, owner_reference
+from kuberun_trio.server.sshconfig import parse_listen
 
 
 def problems(data: dict[str, object]) -> dict[str, str]:

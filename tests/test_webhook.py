@@ -29,8 +29,8 @@ from kuberun_trio.core.podtemplate import (
 )
 from kuberun_trio.gateway.serve import GatewayOptions, open_gateway
 from kuberun_trio.server.auth import ServerAuthenticator
+from kuberun_trio.server.authconfig import AuthConfig, WebhookConfig
 from kuberun_trio.server.authwebhook import AuthWebhook, parse_response
-from kuberun_trio.server.config import AuthConfig, WebhookConfig
 
 
 @attrs.frozen

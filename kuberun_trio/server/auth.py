@@ -39,9 +39,9 @@ from ..core.auth import AuthResult
 from ..core.refusals import refuse
 from ..gateway.throttle import address_key
 from ..observe.metrics import GatewayMetrics
+from .authconfig import AuthConfig
 from .authkeys import AuthorizedKeysFiles, KeyLineError, client_ip, offered_key
 from .authwebhook import AuthWebhook, WebhookVerdict
-from .config import AuthConfig
 from .hashing import HashQueue, HashQueueFull
 from .passwords import PasswordFile
 

@@ -47,7 +47,7 @@ from ..aio.bridge import run_aio
 from ..aio.webhook import post_json, redact, redact_url
 from ..errors import AuthError
 from ..observe.metrics import GatewayMetrics, unobserved
-from .config import WebhookConfig
+from .authconfig import WebhookConfig
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 

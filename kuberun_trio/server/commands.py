@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..configtools import read_yaml_mapping
 from ..errors import ConfigError, ConfigErrors
-from .config import LOG_FORMATS, LOG_LEVELS, ServerConfig, parse_listen, parse_server_config
+from .config import ServerConfig, parse_server_config
+from .opsconfig import LOG_FORMATS, LOG_LEVELS
 from .settings import CLUSTER_CHOICES
+from .sshconfig import parse_listen
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]

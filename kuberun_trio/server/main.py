@@ -57,7 +57,8 @@ from ..gateway.lease import LeaseOptions
 from ..gateway.reaper import GcOptions
 from ..gateway.serve import Gateway, GatewayOptions, serve_gateway
 from ..observe import GatewayMetrics, HealthEndpoint, MetricsEndpoint
-from .config import AuthConfig, ServerConfig, check_files
+from .authconfig import AuthConfig
+from .config import ServerConfig, check_files
 from .demo import connect_host, ssh_command
 from .gc import collect_orphans
 from .keys import fingerprint, load_private_key
