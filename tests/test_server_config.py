@@ -152,6 +152,20 @@ def test_check_files(tmp_path: Path) -> None:
     assert "not an OpenSSH or PEM private key" in info.value.errors[0].problem
 
 
+@pytest.mark.parametrize("auth", [
+    {"passwordFile": ["a", "b"]},  # a list where one path goes (used to crash: TypeError)
+    {"authorizedKeys": "one-path"},  # one path where a list goes
+])
+def test_a_malformed_file_key_is_a_problem_not_a_crash(tmp_path: Path,
+                                                       auth: dict[str, object]) -> None:
+    good = tmp_path / "host"
+    good.write_bytes(generate_ed25519())
+    with pytest.raises((ConfigError, ConfigErrors)) as info:
+        parse_server_config({"ssh": {"hostKeys": [str(good)]}, "auth": auth}, files=True)
+    errors = info.value.errors if isinstance(info.value, ConfigErrors) else [info.value]
+    assert [e.path for e in errors] == [f"auth.{next(iter(auth))}"]
+
+
 def settings_for(tmp_path: Path, *argv: str, environ: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
     args = build_parser().parse_args(list(argv))
     return load_settings(args, environ or {"HOME": str(tmp_path)})

@@ -266,12 +266,15 @@ def _lenient(cls: type[_T], raw: Any, fields: tuple[str, ...]) -> _T | None:
     if not isinstance(raw, Mapping):
         return None
     kwargs: dict[str, Any] = {}
+    defaults = attrs.fields_dict(cls)  # type: ignore[arg-type]
     for name in fields:
         head, *rest = name.split("_")
         value = raw.get(head + "".join(w.title() for w in rest))
-        if isinstance(value, str):
+        wants_list = isinstance(defaults[name].default, tuple)  # else one path or None
+        if isinstance(value, str) and not wants_list:
             kwargs[name] = value
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        elif (wants_list and isinstance(value, list)
+              and all(isinstance(v, str) for v in value)):
             kwargs[name] = tuple(value)
     return cls(**kwargs)
 
