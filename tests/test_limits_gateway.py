@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncssh
+import attrs
 import pytest
 import trio
 from asyncssh.packet import String
@@ -23,7 +24,7 @@ from test_gateway_sessions import aio, close, open_raw
 
 from kuberun_trio.aio.bridge import open_aio_loop
 from kuberun_trio.cluster import open_embedded_cluster
-from kuberun_trio.core.auth import PublicKeyAuthenticator
+from kuberun_trio.core.auth import AuthResult, PublicKeyAuthenticator
 from kuberun_trio.core.config import parse_config
 from kuberun_trio.core.limits import Limits, MaxStartups
 from kuberun_trio.gateway.serve import GatewayOptions, open_gateway
@@ -322,3 +323,34 @@ async def test_per_address_cap_on_unauthenticated_connections(
         other = await idle_connection(rig.port, source="127.0.0.2")
         for s in [*idle, other]:
             await s.aclose()
+
+
+class _OneTeamAccount(PublicKeyAuthenticator):
+    """Every login is the user ``team`` (as an auth webhook's ``authenticatedUsername``)."""
+
+    async def check_public_key(self, connection_id: str, username: str, key: str, *,
+                               remote_address: str = "") -> AuthResult | None:
+        result = await super().check_public_key(connection_id, username, key,
+                                                remote_address=remote_address)
+        return None if result is None else attrs.evolve(result, username="team")
+
+
+async def test_the_per_user_limit_counts_the_authenticated_user(tmp_path: Path) -> None:
+    """Two SSH names that authenticate as one user share its limit, and the second is
+    refused before the client hears "logged in" (the pre-check uses the same name)."""
+    async with open_aio_loop(), open_embedded_cluster(
+            https=True, kubeconfig_path=tmp_path / "kubeconfig", backoff_base=0.2) as cluster:
+        client_key = asyncssh.generate_private_key("ssh-ed25519")
+        options = GatewayOptions(
+            kubernetes=kube_config(cluster),
+            authenticator=_OneTeamAccount([client_key.export_public_key("openssh").decode()]),
+            host_keys=(asyncssh.generate_private_key("ssh-ed25519").export_private_key(
+                "openssh"),), port=0, instance="limits-gw",
+            limits=Limits(max_connections_per_user=1))
+        async with open_gateway(options) as gateway:
+            rig = Rig(cluster, gateway, client_key, client_key)
+            first = await rig.connect("a")
+            with pytest.raises(asyncssh.DisconnectError,
+                               match="too many connections for user 'team'"):
+                await rig.connect("b")
+            await close(first)

@@ -213,10 +213,15 @@ class GatewaySSHServer(asyncssh.SSHServer):
             self.conn.disconnect(code, f"kuberun: {refusal.message}")
 
     def _user_refused(self, username: str) -> bool:
-        """The user's limits, checked once a credential is proven: say so now, not later."""
+        """The user's limits, checked once a credential is proven: say so now, not later.
+
+        The user is the authenticated one (an auth webhook's ``authenticatedUsername``), as
+        :meth:`auth_completed` counts it, not the SSH login name."""
         if self.admission is None:
             return False
-        refusal = self.admission.user_refusal(username)
+        proof = self.login.proof
+        user = (proof.result.username if proof is not None else None) or username
+        refusal = self.admission.user_refusal(user)
         if refusal is None:
             return False
         self.auth.completed(self.login, username)  # the credential is proven all the same
