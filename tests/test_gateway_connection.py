@@ -49,8 +49,8 @@ class ScriptedHandler:
         self.ready = trio.Event()
         self.lost = trio.Event()
         self.deleted = trio.Event()
-        self.config = SimpleNamespace(timeouts=SimpleNamespace(signal=signal_timeout),
-                                      pod=SimpleNamespace(mode="connection"))
+        timeouts = SimpleNamespace(signal=signal_timeout, command_start=60.0)
+        self.config = SimpleNamespace(timeouts=timeouts, pod=SimpleNamespace(mode="connection"))
 
     @contextlib.asynccontextmanager
     async def connected(self, username: str, auth: AuthResult) -> AsyncIterator[ConnectedPod]:

@@ -354,3 +354,40 @@ async def test_the_per_user_limit_counts_the_authenticated_user(tmp_path: Path) 
                                match="too many connections for user 'team'"):
                 await rig.connect("b")
             await close(first)
+
+
+async def test_an_exec_the_api_server_does_not_open_fails_within_command_start(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``kubernetes.timeouts.commandStart`` bounds opening the exec stream: against a stalled
+    API server the session ends with a reason instead of hanging, and the connection goes on
+    once the API server answers again."""
+    async with open_aio_loop(), open_embedded_cluster(
+            https=True, kubeconfig_path=tmp_path / "kubeconfig", backoff_base=0.2) as cluster:
+        client_key = asyncssh.generate_private_key("ssh-ed25519")
+        options = GatewayOptions(
+            kubernetes=parse_config({
+                "connection": {"kubeconfig": str(cluster.kubeconfig_path)},
+                "timeouts": {"podStart": "20s", "podStop": "10s", "commandStart": "1s"}}),
+            authenticator=PublicKeyAuthenticator(
+                [client_key.export_public_key("openssh").decode()]),
+            host_keys=(asyncssh.generate_private_key("ssh-ed25519").export_private_key(
+                "openssh"),), port=0, instance="limits-gw")
+        async with open_gateway(options) as gateway:
+            rig = Rig(cluster, gateway, client_key, client_key)
+            conn = await rig.connect()
+            with trio.fail_after(30):
+                assert (await aio(conn.run, "true")).exit_status == 0  # the pod is up
+            cluster.faults.stall()
+            started = trio.current_time()
+            with trio.fail_after(20):
+                stalled = await aio(conn.run, "echo never")
+            took = trio.current_time() - started
+            cluster.faults.resume()
+            assert stalled.exit_status != 0
+            assert "cannot start the command in pod" in stalled.stderr, stalled.stderr
+            assert took < 10, took  # bounded by commandStart, not by the client's patience
+            failed = [r for r in caplog.records if getattr(r, "event", None) == "exec-failed"]
+            assert "did not open the exec stream within 1 s" in failed[0].error
+            with trio.fail_after(30):
+                assert (await aio(conn.run, "echo again")).stdout == "again\n"
+            await close(conn)

@@ -76,7 +76,9 @@ async def run_relay(target: ExecTarget, argv: Sequence[str],
                     on_line: Callable[[str, str], None]) -> ExecResult:
     """Run the relay listener until it ends. Asyncio-flavoured; raises ``ExecError``."""
     stream = await open_exec(target.ws_client, target.namespace, target.pod, target.container,
-                             argv, tty=False, stdin=True, throttle=target.throttle)
+                             argv, tty=False, stdin=True, throttle=target.throttle,
+
+                             open_within=target.open_timeout)
     return await stream.run(_LineSink(on_line))
 
 
@@ -165,7 +167,9 @@ async def _turn_away(target: ExecTarget, argv: Sequence[str]) -> None:
     async def turn_away() -> None:
         stream = await open_exec(target.ws_client, target.namespace, target.pod,
                                  target.container, argv, tty=False, stdin=True,
-                                 throttle=target.throttle)
+                                 throttle=target.throttle,
+
+                                 open_within=target.open_timeout)
         stream.close_stdin()
         await stream.run(_Discard())
 
@@ -189,7 +193,9 @@ async def bridge_connection(conn: Any, target: ExecTarget, argv: Sequence[str]) 
     try:
         stream = await open_exec(target.ws_client, target.namespace, target.pod,
                                  target.container, argv, tty=False, stdin=True,
-                                 throttle=target.throttle)
+                                 throttle=target.throttle,
+
+                                 open_within=target.open_timeout)
         session.attach(stream)
         result = await stream.run(session)
     finally:

@@ -250,8 +250,12 @@ async def open_exec(
     tty: bool,
     stdin: bool = True,
     throttle: Callable[[], Awaitable[None]] | None = None,
+    open_within: float | None = None,
 ) -> ExecStream:
-    """Open an exec WebSocket. Asyncio-flavoured; raises :class:`ExecError` on refusal.
+    """Open an exec WebSocket. Asyncio-flavoured; raises :class:`ExecError` on refusal,
+    and when the API server has not opened the stream within ``open_within`` seconds
+    (``kubernetes.timeouts.commandStart``; the wait for a rate-limiter token is not
+    counted).
 
     ``throttle`` (asyncio-flavoured) is awaited first: the API client's rate limiter
     (:meth:`kuberun_trio.aio.kube.KubeClient.exec_throttle`), so exec opens count against
@@ -263,13 +267,18 @@ async def open_exec(
         await throttle()
 
     v1: Any = CoreV1Api(ws_client)
+    deadline = asyncio.timeout(open_within)
     try:
-        cm = await v1.connect_get_namespaced_pod_exec(
-            pod, namespace, container=container, command=list(argv), stdin=stdin,
-            stdout=True, stderr=not tty, tty=tty, _preload_content=False,
-            _headers={"sec-websocket-protocol": PROTOCOLS})
-        ws = await cm.__aenter__()
+        async with deadline:
+            cm = await v1.connect_get_namespaced_pod_exec(
+                pod, namespace, container=container, command=list(argv), stdin=stdin,
+                stdout=True, stderr=not tty, tty=tty, _preload_content=False,
+                _headers={"sec-websocket-protocol": PROTOCOLS})
+            ws = await cm.__aenter__()
     except Exception as exc:
+        if isinstance(exc, TimeoutError) and deadline.expired():
+            raise ExecError(f"the API server did not open the exec stream within "
+                            f"{open_within:g} s") from None
         ours = translate(exc)
         if ours is None:
             raise

@@ -29,7 +29,9 @@ async def write_files(target: ExecTarget, files: Mapping[str, bytes]) -> None:
     for path, content in files.items():
         stream = await open_exec(target.ws_client, target.namespace, target.pod,
                                  target.container, write_file_argv(path, len(content)),
-                                 tty=False, stdin=True, throttle=target.throttle)
+                                 tty=False, stdin=True, throttle=target.throttle,
+
+                                 open_within=target.open_timeout)
         for start in range(0, len(content), CHUNK):
             stream.send_stdin(content[start:start + CHUNK])
         stream.close_stdin()

@@ -112,6 +112,8 @@ class ExecTarget:
     awaited before every exec open (sessions and signals alike)."""
     metrics: GatewayMetrics | None = None
     """Where exec starts are counted (None: nowhere in particular)."""
+    open_timeout: float | None = None
+    """Seconds the API server has to open an exec stream (``timeouts.commandStart``)."""
 
 
 KILLED = 137
@@ -375,7 +377,9 @@ class GatewaySession(asyncssh.SSHServerSession):  # type: ignore[type-arg]
         try:
             stream = await open_exec(
                 target.ws_client, target.namespace, target.pod, plan.container or target.container,
-                plan.argv, tty=plan.tty, stdin=plan.stdin, throttle=target.throttle)
+                plan.argv, tty=plan.tty, stdin=plan.stdin, throttle=target.throttle,
+
+                open_within=target.open_timeout)
         except Exception as exc:  # the error boundary of one session
             metrics.api_request("create", "pods/exec", getattr(exc, "status", None) or None)
             # The client hears a short reason; the detail (URLs, library text) is logged.
@@ -480,7 +484,9 @@ async def run_command(target: ExecTarget, argv: tuple[str, ...],
     """Run ``argv`` in the pod without stdin; the result's message holds stderr on failure."""
     stream = await open_exec(target.ws_client, target.namespace, target.pod,
                              container or target.container, argv, tty=False, stdin=False,
-                             throttle=target.throttle)
+                             throttle=target.throttle,
+
+                             open_within=target.open_timeout)
     sink = _Collector()
     result = await stream.run(sink)
     if result.exit_code != 0 and sink.stderr:

@@ -383,7 +383,8 @@ class ConnectionRuntime:
         """Run the sessions and forwards (on ``pod``; None in ``session`` mode: each session
         makes its own)."""
         if pod is not None:
-            target = attrs.evolve(self._make_target(pod), pod_loss=self.pod_loss_reason)
+            target = attrs.evolve(self._make_target(pod), pod_loss=self.pod_loss_reason,
+                                  open_timeout=self.handler.config.timeouts.command_start)
             if self.files:
                 await self._write_files(target)
             self._target = target
@@ -472,7 +473,8 @@ class ConnectionRuntime:
 
         try:
             async with self.handler.session_pod(self.username, self.auth, session_id) as pod:
-                target = attrs.evolve(self._make_target(pod), pod_loss=pod_loss)
+                target = attrs.evolve(self._make_target(pod), pod_loss=pod_loss,
+                                      open_timeout=self.handler.config.timeouts.command_start)
                 if self.files:  # each session's pod gets the connection's files
                     await self._write_files(target)
                 async with trio.open_nursery() as nursery:
