@@ -33,22 +33,24 @@ LIMITS_LOG = "kuberun_trio.core.limits"
 
 
 @contextlib.asynccontextmanager
-async def open_limits_rig(tmp_path: Path, limits: Limits,
+async def open_limits_rig(tmp_path: Path, limits: Limits, *,
+                          authenticator: type[PublicKeyAuthenticator] = PublicKeyAuthenticator,
+                          timeouts: dict[str, str] | None = None,
                           **connection: Any) -> AsyncIterator[Rig]:
-    """Cluster + gateway with ``limits`` (and ``kubernetes.connection`` extras such as qps)."""
+    """Cluster + gateway with ``limits`` (and ``kubernetes.connection`` extras such as qps,
+    more ``kubernetes.timeouts``, another authenticator of the client's key)."""
     client_key = asyncssh.generate_private_key("ssh-ed25519")
     host_key = asyncssh.generate_private_key("ssh-ed25519")
     async with open_aio_loop(), open_embedded_cluster(
             https=True, kubeconfig_path=tmp_path / "kubeconfig", backoff_base=0.2) as cluster:
         kubernetes = kube_config(cluster)
-        if connection:
+        if connection or timeouts:
             kubernetes = parse_config({
                 "connection": {"kubeconfig": str(cluster.kubeconfig_path), **connection},
-                "timeouts": {"podStart": "20s", "podStop": "10s"}})
+                "timeouts": {"podStart": "20s", "podStop": "10s", **(timeouts or {})}})
         options = GatewayOptions(
             kubernetes=kubernetes,
-            authenticator=PublicKeyAuthenticator(
-                [client_key.export_public_key("openssh").decode()]),
+            authenticator=authenticator([client_key.export_public_key("openssh").decode()]),
             host_keys=(host_key.export_private_key("openssh"),), port=0,
             instance="limits-gw", limits=limits)
         async with open_gateway(options) as gateway:
@@ -338,22 +340,13 @@ class _OneTeamAccount(PublicKeyAuthenticator):
 async def test_the_per_user_limit_counts_the_authenticated_user(tmp_path: Path) -> None:
     """Two SSH names that authenticate as one user share its limit, and the second is
     refused before the client hears "logged in" (the pre-check uses the same name)."""
-    async with open_aio_loop(), open_embedded_cluster(
-            https=True, kubeconfig_path=tmp_path / "kubeconfig", backoff_base=0.2) as cluster:
-        client_key = asyncssh.generate_private_key("ssh-ed25519")
-        options = GatewayOptions(
-            kubernetes=kube_config(cluster),
-            authenticator=_OneTeamAccount([client_key.export_public_key("openssh").decode()]),
-            host_keys=(asyncssh.generate_private_key("ssh-ed25519").export_private_key(
-                "openssh"),), port=0, instance="limits-gw",
-            limits=Limits(max_connections_per_user=1))
-        async with open_gateway(options) as gateway:
-            rig = Rig(cluster, gateway, client_key, client_key)
-            first = await rig.connect("a")
-            with pytest.raises(asyncssh.DisconnectError,
-                               match="too many connections for user 'team'"):
-                await rig.connect("b")
-            await close(first)
+    async with open_limits_rig(tmp_path, Limits(max_connections_per_user=1),
+                               authenticator=_OneTeamAccount) as rig:
+        first = await rig.connect("a")
+        with pytest.raises(asyncssh.DisconnectError,
+                           match="too many connections for user 'team'"):
+            await rig.connect("b")
+        await close(first)
 
 
 async def test_an_exec_the_api_server_does_not_open_fails_within_command_start(
@@ -361,33 +354,21 @@ async def test_an_exec_the_api_server_does_not_open_fails_within_command_start(
     """``kubernetes.timeouts.commandStart`` bounds opening the exec stream: against a stalled
     API server the session ends with a reason instead of hanging, and the connection goes on
     once the API server answers again."""
-    async with open_aio_loop(), open_embedded_cluster(
-            https=True, kubeconfig_path=tmp_path / "kubeconfig", backoff_base=0.2) as cluster:
-        client_key = asyncssh.generate_private_key("ssh-ed25519")
-        options = GatewayOptions(
-            kubernetes=parse_config({
-                "connection": {"kubeconfig": str(cluster.kubeconfig_path)},
-                "timeouts": {"podStart": "20s", "podStop": "10s", "commandStart": "1s"}}),
-            authenticator=PublicKeyAuthenticator(
-                [client_key.export_public_key("openssh").decode()]),
-            host_keys=(asyncssh.generate_private_key("ssh-ed25519").export_private_key(
-                "openssh"),), port=0, instance="limits-gw")
-        async with open_gateway(options) as gateway:
-            rig = Rig(cluster, gateway, client_key, client_key)
-            conn = await rig.connect()
-            with trio.fail_after(30):
-                assert (await aio(conn.run, "true")).exit_status == 0  # the pod is up
-            cluster.faults.stall()
-            started = trio.current_time()
-            with trio.fail_after(20):
-                stalled = await aio(conn.run, "echo never")
-            took = trio.current_time() - started
-            cluster.faults.resume()
-            assert stalled.exit_status != 0
-            assert "cannot start the command in pod" in stalled.stderr, stalled.stderr
-            assert took < 10, took  # bounded by commandStart, not by the client's patience
-            failed = [r for r in caplog.records if getattr(r, "event", None) == "exec-failed"]
-            assert "did not open the exec stream within 1 s" in failed[0].error
-            with trio.fail_after(30):
-                assert (await aio(conn.run, "echo again")).stdout == "again\n"
-            await close(conn)
+    async with open_limits_rig(tmp_path, Limits(), timeouts={"commandStart": "1s"}) as rig:
+        conn = await rig.connect()
+        with trio.fail_after(30):
+            assert (await aio(conn.run, "true")).exit_status == 0  # the pod is up
+        rig.cluster.faults.stall()
+        started = trio.current_time()
+        with trio.fail_after(20):
+            stalled = await aio(conn.run, "echo never")
+        took = trio.current_time() - started
+        rig.cluster.faults.resume()
+        assert stalled.exit_status != 0
+        assert "cannot start the command in pod" in stalled.stderr, stalled.stderr
+        assert took < 10, took  # bounded by commandStart, not by the client's patience
+        failed = [r for r in caplog.records if getattr(r, "event", None) == "exec-failed"]
+        assert "did not open the exec stream within 1 s" in failed[0].error
+        with trio.fail_after(30):
+            assert (await aio(conn.run, "echo again")).stdout == "again\n"
+        await close(conn)
