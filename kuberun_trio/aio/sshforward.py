@@ -214,9 +214,9 @@ class ForwardSession(asyncssh.SSHTCPSession):  # type: ignore[type-arg]
 
     # -- called by the trio task (through the bridge) ----------------------
     async def serve(self, target: ExecTarget, how: ViaPortForward | ViaPodNetwork,
-                    settle: float, open_timeout: float = 60.0) -> ForwardEnd:
-        """Open the stream (within ``open_timeout`` s), answer the client's open, pump to
-        the end. Asyncio-flavoured."""
+                    settle: float) -> ForwardEnd:
+        """Open the stream (within ``target.open_timeout`` s, ``commandStart``), answer the
+        client's open, pump to the end. Asyncio-flavoured."""
         metrics = target.metrics or unobserved()
         resource = "pods/portforward" if isinstance(how, ViaPortForward) else "pods/exec"
         try:
@@ -228,7 +228,7 @@ class ForwardSession(asyncssh.SSHTCPSession):  # type: ignore[type-arg]
                 opening = open_exec(target.ws_client, target.namespace, target.pod,
                                     target.container, how.argv, tty=False, stdin=True,
                                     throttle=target.throttle)
-            stream: ExecStream = await asyncio.wait_for(opening, open_timeout)
+            stream: ExecStream = await asyncio.wait_for(opening, target.open_timeout)
         except Exception as exc:
             status = getattr(exc, "status", None) or getattr(exc.__cause__, "status", None)
             metrics.api_request("create", resource, status if isinstance(status, int) else None)

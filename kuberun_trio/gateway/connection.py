@@ -607,8 +607,7 @@ class ConnectionRuntime:
                     forward.abort = scope.cancel
                     try:
                         end = await run_aio(forward.serve, self._target, how,
-                                            self.forwarding.open_settle,
-                                            self.handler.config.timeouts.command_start)
+                                            self.forwarding.open_settle)
                     except Exception as exc:  # one forward's error boundary
                         log.exception("forward to %s failed", forward.destination, extra={
                             "event": "forward-error", **self.audit.fields,
