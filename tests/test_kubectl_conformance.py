@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import subprocess
 import uuid
 
@@ -97,6 +98,19 @@ async def _collect_watch(
             lines.extend(d.decode() for d in done)
 
 
+# kubectl 1.30's WebSocket reader starts before it has registered its streams, so the
+# empty ready frame every API server sends on stdout right after the upgrade (k8s-api-notes
+# "First empty frame") may arrive first and be logged, then dropped: harmless, stdout
+# itself is checked exactly. Later client-go drains and waits for its streams instead.
+READY_FRAME_RACE = re.compile(
+    rb"^E\d{4} [\d:.]+ +\d+ websocket\.go:\d+\] Unknown stream id 1, discarding message\n",
+    re.M)
+
+
+def without_ready_frame_race(stderr: bytes) -> bytes:
+    return READY_FRAME_RACE.sub(b"", stderr)
+
+
 async def test_exec_exit_code_and_stdin(cluster: EmbeddedCluster, kubectl: str) -> None:
     pod = await run_pod(cluster, kubectl)
     result = await kc(cluster, kubectl, "exec", pod, "--", "sh", "-c", "exit 3", check=False)
@@ -106,7 +120,7 @@ async def test_exec_exit_code_and_stdin(cluster: EmbeddedCluster, kubectl: str) 
     result = await kc(cluster, kubectl, "exec", pod, "--", "sh", "-c",
                       "echo out; echo err >&2; echo $HOSTNAME")
     assert result.stdout == f"out\n{pod}\n".encode()
-    assert result.stderr == b"err\n"
+    assert without_ready_frame_race(result.stderr) == b"err\n"
 
 
 async def test_exec_tty_resize_through_tmux(cluster: EmbeddedCluster, kubectl: str) -> None:
